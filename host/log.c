@@ -1,0 +1,310 @@
+#include "log.h"
+
+#include <stdatomic.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+#include <sys/time.h>
+#include <time.h>
+#include <unistd.h>
+#include <uv.h>
+
+static const char *level_names[] = {"DEBUG", "INFO", "WARN", "ERROR", "OFF"};
+static const char *level_lower[] = {"debug", "info", "warn", "error", "off"};
+
+static struct {
+    atomic_int level;
+    osara_log_format_t format;
+    int running;
+    uv_thread_t thread;
+    uv_mutex_t mu;
+    uv_cond_t cond;
+    char *buf;
+    size_t len, cap;
+    size_t dropped;
+    int stop;
+} lg = {.level = OSARA_LOG_INFO};
+
+int osara_log_parse_level(const char *s)
+{
+    for (int i = 0; i <= OSARA_LOG_OFF; i++) {
+        if (strcmp(s, level_lower[i]) == 0) {
+            return i;
+        }
+    }
+    if (strcmp(s, "warning") == 0) {
+        return OSARA_LOG_WARN;
+    }
+    return -1;
+}
+
+int osara_log_parse_format(const char *s)
+{
+    if (strcmp(s, "text") == 0) {
+        return OSARA_LOG_TEXT;
+    }
+    if (strcmp(s, "json") == 0) {
+        return OSARA_LOG_JSON;
+    }
+    return -1;
+}
+
+void osara_log_set_level(osara_log_level_t level)
+{
+    atomic_store(&lg.level, (int)level);
+}
+
+osara_log_level_t osara_log_get_level(void)
+{
+    return (osara_log_level_t)atomic_load(&lg.level);
+}
+
+int osara_log_enabled(osara_log_level_t level)
+{
+    return (int)level >= atomic_load(&lg.level);
+}
+
+static void write_all(const char *p, size_t n)
+{
+    while (n > 0) {
+        ssize_t w = write(STDERR_FILENO, p, n);
+        if (w <= 0) {
+            return; /* nowhere to report a broken stderr */
+        }
+        p += w;
+        n -= (size_t)w;
+    }
+}
+
+static void writer_main(void *arg)
+{
+    (void)arg;
+    char *out = NULL;
+    size_t out_cap = 0;
+    uv_mutex_lock(&lg.mu);
+    for (;;) {
+        while (lg.len == 0 && !lg.stop) {
+            uv_cond_wait(&lg.cond, &lg.mu);
+        }
+        if (lg.len == 0 && lg.stop) {
+            break;
+        }
+        /* Swap buffers so formatting threads never wait on write(). */
+        char *tmp = out;
+        size_t tmp_cap = out_cap, n = lg.len;
+        out = lg.buf;
+        out_cap = lg.cap;
+        lg.buf = tmp;
+        lg.cap = tmp_cap;
+        lg.len = 0;
+        size_t dropped = lg.dropped;
+        lg.dropped = 0;
+        uv_mutex_unlock(&lg.mu);
+        write_all(out, n);
+        if (dropped > 0) {
+            char note[96];
+            int k = snprintf(note, sizeof(note),
+                             "osara: %zu log lines dropped (stderr too slow)\n",
+                             dropped);
+            write_all(note, (size_t)k);
+        }
+        uv_mutex_lock(&lg.mu);
+    }
+    uv_mutex_unlock(&lg.mu);
+    free(out);
+}
+
+void osara_log_init(osara_log_level_t level, osara_log_format_t format)
+{
+    osara_log_set_level(level);
+    lg.format = format;
+    if (lg.running) {
+        return;
+    }
+    uv_mutex_init(&lg.mu);
+    uv_cond_init(&lg.cond);
+    lg.stop = 0;
+    if (uv_thread_create(&lg.thread, writer_main, NULL) == 0) {
+        lg.running = 1;
+    }
+}
+
+void osara_log_shutdown(void)
+{
+    if (!lg.running) {
+        return;
+    }
+    uv_mutex_lock(&lg.mu);
+    lg.stop = 1;
+    uv_cond_signal(&lg.cond);
+    uv_mutex_unlock(&lg.mu);
+    uv_thread_join(&lg.thread);
+    lg.running = 0;
+    free(lg.buf);
+    lg.buf = NULL;
+    lg.len = lg.cap = 0;
+    uv_cond_destroy(&lg.cond);
+    uv_mutex_destroy(&lg.mu);
+}
+
+static size_t format_time(char *dst, size_t cap)
+{
+    struct timeval tv;
+    struct tm tm;
+    gettimeofday(&tv, NULL);
+    gmtime_r(&tv.tv_sec, &tm);
+    size_t n = strftime(dst, cap, "%Y-%m-%dT%H:%M:%S", &tm);
+    n += (size_t)snprintf(dst + n, cap - n, ".%03dZ", (int)(tv.tv_usec / 1000));
+    return n;
+}
+
+/* Appends s as a JSON string body (no quotes) to dst; returns bytes used. */
+static size_t json_escape(char *dst, size_t cap, const char *s, size_t len)
+{
+    size_t n = 0;
+    for (size_t i = 0; i < len && n + 7 < cap; i++) {
+        unsigned char c = (unsigned char)s[i];
+        if (c == '"' || c == '\\') {
+            dst[n++] = '\\';
+            dst[n++] = (char)c;
+        } else if (c == '\n') {
+            dst[n++] = '\\';
+            dst[n++] = 'n';
+        } else if (c == '\t') {
+            dst[n++] = '\\';
+            dst[n++] = 't';
+        } else if (c < 0x20) {
+            n += (size_t)snprintf(dst + n, cap - n, "\\u%04x", c);
+        } else {
+            dst[n++] = (char)c;
+        }
+    }
+    return n;
+}
+
+static void enqueue(const char *line, size_t n)
+{
+    if (!lg.running) {
+        write_all(line, n);
+        return;
+    }
+    uv_mutex_lock(&lg.mu);
+    if (lg.len + n > OSARA_LOG_MAX_BUFFER) {
+        lg.dropped++;
+    } else {
+        if (lg.len + n > lg.cap) {
+            size_t cap = lg.cap ? lg.cap : 16384;
+            while (cap < lg.len + n) {
+                cap *= 2;
+            }
+            char *nb = realloc(lg.buf, cap);
+            if (nb == NULL) {
+                lg.dropped++;
+                uv_mutex_unlock(&lg.mu);
+                return;
+            }
+            lg.buf = nb;
+            lg.cap = cap;
+        }
+        memcpy(lg.buf + lg.len, line, n);
+        lg.len += n;
+        uv_cond_signal(&lg.cond);
+    }
+    uv_mutex_unlock(&lg.mu);
+}
+
+void osara_log_write(osara_log_level_t level, const char *msg, size_t len)
+{
+    if (!osara_log_enabled(level) || level >= OSARA_LOG_OFF) {
+        return;
+    }
+    char line[8192];
+    char ts[40];
+    format_time(ts, sizeof(ts));
+    size_t n;
+    if (lg.format == OSARA_LOG_JSON) {
+        n = (size_t)snprintf(line, sizeof(line),
+                             "{\"ts\":\"%s\",\"level\":\"%s\",\"msg\":\"", ts,
+                             level_lower[level]);
+        n += json_escape(line + n, sizeof(line) - n - 4, msg, len);
+        memcpy(line + n, "\"}\n", 3);
+        n += 3;
+    } else {
+        n = (size_t)snprintf(line, sizeof(line), "%s %-5s ", ts,
+                             level_names[level]);
+        size_t room = sizeof(line) - n - 2;
+        size_t k = len < room ? len : room;
+        memcpy(line + n, msg, k);
+        n += k;
+        line[n++] = '\n';
+    }
+    enqueue(line, n);
+}
+
+void osara_log(osara_log_level_t level, const char *fmt, ...)
+{
+    if (!osara_log_enabled(level)) {
+        return;
+    }
+    char msg[4096];
+    va_list ap;
+    va_start(ap, fmt);
+    int n = vsnprintf(msg, sizeof(msg), fmt, ap);
+    va_end(ap);
+    if (n < 0) {
+        return;
+    }
+    osara_log_write(level, msg, (size_t)n < sizeof(msg) ? (size_t)n : sizeof(msg) - 1);
+}
+
+/* ---- Lua binding: osara.log_c ------------------------------------------ */
+
+#include <lauxlib.h>
+#include <lua.h>
+
+/* write(level, msg): level is "debug"|"info"|"warn"|"error" */
+static int l_log_write(lua_State *L)
+{
+    int level = osara_log_parse_level(luaL_checkstring(L, 1));
+    if (level < 0) {
+        return luaL_argerror(L, 1, "unknown level");
+    }
+    size_t len;
+    const char *msg = luaL_checklstring(L, 2, &len);
+    osara_log_write((osara_log_level_t)level, msg, len);
+    return 0;
+}
+
+/* enabled(level) -> boolean, so callers skip formatting */
+static int l_log_enabled(lua_State *L)
+{
+    int level = osara_log_parse_level(luaL_checkstring(L, 1));
+    lua_pushboolean(L, level >= 0 && osara_log_enabled((osara_log_level_t)level));
+    return 1;
+}
+
+/* level([name]) -> current level name; sets it when name is given */
+static int l_log_level(lua_State *L)
+{
+    static const char *names[] = {"debug", "info", "warn", "error", "off"};
+    if (!lua_isnoneornil(L, 1)) {
+        int level = osara_log_parse_level(luaL_checkstring(L, 1));
+        if (level < 0) {
+            return luaL_argerror(L, 1, "unknown level");
+        }
+        osara_log_set_level((osara_log_level_t)level);
+    }
+    lua_pushstring(L, names[osara_log_get_level()]);
+    return 1;
+}
+
+int osara_log_open(lua_State *L)
+{
+    static const luaL_Reg fns[] = {
+        {"write", l_log_write}, {"enabled", l_log_enabled},
+        {"level", l_log_level}, {NULL, NULL},
+    };
+    lua_newtable(L);
+    luaL_register(L, NULL, fns);
+    return 1;
+}

@@ -1,0 +1,104 @@
+#include "loop.h"
+
+#include <errno.h>
+#include <stdlib.h>
+
+#include "err.h"
+
+static void on_async(uv_async_t *async)
+{
+    osara_inbox_drain(async->data);
+}
+
+int osara_inbox_init(osara_inbox_t *inbox, uv_loop_t *loop)
+{
+    *inbox = (osara_inbox_t){0};
+    int rc = uv_mutex_init(&inbox->mu);
+    if (rc != 0) {
+        return rc;
+    }
+    rc = uv_async_init(loop, &inbox->async, on_async);
+    if (rc != 0) {
+        uv_mutex_destroy(&inbox->mu);
+        return rc;
+    }
+    inbox->async.data = inbox;
+    return 0;
+}
+
+static int grow(osara_inbox_t *inbox)
+{
+    size_t cap = inbox->cap ? inbox->cap * 2 : 256;
+    osara_event_t *q = realloc(inbox->queue, cap * sizeof(*q));
+    if (q == NULL) {
+        return -ENOMEM;
+    }
+    inbox->queue = q;
+    inbox->cap = cap;
+    return 0;
+}
+
+int osara_inbox_post(osara_inbox_t *inbox, osara_inbox_fn fn, void *arg)
+{
+    uv_mutex_lock(&inbox->mu);
+    if (inbox->closed) {
+        uv_mutex_unlock(&inbox->mu);
+        return OSARA_ECLOSED;
+    }
+    if (inbox->len == inbox->cap && grow(inbox) != 0) {
+        uv_mutex_unlock(&inbox->mu);
+        return -ENOMEM;
+    }
+    inbox->queue[inbox->len++] = (osara_event_t){fn, arg};
+    int first = inbox->len == 1;
+    uv_mutex_unlock(&inbox->mu);
+    /* uv_async_send coalesces; only the first event of a batch needs it. */
+    if (first) {
+        uv_async_send(&inbox->async);
+    }
+    return 0;
+}
+
+void osara_inbox_drain(osara_inbox_t *inbox)
+{
+    for (;;) {
+        uv_mutex_lock(&inbox->mu);
+        size_t n = inbox->len;
+        if (n == 0) {
+            uv_mutex_unlock(&inbox->mu);
+            return;
+        }
+        /* Swap: the posters get the old batch array as their new queue. */
+        osara_event_t *batch = inbox->queue;
+        size_t cap = inbox->cap;
+        inbox->queue = inbox->batch;
+        inbox->cap = inbox->batch_cap;
+        inbox->len = 0;
+        inbox->batch = batch;
+        inbox->batch_cap = cap;
+        uv_mutex_unlock(&inbox->mu);
+        inbox->drained_batches++;
+        inbox->drained_events += n;
+        for (size_t i = 0; i < n; i++) {
+            batch[i].fn(batch[i].arg);
+        }
+    }
+}
+
+static void on_closed(uv_handle_t *h)
+{
+    osara_inbox_t *inbox = h->data;
+    free(inbox->queue);
+    free(inbox->batch);
+    inbox->queue = inbox->batch = NULL;
+    uv_mutex_destroy(&inbox->mu);
+}
+
+void osara_inbox_close(osara_inbox_t *inbox)
+{
+    osara_inbox_drain(inbox);
+    uv_mutex_lock(&inbox->mu);
+    inbox->closed = 1;
+    uv_mutex_unlock(&inbox->mu);
+    uv_close((uv_handle_t *)&inbox->async, on_closed);
+}

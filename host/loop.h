@@ -1,0 +1,49 @@
+/* loop.h - the one way into a worker's loop from another thread.
+ *
+ * osara_inbox_t is a mutexed MPSC queue of {fn, arg} events plus one
+ * uv_async_t. Any thread posts; the loop thread drains everything queued
+ * in one batch per wake-up (buffers are swapped under the lock, so the
+ * events run without it). librdkafka and nats.c callbacks, the file
+ * watcher and deferred coroutine resumes all come through here. */
+#ifndef OSARA_LOOP_H
+#define OSARA_LOOP_H
+
+#include <stddef.h>
+#include <uv.h>
+
+/* Runs on the loop thread. */
+typedef void (*osara_inbox_fn)(void *arg);
+
+typedef struct {
+    osara_inbox_fn fn;
+    void *arg;
+} osara_event_t;
+
+typedef struct osara_inbox_s {
+    uv_async_t async;
+    uv_mutex_t mu;
+    osara_event_t *queue; /* filled by posters */
+    size_t len, cap;
+    osara_event_t *batch; /* drained by the loop */
+    size_t batch_cap;
+    int closed;
+    size_t drained_batches, drained_events; /* for tests and metrics */
+} osara_inbox_t;
+
+/* Initialises the inbox on `loop`. The async handle keeps the loop alive
+ * until osara_inbox_close. Returns 0 or a negative uv error. */
+int osara_inbox_init(osara_inbox_t *inbox, uv_loop_t *loop);
+
+/* Queues fn(arg) to run on the loop thread. Safe from any thread. Returns 0,
+ * or OSARA_ECLOSED after close (the event is not queued; the caller keeps
+ * ownership of arg). */
+int osara_inbox_post(osara_inbox_t *inbox, osara_inbox_fn fn, void *arg);
+
+/* Runs whatever is queued now, on the loop thread (used at shutdown). */
+void osara_inbox_drain(osara_inbox_t *inbox);
+
+/* Stops accepting events and closes the async handle (loop thread only).
+ * Pending events are run first. */
+void osara_inbox_close(osara_inbox_t *inbox);
+
+#endif

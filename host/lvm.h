@@ -1,0 +1,89 @@
+/* lvm.h - Lua states: creation, embedded modules, script loading, retiring.
+ *
+ * A VM is one lua_State with its coroutine pool, what its script registered
+ * and the C resources it owns. A worker serves from one VM at a time; a
+ * reload builds a new VM beside the old one, swaps on success, and retires
+ * the old one: it accepts no new entries, its in-flight coroutines finish
+ * (bounded by the grace period), then it is closed. */
+#ifndef OSARA_LVM_H
+#define OSARA_LVM_H
+
+#include <lua.h>
+#include <stddef.h>
+#include <uv.h>
+
+#include "registry.h"
+
+struct osara_worker_s;
+struct osara_co_s;
+
+/* A C resource owned by a VM: closed (close(ptr)) when the VM closes unless
+ * disowned first. */
+typedef struct osara_own_s {
+    void (*close)(void *ptr);
+    void *ptr;
+    struct osara_own_s *prev, *next;
+} osara_own_t;
+
+typedef struct osara_vm_s {
+    lua_State *L;
+    struct osara_worker_s *w;
+    unsigned gen;          /* worker generation this VM was loaded as */
+    int accepting;         /* new entries may start */
+    int loading;           /* the main chunk is running */
+    int inflight;          /* coroutines started and not finished */
+    int closing;
+    osara_registry_t reg;  /* what the script registered */
+    struct osara_co_s *idle;  /* coroutine pool */
+    struct osara_co_s *all;
+    int nidle;
+    osara_own_t *owned;
+    char **files;          /* script and user modules it loaded */
+    unsigned long long *file_hashes;
+    int nfiles;
+    uv_timer_t *grace_timer;
+    struct osara_vm_s *next_retiring;
+} osara_vm_t;
+
+/* Creates a VM for worker w: standard libraries, cjson, the embedded osara
+ * modules in package.preload, package.path rooted at the script folder.
+ * Returns NULL with osara_err_msg() set. */
+osara_vm_t *osara_vm_new(struct osara_worker_s *w, unsigned gen);
+
+/* Loads and runs the script's main chunk under a time limit. On failure
+ * returns OSARA_ESCRIPT with the one-line message (file:line) in
+ * osara_err_msg(). Registrations land in vm->reg. */
+int osara_vm_load_script(osara_vm_t *vm, const char *path, double timeout);
+
+/* Runs `fn` (a Lua function on top of vm->L) in a coroutine; for `osara
+ * test`, which runs busted as the VM's task. */
+
+/* Records a resource closed with the VM. */
+osara_own_t *osara_vm_own(osara_vm_t *vm, void (*close)(void *), void *ptr);
+/* Forgets a resource (the caller closed it). */
+void osara_vm_disown(osara_vm_t *vm, osara_own_t *own);
+
+/* Stops new entries; closes the VM once its in-flight coroutines are done
+ * or `grace` seconds pass. */
+void osara_vm_retire(osara_vm_t *vm, double grace);
+
+/* Called by the scheduler when vm->inflight drops to zero. */
+void osara_vm_idle(osara_vm_t *vm);
+
+/* Closes now: cancels waits, closes owned resources, lua_close. */
+void osara_vm_close(osara_vm_t *vm);
+
+/* The VM a lua_State (or any of its threads) belongs to. */
+osara_vm_t *osara_vm_from_L(lua_State *L);
+
+/* Formats "file:line" of the Lua function at stack level `level` of L
+ * (1 = the caller of the C function) into buf. */
+const char *osara_vm_where(lua_State *L, int level, char *buf, size_t cap);
+
+/* Re-hashes the VM's files; returns 1 if any changed since load. */
+int osara_vm_files_changed(osara_vm_t *vm);
+
+/* Lua binding `osara.vm_c`: mode, script, paths, register, exepath. */
+int osara_vm_open(lua_State *L);
+
+#endif

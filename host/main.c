@@ -1,0 +1,276 @@
+/* main.c - the command line: run, check, test, version (and the subsystems'
+ * own commands). Decides what to print and which exit code to return; see
+ * README "Exit codes". */
+#include <errno.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+#include <sys/stat.h>
+
+#include "err.h"
+#include "log.h"
+#include "worker.h"
+
+#ifndef OSARA_VERSION
+#define OSARA_VERSION "0.0.0"
+#endif
+
+enum { EXIT_OK = 0, EXIT_SCRIPT = 1, EXIT_USAGE = 2, EXIT_NOFILE = 3 };
+
+/* Options as data: drives parsing and --help. */
+typedef struct {
+    const char *name;    /* "--watch" */
+    const char *arg;     /* NULL for flags, else the value's name */
+    const char *help;
+    const char *commands; /* which commands accept it: "rct" run/check/test */
+} option_t;
+
+static const option_t options[] = {
+    {"--watch", NULL, "reload when the script or a module it required changes", "r"},
+    {"--data", "DIR", "data folder (default: .osara-data beside the script)", "r"},
+    {"--log-level", "L", "debug|info|warn|error (default info, or OSARA_LOG_LEVEL)", "rct"},
+    {"--log-format", "F", "text|json (default text, or OSARA_LOG_FORMAT)", "rct"},
+    {"--grace", "SECS", "time in-flight work may take at stop and reload (default 10)", "rt"},
+    {"--load-timeout", "SECS", "time a script may take to load (default 5)", "rct"},
+    {"--output", "NAME", "busted output handler (default utfTerminal on a tty, else plainTerminal)", "t"},
+    {NULL, NULL, NULL, NULL},
+};
+
+static const struct {
+    const char *name, *usage, *what;
+    char letter;
+} commands[] = {
+    {"run", "osara run SCRIPT [options]", "load SCRIPT and serve until stopped", 'r'},
+    {"check", "osara check SCRIPT [options]", "load SCRIPT without connecting anything and print what it registers", 'c'},
+    {"test", "osara test [PATH...] [options]", "run busted specs inside the host (default: spec/)", 't'},
+    {"version", "osara version", "print the version", 'v'},
+};
+
+static void usage_command(FILE *f, int ci)
+{
+    fprintf(f, "usage: %s\n\n%s\n", commands[ci].usage, commands[ci].what);
+    int any = 0;
+    for (const option_t *o = options; o->name; o++) {
+        if (strchr(o->commands, commands[ci].letter)) {
+            if (!any++) {
+                fprintf(f, "\noptions:\n");
+            }
+            char left[40];
+            snprintf(left, sizeof(left), "%s%s%s", o->name, o->arg ? " " : "",
+                     o->arg ? o->arg : "");
+            fprintf(f, "  %-22s %s\n", left, o->help);
+        }
+    }
+    fprintf(f, "  %-22s %s\n", "--help", "show this help");
+}
+
+static void usage(FILE *f)
+{
+    fprintf(f, "osara %s - a streaming host: Kafka, NATS, timers, HTTP and state, "
+               "scripted in Lua\n\nusage: osara COMMAND [ARGS]\n\ncommands:\n",
+            OSARA_VERSION);
+    for (size_t i = 0; i < sizeof(commands) / sizeof(commands[0]); i++) {
+        fprintf(f, "  %-8s %s\n", commands[i].name, commands[i].what);
+    }
+    fprintf(f, "\n`osara COMMAND --help` shows a command's options.\n");
+}
+
+typedef struct {
+    osara_worker_opts_t w;
+    const char *log_level, *log_format;
+    const char *paths[256];
+    int npaths;
+} cli_t;
+
+static int find_command(const char *name)
+{
+    for (size_t i = 0; i < sizeof(commands) / sizeof(commands[0]); i++) {
+        if (strcmp(commands[i].name, name) == 0) {
+            return (int)i;
+        }
+    }
+    return -1;
+}
+
+static int parse_seconds(const char *s, double *out)
+{
+    char *end;
+    double v = strtod(s, &end);
+    if (*s == '\0' || *end != '\0' || v < 0) {
+        return -1;
+    }
+    *out = v;
+    return 0;
+}
+
+/* Applies one option; returns 0, or EXIT_USAGE after printing why. */
+static int apply_option(cli_t *cli, const option_t *o, const char *val)
+{
+    const char *n = o->name;
+    if (strcmp(n, "--watch") == 0) {
+        cli->w.watch = 1;
+    } else if (strcmp(n, "--data") == 0) {
+        cli->w.data_dir = val;
+    } else if (strcmp(n, "--log-level") == 0) {
+        cli->log_level = val;
+    } else if (strcmp(n, "--log-format") == 0) {
+        cli->log_format = val;
+    } else if (strcmp(n, "--output") == 0) {
+        cli->w.test_output = val;
+    } else if (strcmp(n, "--grace") == 0 || strcmp(n, "--load-timeout") == 0) {
+        double *dst = n[2] == 'g' ? &cli->w.grace : &cli->w.load_timeout;
+        if (parse_seconds(val, dst) != 0) {
+            fprintf(stderr, "osara: %s expects seconds, got '%s'\n", n, val);
+            return EXIT_USAGE;
+        }
+    }
+    return 0;
+}
+
+static int parse_args(cli_t *cli, int ci, int argc, char **argv)
+{
+    char letter = commands[ci].letter;
+    for (int i = 2; i < argc; i++) {
+        const char *a = argv[i];
+        if (strcmp(a, "--help") == 0 || strcmp(a, "-h") == 0) {
+            usage_command(stdout, ci);
+            exit(EXIT_OK);
+        }
+        if (strncmp(a, "--", 2) != 0) {
+            if (cli->npaths == 256) {
+                fprintf(stderr, "osara: too many arguments\n");
+                return EXIT_USAGE;
+            }
+            cli->paths[cli->npaths++] = a;
+            continue;
+        }
+        const char *eq = strchr(a, '=');
+        size_t klen = eq ? (size_t)(eq - a) : strlen(a);
+        const option_t *o = options;
+        while (o->name && !(strlen(o->name) == klen && strncmp(o->name, a, klen) == 0 &&
+                            strchr(o->commands, letter))) {
+            o++;
+        }
+        if (o->name == NULL) {
+            fprintf(stderr, "osara %s: unknown option %.*s (see osara %s --help)\n",
+                    commands[ci].name, (int)klen, a, commands[ci].name);
+            return EXIT_USAGE;
+        }
+        const char *val = NULL;
+        if (o->arg) {
+            val = eq ? eq + 1 : (i + 1 < argc ? argv[++i] : NULL);
+            if (val == NULL) {
+                fprintf(stderr, "osara: %s needs a value (%s)\n", o->name, o->arg);
+                return EXIT_USAGE;
+            }
+        }
+        int rc = apply_option(cli, o, val);
+        if (rc != 0) {
+            return rc;
+        }
+    }
+    return 0;
+}
+
+static int setup_logging(cli_t *cli)
+{
+    const char *lvl = cli->log_level ? cli->log_level : getenv("OSARA_LOG_LEVEL");
+    const char *fmt = cli->log_format ? cli->log_format : getenv("OSARA_LOG_FORMAT");
+    int level = lvl && *lvl ? osara_log_parse_level(lvl) : OSARA_LOG_INFO;
+    int format = fmt && *fmt ? osara_log_parse_format(fmt) : OSARA_LOG_TEXT;
+    if (level < 0) {
+        fprintf(stderr, "osara: unknown log level '%s' (debug|info|warn|error)\n", lvl);
+        return EXIT_USAGE;
+    }
+    if (format < 0) {
+        fprintf(stderr, "osara: unknown log format '%s' (text|json)\n", fmt);
+        return EXIT_USAGE;
+    }
+    osara_log_init((osara_log_level_t)level, (osara_log_format_t)format);
+    return 0;
+}
+
+/* One-line error for a script that cannot be opened; exit code 3. */
+static int check_script_file(const char *path)
+{
+    struct stat st;
+    if (stat(path, &st) != 0) {
+        fprintf(stderr, "osara: cannot open %s: %s\n", path, strerror(errno));
+        return EXIT_NOFILE;
+    }
+    if (S_ISDIR(st.st_mode)) {
+        fprintf(stderr, "osara: %s is a directory, not a Lua script\n", path);
+        return EXIT_NOFILE;
+    }
+    FILE *f = fopen(path, "rb");
+    if (f == NULL) {
+        fprintf(stderr, "osara: cannot read %s: %s\n", path, strerror(errno));
+        return EXIT_NOFILE;
+    }
+    fclose(f);
+    return 0;
+}
+
+static int run_worker(cli_t *cli)
+{
+    osara_worker_t w;
+    if (osara_worker_init(&w, &cli->w) != 0) {
+        OSARA_ERROR("%s", osara_err_msg());
+        return 70;
+    }
+    int rc = osara_worker_run(&w);
+    return rc;
+}
+
+int main(int argc, char **argv)
+{
+    if (argc < 2) {
+        usage(stderr);
+        return EXIT_USAGE;
+    }
+    if (strcmp(argv[1], "--help") == 0 || strcmp(argv[1], "-h") == 0 ||
+        strcmp(argv[1], "help") == 0) {
+        usage(stdout);
+        return EXIT_OK;
+    }
+    if (strcmp(argv[1], "version") == 0 || strcmp(argv[1], "--version") == 0) {
+        printf("osara %s\n", OSARA_VERSION);
+        return EXIT_OK;
+    }
+    int ci = find_command(argv[1]);
+    if (ci < 0) {
+        fprintf(stderr, "osara: unknown command '%s'\n\n", argv[1]);
+        usage(stderr);
+        return EXIT_USAGE;
+    }
+    cli_t cli = {.w = {.grace = 10, .load_timeout = 5}};
+    int rc = parse_args(&cli, ci, argc, argv);
+    if (rc != 0) {
+        return rc;
+    }
+    if ((rc = setup_logging(&cli)) != 0) {
+        return rc;
+    }
+    char letter = commands[ci].letter;
+    if (letter == 'r' || letter == 'c') {
+        if (cli.npaths != 1) {
+            fprintf(stderr, "osara %s: expects exactly one SCRIPT (see --help)\n",
+                    commands[ci].name);
+            osara_log_shutdown();
+            return EXIT_USAGE;
+        }
+        cli.w.script = cli.paths[0];
+        cli.w.mode = letter == 'r' ? OSARA_MODE_RUN : OSARA_MODE_CHECK;
+        if ((rc = check_script_file(cli.w.script)) != 0) {
+            osara_log_shutdown();
+            return rc;
+        }
+    } else if (letter == 't') {
+        cli.w.mode = OSARA_MODE_TEST;
+        cli.w.test_paths = cli.paths;
+        cli.w.ntest_paths = cli.npaths;
+    }
+    rc = run_worker(&cli);
+    osara_log_shutdown();
+    return rc;
+}

@@ -1,0 +1,9 @@
+/* modules.h - the C halves of the Lua API, opened in this order.
+ * Each line: OSARA_MODULE("package.preload name", opener). An opener pushes
+ * the module table and returns 1 (see host/<area>.h). */
+OSARA_MODULE("osara.vm_c", osara_vm_open)
+OSARA_MODULE("osara.sched_c", osara_sched_open)
+OSARA_MODULE("osara.timer_c", osara_timer_open)
+OSARA_MODULE("osara.log_c", osara_log_open)
+OSARA_MODULE("osara.metrics_c", osara_metrics_open)
+OSARA_MODULE("osara.process_c", osara_process_open)

@@ -1,0 +1,80 @@
+/* sched.h - the coroutine pool and the one yield/resume path.
+ *
+ * Every entry into user Lua (timer tick, message, request) runs in a
+ * coroutine taken from its VM's pool. A host call that must wait records a
+ * cleanup on the running coroutine with osara_sched_wait() and yields; the
+ * completion (on the loop thread) pushes its results onto the coroutine's
+ * thread and calls osara_sched_resume(), the only place lua_resume is
+ * called. Errors in user code are caught here: logged once with file:line
+ * (traceback at debug level), counted, and reported to the entry's done
+ * callback; they never stop the host. (OpenResty's run_thread pattern.) */
+#ifndef OSARA_SCHED_H
+#define OSARA_SCHED_H
+
+#include <lua.h>
+
+struct osara_vm_s;
+typedef struct osara_co_s osara_co_t;
+
+/* Called once when the coroutine's function returns (ok=1, its results are
+ * on the coroutine thread's stack: indices 1..lua_gettop) or raises (ok=0,
+ * the message is on top). The callback must not keep the thread. */
+typedef void (*osara_co_done_fn)(osara_co_t *co, int ok, void *ud);
+
+/* Cancels a pending wait: stop timers, detach callbacks. The coroutine is
+ * never resumed afterwards. */
+typedef void (*osara_wait_cleanup_fn)(void *data);
+
+/* Takes a pooled coroutine of `vm` for a new entry; the caller pushes the
+ * function and its arguments onto the returned thread and then calls
+ * osara_sched_run. Returns NULL when the VM no longer accepts new entries
+ * (retiring after a reload, or shutting down) unless `force` is set (used
+ * for work spawned by code that is already running). */
+lua_State *osara_sched_acquire(struct osara_vm_s *vm, int force,
+                               osara_co_t **co);
+
+/* Runs the function pushed on the coroutine with `nargs` arguments until it
+ * finishes or waits. `what` names the entry in error logs ("timer at
+ * app.lua:3") and is copied. done may be NULL. Returns 0 if the coroutine
+ * finished or is waiting, -1 if it failed (already logged and reported). */
+int osara_sched_run(osara_co_t *co, int nargs, osara_co_done_fn done,
+                    void *ud, const char *what);
+
+/* Convenience: the function and nargs arguments are on top of vm->L. Pops
+ * them. Returns -2 (and pops) if the VM does not accept new entries. */
+int osara_sched_spawn(struct osara_vm_s *vm, int nargs, int force,
+                      osara_co_done_fn done, void *ud, const char *what);
+
+/* The pooled coroutine currently running on L, or NULL when L is not one
+ * (the main thread, or a coroutine the user created). */
+osara_co_t *osara_sched_current(lua_State *L);
+
+/* Parks the running coroutine: records cleanup/data and yields. Use as
+ * `return osara_sched_wait(L, cleanup, data);` from a lua_CFunction after
+ * starting the asynchronous work. Raises a Lua error if L cannot yield. */
+int osara_sched_wait(lua_State *L, osara_wait_cleanup_fn cleanup, void *data);
+
+/* Resumes a waiting coroutine with `nret` values already pushed onto its
+ * thread (osara_co_thread). Loop thread only. */
+int osara_sched_resume(osara_co_t *co, int nret);
+
+/* Like osara_sched_resume but from the next drain of the worker's inbox;
+ * for wake-ups issued while other Lua code is running. */
+void osara_sched_resume_later(osara_co_t *co, int nret);
+
+lua_State *osara_co_thread(osara_co_t *co);
+struct osara_vm_s *osara_co_vm(osara_co_t *co);
+/* Increments on every wait; a completion compares it to detect staleness. */
+unsigned osara_co_seq(osara_co_t *co);
+int osara_co_waiting(osara_co_t *co);
+
+/* Cancels every waiting coroutine of vm (cleanups run) before lua_close. */
+void osara_sched_cancel_all(struct osara_vm_s *vm);
+
+/* Frees the pool's bookkeeping of vm (lua_close frees the threads). */
+void osara_sched_free(struct osara_vm_s *vm);
+
+/* Lua binding `osara.sched_c`: spawn, yield, current, park, wake. */
+int osara_sched_open(lua_State *L);
+
+#endif

@@ -1,0 +1,428 @@
+#include "worker.h"
+
+#include <errno.h>
+#include <lauxlib.h>
+#include <limits.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+#include <sys/stat.h>
+#include <sys/time.h>
+#include <unistd.h>
+
+#include "err.h"
+#include "log.h"
+#include "lvm.h"
+#include "metrics.h"
+#include "registry.h"
+#include "sched.h"
+
+/* Debounce for file events: editors write in several steps. */
+#define WATCH_DEBOUNCE_MS 15
+
+double osara_monotonic(void)
+{
+    return (double)uv_hrtime() / 1e9;
+}
+
+double osara_now(void)
+{
+    struct timeval tv;
+    gettimeofday(&tv, NULL);
+    return (double)tv.tv_sec + (double)tv.tv_usec / 1e6;
+}
+
+osara_worker_t *osara_worker_from_L(lua_State *L)
+{
+    osara_vm_t *vm = osara_vm_from_L(L);
+    return vm ? vm->w : NULL;
+}
+
+/* ---- shared resources --------------------------------------------------- */
+
+void *osara_worker_shared_get(osara_worker_t *w, const char *key)
+{
+    for (osara_shared_t *s = w->shared; s; s = s->next) {
+        if (strcmp(s->key, key) == 0) {
+            s->last_gen = w->gen;
+            return s->ptr;
+        }
+    }
+    return NULL;
+}
+
+void osara_worker_shared_put(osara_worker_t *w, const char *key, void *ptr,
+                             void (*close)(void *ptr))
+{
+    osara_shared_t *s = calloc(1, sizeof(*s));
+    s->key = strdup(key);
+    s->ptr = ptr;
+    s->close = close;
+    s->first_gen = s->last_gen = w->gen;
+    s->next = w->shared;
+    w->shared = s;
+}
+
+/* Closes shared resources matching `pred`; newest first. */
+static void shared_close_if(osara_worker_t *w, int (*pred)(osara_shared_t *, unsigned),
+                            unsigned gen)
+{
+    osara_shared_t **p = &w->shared;
+    while (*p) {
+        osara_shared_t *s = *p;
+        if (pred(s, gen)) {
+            *p = s->next;
+            if (s->close) {
+                s->close(s->ptr);
+            }
+            free(s->key);
+            free(s);
+        } else {
+            p = &s->next;
+        }
+    }
+}
+
+static int unused_since(osara_shared_t *s, unsigned gen) { return s->last_gen < gen; }
+static int created_by(osara_shared_t *s, unsigned gen) { return s->first_gen == gen; }
+static int any(osara_shared_t *s, unsigned gen) { (void)s; (void)gen; return 1; }
+
+/* ---- paths -------------------------------------------------------------- */
+
+static char *dir_of(const char *path)
+{
+    char *copy = strdup(path);
+    char *slash = strrchr(copy, '/');
+    if (slash == NULL) {
+        free(copy);
+        return strdup(".");
+    }
+    if (slash == copy) {
+        slash[1] = '\0';
+    } else {
+        *slash = '\0';
+    }
+    return copy;
+}
+
+static int ensure_dir(const char *path)
+{
+    if (mkdir(path, 0755) == 0 || errno == EEXIST) {
+        return 0;
+    }
+    return osara_err_set(-errno, "cannot create data folder %s: %s", path,
+                         strerror(errno));
+}
+
+/* ---- signals ------------------------------------------------------------- */
+
+static void on_signal(uv_signal_t *h, int signum)
+{
+    osara_worker_t *w = h->data;
+    if (signum == SIGHUP) {
+        osara_worker_reload(w, "SIGHUP");
+        return;
+    }
+    if (++w->signals_seen > 1) {
+        OSARA_WARN("second signal: exiting now");
+        osara_log_shutdown();
+        _exit(130);
+    }
+    OSARA_INFO("%s received: stopping (grace %gs)",
+               signum == SIGINT ? "SIGINT" : "SIGTERM", w->opts.grace);
+    osara_worker_stop(w, 0);
+}
+
+int osara_worker_init(osara_worker_t *w, const osara_worker_opts_t *opts)
+{
+    memset(w, 0, sizeof(*w));
+    w->opts = *opts;
+    int rc = uv_loop_init(&w->loop);
+    if (rc != 0) {
+        return osara_err_set(rc, "cannot start the event loop: %s", uv_strerror(rc));
+    }
+    rc = osara_inbox_init(&w->inbox, &w->loop);
+    if (rc != 0) {
+        return osara_err_set(rc, "cannot start the inbox: %s", uv_strerror(rc));
+    }
+    if (opts->script) {
+        w->script_path = strdup(opts->script);
+        w->script_dir = dir_of(opts->script);
+    } else {
+        char cwd[PATH_MAX];
+        w->script_dir = strdup(getcwd(cwd, sizeof(cwd)) ? cwd : ".");
+    }
+    if (opts->data_dir) {
+        w->data_dir = strdup(opts->data_dir);
+    } else {
+        size_t n = strlen(w->script_dir) + 32;
+        w->data_dir = malloc(n);
+        snprintf(w->data_dir, n, "%s/.osara-data", w->script_dir);
+    }
+    uv_signal_t *sigs[] = {&w->sigint, &w->sigterm, &w->sighup};
+    int nums[] = {SIGINT, SIGTERM, SIGHUP};
+    for (int i = 0; i < 3; i++) {
+        uv_signal_init(&w->loop, sigs[i]);
+        sigs[i]->data = w;
+        uv_signal_start(sigs[i], on_signal, nums[i]);
+    }
+    uv_timer_init(&w->loop, &w->stop_timer);
+    uv_timer_init(&w->loop, &w->watch_timer);
+    w->stop_timer.data = w->watch_timer.data = w;
+    return 0;
+}
+
+/* ---- watching ------------------------------------------------------------- */
+
+static void on_watch_debounced(uv_timer_t *t)
+{
+    osara_worker_t *w = t->data;
+    if (w->vm && !w->stopping && osara_vm_files_changed(w->vm)) {
+        osara_worker_reload(w, "file changed");
+    }
+}
+
+static void on_fs_event(uv_fs_event_t *h, const char *filename, int events,
+                        int status)
+{
+    (void)filename;
+    (void)events;
+    (void)status;
+    osara_worker_t *w = h->data;
+    if (w->reload_started == 0) {
+        w->reload_started = osara_monotonic();
+    }
+    uv_timer_start(&w->watch_timer, on_watch_debounced, WATCH_DEBOUNCE_MS, 0);
+}
+
+static void watcher_closed(uv_handle_t *h)
+{
+    (void)h;
+}
+
+static void unwatch(osara_worker_t *w)
+{
+    for (int i = 0; i < w->nwatchers; i++) {
+        uv_close((uv_handle_t *)&w->watchers[i], watcher_closed);
+    }
+    /* Freed after the close callbacks ran (next loop turn). */
+    w->nwatchers = 0;
+}
+
+/* Watches the folders of the VM's files: editors replace files by rename,
+ * which a watch on the file itself would miss. */
+static void watch_files(osara_worker_t *w)
+{
+    if (!w->opts.watch || w->vm == NULL) {
+        return;
+    }
+    static uv_fs_event_t *old;
+    unwatch(w);
+    free(old);
+    old = w->watchers;
+    w->watchers = calloc((size_t)w->vm->nfiles, sizeof(uv_fs_event_t));
+    for (int i = 0; i < w->vm->nfiles; i++) {
+        char *dir = dir_of(w->vm->files[i]);
+        int seen = 0;
+        for (int j = 0; j < i && !seen; j++) {
+            char *other = dir_of(w->vm->files[j]);
+            seen = strcmp(other, dir) == 0;
+            free(other);
+        }
+        if (!seen) {
+            uv_fs_event_t *h = &w->watchers[w->nwatchers];
+            uv_fs_event_init(&w->loop, h);
+            h->data = w;
+            if (uv_fs_event_start(h, on_fs_event, dir, 0) == 0) {
+                w->nwatchers++;
+            } else {
+                uv_close((uv_handle_t *)h, watcher_closed);
+            }
+        }
+        free(dir);
+    }
+}
+
+/* ---- load / reload --------------------------------------------------------- */
+
+static osara_vm_t *load_new_vm(osara_worker_t *w)
+{
+    w->gen++;
+    osara_vm_t *vm = osara_vm_new(w, w->gen);
+    if (vm == NULL) {
+        return NULL;
+    }
+    if (w->opts.mode == OSARA_MODE_TEST) {
+        return vm;
+    }
+    if (osara_vm_load_script(vm, w->script_path, w->opts.load_timeout) != 0) {
+        char msg[1024];
+        snprintf(msg, sizeof(msg), "%s", osara_err_msg());
+        vm->accepting = 0;
+        osara_vm_close(vm);
+        shared_close_if(w, created_by, w->gen);
+        osara_err_set(OSARA_ESCRIPT, "%s", msg);
+        return NULL;
+    }
+    return vm;
+}
+
+int osara_worker_reload(osara_worker_t *w, const char *why)
+{
+    if (w->stopping || w->opts.mode != OSARA_MODE_RUN) {
+        return 0;
+    }
+    double t0 = w->reload_started ? w->reload_started : osara_monotonic();
+    w->reload_started = 0;
+    osara_vm_t *old = w->vm;
+    osara_vm_t *vm = load_new_vm(w);
+    if (vm == NULL) {
+        w->reload_failures++;
+        osara_metric_add(osara_metrics_counter("osara_reload_failures_total",
+                                               "reloads that failed to load", NULL), 1);
+        OSARA_ERROR("reload failed (%s), still running the previous version: %s",
+                    why, osara_err_msg());
+        watch_files(w); /* keep watching the files of the serving VM */
+        return OSARA_ESCRIPT;
+    }
+    osara_reg_diff_t diff;
+    w->vm = vm;
+    osara_registry_apply(&old->reg, &vm->reg, &diff);
+    shared_close_if(w, unused_since, w->gen);
+    osara_vm_retire(old, w->opts.grace);
+    w->reloads++;
+    osara_metric_add(osara_metrics_counter("osara_reloads_total",
+                                           "successful reloads", NULL), 1);
+    OSARA_INFO("reloaded %s (%s) in %.1f ms: %d kept, %d added, %d removed, "
+               "%d restarted",
+               w->script_path, why, (osara_monotonic() - t0) * 1000, diff.kept,
+               diff.started, diff.stopped, diff.restarted);
+    watch_files(w);
+    return 0;
+}
+
+/* ---- stop ------------------------------------------------------------------ */
+
+static void close_walk(uv_handle_t *h, void *arg)
+{
+    (void)arg;
+    if (!uv_is_closing(h)) {
+        uv_close(h, NULL);
+    }
+}
+
+static void finish_stop(osara_worker_t *w)
+{
+    uv_timer_stop(&w->stop_timer);
+    while (w->retiring) {
+        osara_vm_close(w->retiring);
+    }
+    if (w->vm) {
+        osara_vm_close(w->vm);
+    }
+    shared_close_if(w, any, 0);
+    unwatch(w);
+    osara_inbox_close(&w->inbox);
+    uv_close((uv_handle_t *)&w->sigint, NULL);
+    uv_close((uv_handle_t *)&w->sigterm, NULL);
+    uv_close((uv_handle_t *)&w->sighup, NULL);
+    uv_close((uv_handle_t *)&w->stop_timer, NULL);
+    uv_close((uv_handle_t *)&w->watch_timer, NULL);
+}
+
+static int all_idle(osara_worker_t *w)
+{
+    if (w->vm && w->vm->inflight > 0) {
+        return 0;
+    }
+    return w->retiring == NULL;
+}
+
+static void on_stop_grace(uv_timer_t *t)
+{
+    osara_worker_t *w = t->data;
+    OSARA_WARN("%d coroutine(s) still running after the %gs grace period; "
+               "cancelling them", w->vm ? w->vm->inflight : 0, w->opts.grace);
+    finish_stop(w);
+}
+
+void osara_worker_stop(osara_worker_t *w, int exit_code)
+{
+    if (!w->stopping) {
+        w->stopping = 1;
+        w->exit_code = exit_code;
+        if (w->vm) {
+            osara_registry_stop_all(&w->vm->reg);
+            w->vm->accepting = 0;
+        }
+        uv_timer_start(&w->stop_timer, on_stop_grace,
+                       (uint64_t)(w->opts.grace * 1000), 0);
+    }
+    if (w->stopping == 1 && all_idle(w)) {
+        w->stopping = 2;
+        finish_stop(w);
+    }
+}
+
+static void test_done(struct osara_co_s *co, int ok, void *ud)
+{
+    (void)co;
+    if (!ok) {
+        osara_worker_stop(ud, 1);
+    }
+}
+
+/* osara test: busted runs as the VM's one task; it stops the worker. */
+static void start_tests(osara_worker_t *w)
+{
+    lua_State *L = w->vm->L;
+    lua_getglobal(L, "require");
+    lua_pushliteral(L, "osara.testrun");
+    lua_call(L, 1, 1);
+    lua_getfield(L, -1, "run");
+    lua_remove(L, -2); /* [run] */
+    lua_createtable(L, w->opts.ntest_paths, 0);
+    for (int i = 0; i < w->opts.ntest_paths; i++) {
+        lua_pushstring(L, w->opts.test_paths[i]);
+        lua_rawseti(L, -2, i + 1);
+    }
+    if (w->opts.test_output) {
+        lua_pushstring(L, w->opts.test_output);
+    } else {
+        lua_pushnil(L);
+    } /* [run, paths, output] */
+    osara_sched_spawn(w->vm, 2, 0, test_done, w, "osara test");
+}
+
+int osara_worker_run(osara_worker_t *w)
+{
+    if (w->opts.mode == OSARA_MODE_RUN && ensure_dir(w->data_dir) != 0) {
+        OSARA_ERROR("%s", osara_err_msg());
+        return 3;
+    }
+    osara_vm_t *vm = load_new_vm(w);
+    if (vm == NULL) {
+        OSARA_ERROR("%s", osara_err_msg());
+        finish_stop(w);
+        uv_run(&w->loop, UV_RUN_DEFAULT);
+        return 1;
+    }
+    w->vm = vm;
+    if (w->opts.mode == OSARA_MODE_CHECK) {
+        finish_stop(w);
+        uv_run(&w->loop, UV_RUN_DEFAULT);
+        return 0;
+    }
+    if (w->opts.mode == OSARA_MODE_TEST) {
+        start_tests(w);
+    } else if (osara_registry_start_all(&vm->reg) != 0) {
+        osara_worker_stop(w, 1);
+    }
+    watch_files(w);
+    uv_run(&w->loop, UV_RUN_DEFAULT);
+    uv_walk(&w->loop, close_walk, NULL);
+    uv_run(&w->loop, UV_RUN_DEFAULT);
+    free(w->watchers);
+    w->watchers = NULL;
+    return w->exit_code;
+}

@@ -1,0 +1,90 @@
+-- osara.boot: prepares a fresh VM for a user script.
+--
+-- Wires `require` so user modules resolve in the script's folder (and are
+-- watched for --watch), makes globals strict (assigning an undeclared
+-- global is an error naming file:line, since globals would otherwise leak
+-- across reloads), and loads the script. `osara check` prints what the
+-- script registered.
+local vm = require "osara.vm_c"
+
+local M = {}
+local paths = vm.paths()
+local mode = vm.mode()
+local script_dir = paths.script_dir
+
+-- Finds user modules in the script folder first and records their files.
+local function user_loader(name)
+  local file = package.searchpath(name, script_dir .. "/?.lua;" .. script_dir .. "/?/init.lua")
+  if not file then
+    return "\n\tno file '" .. name .. "' in the script folder " .. script_dir
+  end
+  local chunk, err = loadfile(file, "t")
+  if not chunk then
+    error(err, 0)
+  end
+  vm.track(file)
+  return chunk
+end
+table.insert(package.loaders, 2, user_loader)
+
+local function strict_globals()
+  setmetatable(_G, {
+    __newindex = function(_, name, _)
+      error(("assignment to undeclared global '%s' (declare it local, or use "
+        .. "rawset(_G, name, value) on purpose)"):format(tostring(name)), 2)
+    end,
+  })
+end
+
+local function pad(s, n)
+  s = tostring(s)
+  return s .. string.rep(" ", n - #s)
+end
+
+-- Prints the registrations and schemas as a table (osara check).
+function M.report(path)
+  local rows = vm.registered()
+  local w = { 4, 3, 5 }
+  for _, r in ipairs(rows) do
+    w[1] = math.max(w[1], #r.kind)
+    w[2] = math.max(w[2], #r.key)
+    w[3] = math.max(w[3], #r.where)
+  end
+  local out = { ("%s: ok, %d registration(s)"):format(path, #rows) }
+  if #rows > 0 then
+    out[#out + 1] = pad("KIND", w[1] + 2) .. pad("KEY", w[2] + 2) .. pad("WHERE", w[3] + 2) .. "DETAIL"
+    for _, r in ipairs(rows) do
+      out[#out + 1] = pad(r.kind, w[1] + 2) .. pad(r.key, w[2] + 2) .. pad(r.where, w[3] + 2) .. r.detail
+    end
+  end
+  local osara = package.loaded.osara
+  local schemas = osara and rawget(osara, "_schemas")
+  if schemas and #schemas > 0 then
+    local schema = require "osara.schema"
+    for _, s in ipairs(schemas) do
+      out[#out + 1] = ""
+      out[#out + 1] = ("schema %s (%s)"):format(s.name or "?", s.where or "?")
+      out[#out + 1] = schema.describe(s.schema)
+    end
+  end
+  io.stdout:write(table.concat(out, "\n"), "\n")
+  io.stdout:flush()
+end
+
+-- Loads and runs the script's main chunk (C applies the time limit).
+function M.load_script(path)
+  vm.track(path)
+  local chunk, err = loadfile(path, "t")
+  if not chunk then
+    error(err, 0)
+  end
+  if mode ~= "test" then
+    strict_globals()
+  end
+  chunk()
+  if mode == "check" then
+    M.report(path)
+  end
+end
+
+return M

@@ -1,0 +1,161 @@
+-- osara: the public Lua API. C gives the primitives (osara.*_c modules),
+-- this module gives the surface: defaults, names, convenience. Broker,
+-- store, HTTP and schema areas load lazily on first use (osara.kafka, ...).
+local vm_c = require "osara.vm_c"
+local sched_c = require "osara.sched_c"
+local timer_c = require "osara.timer_c"
+local log_c = require "osara.log_c"
+local metrics_c = require "osara.metrics_c"
+
+local osara = { version = "0.1.0" }
+
+-- Areas implemented in their own modules, loaded on first access.
+local lazy = {
+  kafka = "osara.kafka",
+  nats = "osara.nats",
+  store = "osara.store",
+  http = "osara.http",
+  schema = "osara.schema",
+  codec = "osara.codec",
+  testing = "osara.testing",
+  process = "osara.process_c",
+}
+
+setmetatable(osara, {
+  __index = function(t, k)
+    local name = lazy[k]
+    if name then
+      local m = require(name)
+      rawset(t, k, m)
+      return m
+    end
+    return nil
+  end,
+})
+
+-- "file:line" of the user code `level` frames above the caller.
+local function where(level)
+  local info = debug.getinfo(level + 1, "Sl")
+  if not info then
+    return "?"
+  end
+  return ("%s:%d"):format(info.short_src, info.currentline or 0)
+end
+osara._where = where
+
+osara.now = timer_c.now
+osara.monotonic = timer_c.monotonic
+osara.sleep = timer_c.sleep
+osara.yield = sched_c.yield
+
+function osara.mode()
+  return vm_c.mode()
+end
+
+function osara.paths()
+  return vm_c.paths()
+end
+
+-- Timers registered at load get stable keys, so a reload keeps them
+-- running when the interval and order are unchanged.
+local ordinals = {}
+local function timer_key(kind, seconds, opts)
+  if opts and opts.name then
+    return kind .. " " .. opts.name
+  end
+  local base = ("%s %g"):format(kind, seconds)
+  ordinals[base] = (ordinals[base] or 0) + 1
+  return ("%s #%d"):format(base, ordinals[base])
+end
+
+local function check_timer_args(name, seconds, fn, opts)
+  if type(seconds) ~= "number" or seconds ~= seconds or seconds < 0 then
+    error(("osara.%s: seconds must be a number >= 0, got %s"):format(name, tostring(seconds)), 3)
+  end
+  if type(fn) ~= "function" then
+    error(("osara.%s: expected a function as argument 2, got %s"):format(name, type(fn)), 3)
+  end
+  if opts ~= nil and type(opts) ~= "table" then
+    error(("osara.%s: options must be a table"):format(name), 3)
+  end
+end
+
+-- osara.every(seconds, fn [, {name=}]) -> handle with :cancel()
+function osara.every(seconds, fn, opts)
+  check_timer_args("every", seconds, fn, opts)
+  if seconds == 0 then
+    error("osara.every: seconds must be > 0", 2)
+  end
+  local key = vm_c.loading() and timer_key("every", seconds, opts) or nil
+  return timer_c.new(seconds, fn, true, key, where(2))
+end
+
+-- osara.after(seconds, fn [, {name=}]) -> handle with :cancel()
+function osara.after(seconds, fn, opts)
+  check_timer_args("after", seconds, fn, opts)
+  local key = vm_c.loading() and timer_key("after", seconds, opts) or nil
+  return timer_c.new(seconds, fn, false, key, where(2))
+end
+
+-- osara.spawn(fn, ...) starts a background task (panini's @app.task).
+function osara.spawn(fn, ...)
+  if type(fn) ~= "function" then
+    error("osara.spawn: expected a function, got " .. type(fn), 2)
+  end
+  return sched_c.spawn(fn, ...)
+end
+
+-- Logging: osara.log.info("x=%d", x); one C logger for host and scripts.
+local function make_logger(level)
+  return function(fmt, ...)
+    if not log_c.enabled(level) then
+      return
+    end
+    local msg
+    if select("#", ...) > 0 then
+      local ok, s = pcall(string.format, tostring(fmt), ...)
+      msg = ok and s or (tostring(fmt) .. " (bad log format: " .. s .. ")")
+    else
+      msg = tostring(fmt)
+    end
+    log_c.write(level, msg)
+  end
+end
+
+osara.log = {
+  debug = make_logger("debug"),
+  info = make_logger("info"),
+  warn = make_logger("warn"),
+  error = make_logger("error"),
+  level = log_c.level,
+}
+
+-- Metrics kept in C (exposed by the HTTP server's /metrics).
+local function series(kind)
+  return function(name, labels, help)
+    local s = { name = name, labels = labels, help = help }
+    if kind == "counter" then
+      function s:inc(n) metrics_c.add(name, labels, help, n or 1) end
+    elseif kind == "gauge" then
+      function s:set(v) metrics_c.set(name, labels, help, v) end
+    else
+      function s:observe(v) metrics_c.observe(name, labels, help, v) end
+    end
+    function s:value() return metrics_c.value(name, labels) end
+    return s
+  end
+end
+
+osara.metrics = {
+  counter = series("counter"),
+  gauge = series("gauge"),
+  histogram = series("histogram"),
+  value = metrics_c.value,
+  render = metrics_c.render,
+}
+
+-- Low-level scheduling for modules built on top (request/reply, locks).
+osara._sched = sched_c
+osara._vm = vm_c
+
+return osara
