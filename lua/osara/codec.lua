@@ -1,0 +1,90 @@
+-- osara.codec: bytes <-> values. Minimal registry (json, raw, string);
+-- the schema/codec work extends it (msgpack, avro, custom codecs).
+-- A codec never raises on bad input: decode/encode return nil, "why".
+local cjson = require "cjson"
+
+local M = {}
+local registry = {}
+
+local json = cjson.new()
+json.decode_max_depth(128)
+json.encode_max_depth(128)
+json.encode_sparse_array(true)
+
+registry.json = {
+  name = "json",
+  decode = function(bytes)
+    local ok, v = pcall(json.decode, bytes)
+    if not ok then
+      return nil, "json: " .. tostring(v)
+    end
+    return v
+  end,
+  encode = function(v)
+    local ok, s = pcall(json.encode, v)
+    if not ok then
+      return nil, "json: " .. tostring(s)
+    end
+    return s
+  end,
+}
+
+local function identity_codec(name)
+  return {
+    name = name,
+    decode = function(bytes) return bytes end,
+    encode = function(v)
+      if type(v) ~= "string" then
+        return nil, name .. ": expected a string, got " .. type(v)
+      end
+      return v
+    end,
+  }
+end
+registry.raw = identity_codec("raw")
+registry.string = identity_codec("string")
+
+function M.register(name, c)
+  registry[name] = M.get(c)
+  registry[name].name = name
+end
+
+-- get(name | {encode=, decode=}) -> codec; raises on an unknown name (a
+-- configuration error, reported at load with the script's file:line).
+function M.get(c)
+  if c == nil then
+    return registry.json
+  end
+  if type(c) == "string" then
+    local found = registry[c]
+    if not found then
+      error(("unknown codec '%s'"):format(c), 3)
+    end
+    return found
+  end
+  if type(c) == "table" and type(c.decode) == "function" and type(c.encode) == "function" then
+    if c._osara_codec then
+      return c
+    end
+    local user = c
+    return {
+      _osara_codec = true,
+      name = user.name or "custom",
+      decode = function(bytes)
+        local ok, v, err = pcall(user.decode, bytes)
+        if not ok then return nil, "codec: " .. tostring(v) end
+        if v == nil and err then return nil, tostring(err) end
+        return v
+      end,
+      encode = function(v)
+        local ok, s, err = pcall(user.encode, v)
+        if not ok then return nil, "codec: " .. tostring(s) end
+        if s == nil and err then return nil, tostring(err) end
+        return s
+      end,
+    }
+  end
+  error("codec must be a name or a table with encode and decode functions", 3)
+end
+
+return M
