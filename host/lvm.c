@@ -166,10 +166,12 @@ static void load_hook(lua_State *L, lua_Debug *ar)
 {
     (void)ar;
     if (osara_monotonic() > load_limit.deadline) {
+        char at[256];
         lua_sethook(L, NULL, 0, 0);
-        luaL_error(L, "script did not finish loading within %gs (an endless "
-                      "loop at load time? raise --load-timeout)",
-                   load_limit.timeout);
+        /* In a hook, level 0 is the Lua function that was running. */
+        luaL_error(L, "%s: script did not finish loading within %gs (an "
+                      "endless loop at load time? raise --load-timeout)",
+                   osara_vm_where(L, 0, at, sizeof(at)), load_limit.timeout);
     }
 }
 

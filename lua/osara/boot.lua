@@ -76,6 +76,9 @@ function M.load_script(path)
   vm.track(path)
   local chunk, err = loadfile(path, "t")
   if not chunk then
+    if tostring(err):find("wrong mode", 1, true) then
+      err = path .. ": not a Lua script (binary data)"
+    end
     error(err, 0)
   end
   if mode ~= "test" then

@@ -1,0 +1,268 @@
+-- The host itself, driven as a child process: loading, errors, reload,
+-- check, shutdown. Each spec writes its app into a temp folder.
+local H = require "spec.helpers.host"
+
+describe("osara run", function()
+  after_each(H.cleanup)
+
+  it("logs an error in a timer with file:line and keeps running", function()
+    local dir = H.tmpdir()
+    H.write(dir .. "/app.lua", [[
+local osara = require "osara"
+local n = 0
+osara.every(0.05, function()
+  n = n + 1
+  if n == 2 then error("boom") end
+  osara.log.info("tick %d", n)
+end)
+]])
+    local p = H.osara { "run", dir .. "/app.lua" }
+    local line = H.expect(p, "boom")
+    assert.matches("error in timer at .*app.lua:3: .*app.lua:5: boom", line)
+    H.expect(p, "tick 4")
+    p:kill("TERM")
+    assert.are.equal(0, H.exit_status(p))
+  end)
+
+  it("stops gracefully on SIGTERM, letting an in-flight sleep finish", function()
+    local dir = H.tmpdir()
+    H.write(dir .. "/app.lua", [[
+local osara = require "osara"
+osara.spawn(function()
+  osara.log.info("task sleeping")
+  osara.sleep(0.5)
+  osara.log.info("task finished")
+end)
+]])
+    local p = H.osara { "run", dir .. "/app.lua" }
+    H.expect(p, "task sleeping")
+    p:kill("TERM")
+    H.expect(p, "task finished")
+    assert.are.equal(0, H.exit_status(p))
+  end)
+
+  it("cancels work still running after the grace period and exits 0", function()
+    local dir = H.tmpdir()
+    H.write(dir .. "/app.lua", [[
+local osara = require "osara"
+osara.spawn(function() osara.log.info("forever") osara.sleep(3600) end)
+]])
+    local p = H.osara { "run", "--grace", "0.2", dir .. "/app.lua" }
+    H.expect(p, "forever")
+    p:kill("TERM")
+    H.expect(p, "after the 0.2s grace period")
+    assert.are.equal(0, H.exit_status(p))
+  end)
+
+  it("rejects assignment to an undeclared global with file:line", function()
+    local dir = H.tmpdir()
+    H.write(dir .. "/app.lua", "local osara = require 'osara'\ncounter = 1\n")
+    local status, out = H.run { "run", dir .. "/app.lua" }
+    assert.are.equal(1, status)
+    assert.matches("app.lua:2: assignment to undeclared global 'counter'", out)
+  end)
+
+  it("resolves require relative to the script folder", function()
+    local dir = H.tmpdir()
+    H.write(dir .. "/helper.lua", "return { greeting = 'hello from helper' }\n")
+    H.write(dir .. "/app.lua", [[
+local osara = require "osara"
+local helper = require "helper"
+osara.after(0, function() osara.log.info(helper.greeting) end)
+]])
+    local p = H.osara { "run", dir .. "/app.lua" }
+    H.expect(p, "hello from helper")
+    p:kill("TERM")
+    assert.are.equal(0, H.exit_status(p))
+  end)
+
+  it("writes JSON log lines with --log-format json", function()
+    local dir = H.tmpdir()
+    H.write(dir .. "/app.lua", [[
+local osara = require "osara"
+osara.after(0, function() osara.log.warn("quote \" here") end)
+]])
+    local p = H.osara { "run", "--log-format", "json", dir .. "/app.lua" }
+    local line = H.expect(p, "quote")
+    local v = require("cjson").decode(line)
+    assert.are.equal("warn", v.level)
+    assert.are.equal('quote " here', v.msg)
+    p:kill("TERM")
+    H.exit_status(p)
+  end)
+end)
+
+describe("bad input", function()
+  after_each(H.cleanup)
+
+  it("a missing script is a one-line error and exit code 3", function()
+    local status, out = H.run { "run", "/nonexistent/app.lua" }
+    assert.are.equal(3, status)
+    assert.matches("cannot open /nonexistent/app.lua: No such file", out)
+  end)
+
+  it("a folder instead of a script is exit code 3", function()
+    local dir = H.tmpdir()
+    local status, out = H.run { "run", dir }
+    assert.are.equal(3, status)
+    assert.matches("is a directory", out)
+  end)
+
+  it("a non-Lua file is a syntax error with file:line and exit code 1", function()
+    local dir = H.tmpdir()
+    H.write(dir .. "/app.lua", "\27ELF\0\0binary junk\n{{{\n")
+    local status, out = H.run { "run", dir .. "/app.lua" }
+    assert.are.equal(1, status)
+    assert.matches("app.lua", out)
+    assert.is_nil(out:find("Segmentation"))
+  end)
+
+  it("a script that errors at load names file:line, exit code 1", function()
+    local dir = H.tmpdir()
+    H.write(dir .. "/app.lua", "local x = nil\nlocal y = x.field\n")
+    local status, out = H.run { "run", dir .. "/app.lua" }
+    assert.are.equal(1, status)
+    assert.matches("app.lua:2: attempt to index local 'x'", out)
+  end)
+
+  it("a script that never finishes loading hits the load timeout", function()
+    local dir = H.tmpdir()
+    H.write(dir .. "/app.lua", "while true do end\n")
+    local status, out = H.run({ "run", "--load-timeout", "0.3", dir .. "/app.lua" }, 20)
+    assert.are.equal(1, status)
+    assert.matches("app.lua:1: script did not finish loading within 0.3s", out)
+  end)
+
+  it("an unknown option is a usage error, exit code 2", function()
+    local status, out = H.run { "run", "--frobnicate", "x.lua" }
+    assert.are.equal(2, status)
+    assert.matches("unknown option %-%-frobnicate", out)
+  end)
+end)
+
+describe("osara check", function()
+  after_each(H.cleanup)
+
+  it("prints what the script registered", function()
+    local dir = H.tmpdir()
+    H.write(dir .. "/app.lua", [[
+local osara = require "osara"
+osara.every(1, function() end)
+osara.after(2.5, function() end, { name = "warmup" })
+]])
+    local status, out = H.run { "check", dir .. "/app.lua" }
+    assert.are.equal(0, status)
+    assert.matches("ok, 2 registration", out)
+    assert.matches("timer%s+every 1 #1%s+[^\n]*app.lua:2%s+every 1", out)
+    assert.matches("timer%s+after warmup%s+[^\n]*app.lua:3", out)
+  end)
+
+  it("exits 1 with the error on a broken script", function()
+    local dir = H.tmpdir()
+    H.write(dir .. "/app.lua", "local osara = require 'osara'\nosara.every(1, function() end\n")
+    local status, out = H.run { "check", dir .. "/app.lua" }
+    assert.are.equal(1, status)
+    assert.matches("app.lua:%d+: .*expected", out)
+  end)
+end)
+
+describe("hot reload", function()
+  after_each(H.cleanup)
+
+  local function app(version)
+    return ([[
+local osara = require "osara"
+osara.every(0.05, function() osara.log.info("version %s") end)
+]]):format(version)
+  end
+
+  it("swaps to the new code when the script changes (--watch)", function()
+    local dir = H.tmpdir()
+    H.write(dir .. "/app.lua", app("one"))
+    local p = H.osara { "run", "--watch", dir .. "/app.lua" }
+    H.expect(p, "version one")
+    H.write(dir .. "/app.lua", app("two"))
+    local line = H.expect(p, "reloaded")
+    assert.matches("1 kept, 0 added, 0 removed", line)
+    local ms = tonumber(line:match("in ([%d.]+) ms"))
+    assert.is_true(ms < 100, "reload took " .. tostring(ms) .. " ms")
+    H.expect(p, "version two")
+    p:kill("TERM")
+    assert.are.equal(0, H.exit_status(p))
+  end)
+
+  it("keeps the old code and prints file:line when the new one is broken", function()
+    local dir = H.tmpdir()
+    H.write(dir .. "/app.lua", app("one"))
+    local p = H.osara { "run", "--watch", dir .. "/app.lua" }
+    H.expect(p, "version one")
+    H.write(dir .. "/app.lua", "local osara = require 'osara'\nosara.every(0.05, function()\n")
+    local line = H.expect(p, "reload failed")
+    assert.matches("app.lua:%d+:", line)
+    assert.matches("still running the previous version", line)
+    H.expect(p, "version one")
+    -- and a fixed version is picked up again
+    H.write(dir .. "/app.lua", app("three"))
+    H.expect(p, "version three")
+    p:kill("TERM")
+    assert.are.equal(0, H.exit_status(p))
+  end)
+
+  it("reloads when a required module changes", function()
+    local dir = H.tmpdir()
+    H.write(dir .. "/words.lua", "return { word = 'alpha' }\n")
+    H.write(dir .. "/app.lua", [[
+local osara = require "osara"
+local words = require "words"
+osara.every(0.05, function() osara.log.info("word " .. words.word) end)
+]])
+    local p = H.osara { "run", "--watch", dir .. "/app.lua" }
+    H.expect(p, "word alpha")
+    H.write(dir .. "/words.lua", "return { word = 'beta' }\n")
+    H.expect(p, "word beta")
+    p:kill("TERM")
+    assert.are.equal(0, H.exit_status(p))
+  end)
+
+  it("reloads on SIGHUP without --watch", function()
+    local dir = H.tmpdir()
+    H.write(dir .. "/app.lua", app("one"))
+    local p = H.osara { "run", dir .. "/app.lua" }
+    H.expect(p, "version one")
+    H.write(dir .. "/app.lua", app("two"))
+    p:kill("HUP")
+    H.expect(p, "reloaded")
+    H.expect(p, "version two")
+    p:kill("TERM")
+    assert.are.equal(0, H.exit_status(p))
+  end)
+
+  it("restarts a timer whose interval changed and stops a removed one", function()
+    local dir = H.tmpdir()
+    H.write(dir .. "/app.lua", [[
+local osara = require "osara"
+osara.every(0.05, function() osara.log.info("fast A") end)
+osara.every(0.07, function() osara.log.info("other B") end)
+]])
+    local p = H.osara { "run", "--watch", dir .. "/app.lua" }
+    H.expect(p, "other B")
+    H.write(dir .. "/app.lua", [[
+local osara = require "osara"
+osara.every(0.06, function() osara.log.info("slower C") end)
+]])
+    local line = H.expect(p, "reloaded")
+    assert.matches("0 kept, 1 added, 2 removed", line)
+    H.expect(p, "slower C")
+    -- after the reload line, neither old timer fires again
+    local deadline = require("osara").monotonic() + 0.3
+    while require("osara").monotonic() < deadline do
+      local l = p:line(0.05)
+      if l then
+        assert.is_nil(l:find("fast A"), l)
+        assert.is_nil(l:find("other B"), l)
+      end
+    end
+    p:kill("TERM")
+    assert.are.equal(0, H.exit_status(p))
+  end)
+end)
