@@ -219,6 +219,7 @@ static int run_worker(cli_t *cli)
         return 70;
     }
     int rc = osara_worker_run(&w);
+    osara_worker_free(&w);
     return rc;
 }
 

@@ -426,3 +426,14 @@ int osara_worker_run(osara_worker_t *w)
     w->watchers = NULL;
     return w->exit_code;
 }
+
+void osara_worker_free(osara_worker_t *w)
+{
+    uv_loop_close(&w->loop);
+    free(w->script_path);
+    free(w->script_dir);
+    free(w->data_dir);
+    free(w->watchers);
+    w->script_path = w->script_dir = w->data_dir = NULL;
+    w->watchers = NULL;
+}

@@ -75,6 +75,9 @@ int osara_worker_init(osara_worker_t *w, const osara_worker_opts_t *opts);
  * the process exit code (see README: 0 ok, 1 script error, ...). */
 int osara_worker_run(osara_worker_t *w);
 
+/* Releases what init allocated; after run returned. */
+void osara_worker_free(osara_worker_t *w);
+
 /* Begins the graceful stop: registrations stop, in-flight work finishes
  * within opts.grace, shared resources close, the loop ends. */
 void osara_worker_stop(osara_worker_t *w, int exit_code);
