@@ -315,6 +315,7 @@ void osara_vm_retire(osara_vm_t *vm, double grace)
     vm->accepting = 0;
     vm->next_retiring = vm->w->retiring;
     vm->w->retiring = vm;
+    osara_sched_cancel_load_tasks(vm);
     if (vm->inflight == 0) {
         osara_vm_close(vm);
         return;

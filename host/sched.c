@@ -23,6 +23,7 @@ struct osara_co_s {
     unsigned seq;
     int waiting;
     int pending_nret;        /* for resume_later */
+    int load_task;           /* spawned while the script loaded */
     struct osara_co_s *next_idle;
     struct osara_co_s *next_all;
 };
@@ -89,6 +90,7 @@ static void release(osara_co_t *co, int dead)
     } else {
         lua_settop(co->thread, 0);
     }
+    co->load_task = 0;
     co->next_idle = vm->idle;
     vm->idle = co;
     vm->nidle++;
@@ -255,6 +257,24 @@ void osara_sched_cancel_all(osara_vm_t *vm)
     }
 }
 
+void osara_sched_cancel_load_tasks(osara_vm_t *vm)
+{
+    for (osara_co_t *co = vm->all; co; co = co->next_all) {
+        if (!co->load_task || !co->waiting) {
+            continue;
+        }
+        if (co->cleanup) {
+            co->cleanup(co->wait_data);
+        }
+        co->cleanup = NULL;
+        co->waiting = 0;
+        co->load_task = 0;
+        co->done = NULL;
+        release(co, 1); /* suspended mid-function: the thread cannot be reused */
+        vm->inflight--;
+    }
+}
+
 void osara_sched_free(osara_vm_t *vm)
 {
     osara_co_t *co = vm->all;
@@ -291,6 +311,7 @@ static int l_sched_spawn(lua_State *L)
         return 2;
     }
     lua_xmove(L, T, nargs + 1); /* T: [fn, args...] */
+    co->load_task = vm->loading;
     char what[128];
     osara_sched_run(co, nargs, NULL, NULL, where_label(L, "task", what, sizeof(what)));
     lua_pushboolean(L, 1);

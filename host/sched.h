@@ -71,6 +71,11 @@ int osara_co_waiting(osara_co_t *co);
 /* Cancels every waiting coroutine of vm (cleanups run) before lua_close. */
 void osara_sched_cancel_all(struct osara_vm_s *vm);
 
+/* Cancels the waiting tasks that were spawned while vm's script loaded:
+ * they belong to that version of the script (called when it retires).
+ * Does not close the VM; the caller checks vm->inflight. */
+void osara_sched_cancel_load_tasks(struct osara_vm_s *vm);
+
 /* Frees the pool's bookkeeping of vm (lua_close frees the threads). */
 void osara_sched_free(struct osara_vm_s *vm);
 

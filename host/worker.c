@@ -354,6 +354,9 @@ void osara_worker_stop(osara_worker_t *w, int exit_code)
         if (w->vm) {
             osara_registry_stop_all(&w->vm->reg);
             w->vm->accepting = 0;
+            /* Service loops started at load would never finish by
+             * themselves; handlers in flight get the grace period. */
+            osara_sched_cancel_load_tasks(w->vm);
         }
         uv_timer_start(&w->stop_timer, on_stop_grace,
                        (uint64_t)(w->opts.grace * 1000), 0);

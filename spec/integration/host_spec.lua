@@ -28,16 +28,16 @@ end)
     local dir = H.tmpdir()
     H.write(dir .. "/app.lua", [[
 local osara = require "osara"
-osara.spawn(function()
-  osara.log.info("task sleeping")
+osara.after(0, function()
+  osara.log.info("tick sleeping")
   osara.sleep(0.5)
-  osara.log.info("task finished")
+  osara.log.info("tick finished")
 end)
 ]])
     local p = H.osara { "run", dir .. "/app.lua" }
-    H.expect(p, "task sleeping")
+    H.expect(p, "tick sleeping")
     p:kill("TERM")
-    H.expect(p, "task finished")
+    H.expect(p, "tick finished")
     assert.are.equal(0, H.exit_status(p))
   end)
 
@@ -45,7 +45,7 @@ end)
     local dir = H.tmpdir()
     H.write(dir .. "/app.lua", [[
 local osara = require "osara"
-osara.spawn(function() osara.log.info("forever") osara.sleep(3600) end)
+osara.after(0, function() osara.log.info("forever") osara.sleep(3600) end)
 ]])
     local p = H.osara { "run", "--grace", "0.2", dir .. "/app.lua" }
     H.expect(p, "forever")
@@ -264,5 +264,41 @@ osara.every(0.06, function() osara.log.info("slower C") end)
     end
     p:kill("TERM")
     assert.are.equal(0, H.exit_status(p))
+  end)
+end)
+
+describe("hot reload of tasks", function()
+  after_each(H.cleanup)
+
+  it("replaces tasks spawned at load instead of running old and new side by side", function()
+    local dir = H.tmpdir()
+    local function app(v)
+      return ([[
+local osara = require "osara"
+osara.spawn(function()
+  while true do
+    osara.log.info("task %s")
+    osara.sleep(0.05)
+  end
+end)
+]]):format(v)
+    end
+    H.write(dir .. "/app.lua", app("old"))
+    local p = H.osara { "run", "--watch", dir .. "/app.lua" }
+    H.expect(p, "task old")
+    H.write(dir .. "/app.lua", app("new"))
+    H.expect(p, "reloaded")
+    H.expect(p, "task new")
+    -- no line from the old task after the new one started
+    local deadline = require("osara").monotonic() + 0.3
+    while require("osara").monotonic() < deadline do
+      local l = p:line(0.05)
+      if l then assert.is_nil(l:find("task old"), l) end
+    end
+    -- a service loop started at load is cancelled at stop, not waited for
+    local t0 = require("osara").monotonic()
+    p:kill("TERM")
+    assert.are.equal(0, H.exit_status(p))
+    assert.is_true(require("osara").monotonic() - t0 < 2)
   end)
 end)
