@@ -8,6 +8,7 @@
 #include <sys/stat.h>
 
 #include "err.h"
+#include "kafka.h"
 #include "log.h"
 #include "worker.h"
 
@@ -43,6 +44,7 @@ static const struct {
     {"run", "osara run SCRIPT [options]", "load SCRIPT and serve until stopped", 'r'},
     {"check", "osara check SCRIPT [options]", "load SCRIPT without connecting anything and print what it registers", 'c'},
     {"test", "osara test [PATH...] [options]", "run busted specs inside the host (default: spec/)", 't'},
+    {"broker", "osara broker [--brokers N] [--partitions N] [--topic NAME...]", "run the embedded Kafka cluster standalone (development and tests)", 'b'},
     {"version", "osara version", "print the version", 'v'},
 };
 
@@ -237,6 +239,9 @@ int main(int argc, char **argv)
     if (strcmp(argv[1], "version") == 0 || strcmp(argv[1], "--version") == 0) {
         printf("osara %s\n", OSARA_VERSION);
         return EXIT_OK;
+    }
+    if (strcmp(argv[1], "broker") == 0) {
+        return osara_kafka_broker_main(argc, argv);
     }
     int ci = find_command(argv[1]);
     if (ci < 0) {

@@ -24,6 +24,7 @@ struct osara_co_s {
     int waiting;
     int pending_nret;        /* for resume_later */
     int load_task;           /* spawned while the script loaded */
+    void *user;              /* the entry's owner data (e.g. a Kafka input) */
     struct osara_co_s *next_idle;
     struct osara_co_s *next_all;
 };
@@ -39,6 +40,8 @@ static void count(osara_metric_t **m, const char *name, const char *help)
 }
 
 lua_State *osara_co_thread(osara_co_t *co) { return co->thread; }
+void osara_co_set_user(osara_co_t *co, void *user) { co->user = user; }
+void *osara_co_user(osara_co_t *co) { return co->user; }
 osara_vm_t *osara_co_vm(osara_co_t *co) { return co->vm; }
 unsigned osara_co_seq(osara_co_t *co) { return co->seq; }
 int osara_co_waiting(osara_co_t *co) { return co->waiting; }
@@ -91,6 +94,7 @@ static void release(osara_co_t *co, int dead)
         lua_settop(co->thread, 0);
     }
     co->load_task = 0;
+    co->user = NULL;
     co->next_idle = vm->idle;
     vm->idle = co;
     vm->nidle++;

@@ -63,6 +63,11 @@ int osara_sched_resume(osara_co_t *co, int nret);
 void osara_sched_resume_later(osara_co_t *co, int nret);
 
 lua_State *osara_co_thread(osara_co_t *co);
+/* Data the entry's owner attaches to the coroutine for its lifetime (a
+ * Kafka input, so outputs sent from the handler are counted against it).
+ * Cleared when the coroutine returns to the pool. */
+void osara_co_set_user(osara_co_t *co, void *user);
+void *osara_co_user(osara_co_t *co);
 struct osara_vm_s *osara_co_vm(osara_co_t *co);
 /* Increments on every wait; a completion compares it to detect staleness. */
 unsigned osara_co_seq(osara_co_t *co);

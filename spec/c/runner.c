@@ -8,6 +8,7 @@
 #include "err.h"
 #include "loop.h"
 #include "metrics.h"
+#include "offsets.h"
 #include "registry.h"
 
 static int failures;
@@ -194,6 +195,38 @@ static void test_err_records_message(void)
 {
     CHECK(osara_err_set(OSARA_EINVAL, "bad %s %d", "thing", 7) == OSARA_EINVAL);
     CHECK(strcmp(osara_err_msg(), "bad thing 7") == 0);
+}
+
+/* ---- offsets -------------------------------------------------------------- */
+
+static int released;
+static void count_release(osara_input_t *in)
+{
+    (void)in;
+    released++;
+}
+
+static void test_offsets_commit_contiguous_prefix(void)
+{
+    osara_offsets_t o = {.committable = -1};
+    osara_input_t in[4] = {{.offset = 10}, {.offset = 11}, {.offset = 12}, {.offset = 13}};
+    for (int i = 0; i < 4; i++) {
+        osara_offsets_push(&o, &in[i]);
+    }
+    in[1].handler_done = 1; /* done out of order: nothing committable */
+    CHECK(osara_offsets_advance(&o, count_release) == 0);
+    CHECK(o.committable == -1);
+    in[0].handler_done = 1;
+    in[0].outputs_pending = 1; /* handler done, output not acknowledged */
+    CHECK(osara_offsets_advance(&o, count_release) == 0);
+    in[0].outputs_pending = 0;
+    CHECK(osara_offsets_advance(&o, count_release) == 1);
+    CHECK(o.committable == 12 && released == 2 && o.count == 2);
+    in[2].handler_done = 1;
+    in[2].blocked = 1; /* a failed output holds the position */
+    in[3].handler_done = 1;
+    CHECK(osara_offsets_advance(&o, count_release) == 0);
+    CHECK(o.committable == 12);
 }
 
 /* ---- runner ----------------------------------------------------------------- */

@@ -1,0 +1,1237 @@
+#include "kafka.h"
+
+#include <errno.h>
+#include <lauxlib.h>
+#include <librdkafka/rdkafka.h>
+#include <librdkafka/rdkafka_mock.h>
+#include <regex.h>
+#include <signal.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+#include <sys/eventfd.h>
+#include <unistd.h>
+#include <uv.h>
+
+#include "err.h"
+#include "log.h"
+#include "lvm.h"
+#include "metrics.h"
+#include "offsets.h"
+#include "registry.h"
+#include "sched.h"
+#include "worker.h"
+
+#define CLIENT_MT "osara.kafka.client"
+#define RECEIPT_MT "osara.kafka.receipt"
+#define BATCH 512
+
+typedef struct kclient_s kclient_t;
+typedef struct khandler_s khandler_t;
+typedef struct kpart_s kpart_t;
+
+/* One consumed message in flight. */
+typedef struct kinput_s {
+    osara_input_t in;         /* offset tracking; in.owner == this */
+    rd_kafka_message_t *rkm;  /* held until the handler finished */
+    kpart_t *part;
+    struct kinput_s *next_run;
+} kinput_t;
+
+struct kpart_s {
+    kclient_t *client;
+    rd_kafka_topic_t *rkt;
+    char *topic;
+    int32_t partition;
+    osara_offsets_t track;
+    kinput_t *run_head, *run_tail; /* waiting for their turn */
+    kinput_t *running;
+    int held;                      /* consumed and not yet finished */
+    int paused;
+    int revoked;
+    osara_metric_t *m_lag;
+};
+
+struct khandler_s {
+    kclient_t *client;
+    osara_reg_entry_t *entry;      /* current entry: vm + fnref */
+    char *topic;                   /* name, or regex when it starts with ^ */
+    regex_t re;
+    int is_regex;
+    khandler_t *next;
+};
+
+/* One produced message waiting for its delivery report. */
+typedef struct kout_s {
+    kinput_t *kin;                 /* input it was sent for, or NULL */
+    int refs;                      /* DR pending + receipt userdata */
+    int done;
+    rd_kafka_resp_err_t err;
+    osara_co_t *waiter;
+    unsigned waiter_seq;
+    struct kout_s *next_free;
+} kout_t;
+
+struct kclient_s {
+    osara_worker_t *w;
+    char *key;
+    char **conf;                   /* name, value pairs for the consumer */
+    int nconf;
+    char *group;
+    char *bootstrap;
+    int embedded;
+    int partitions;                /* for topics created in the mock */
+    int max_per_partition, max_inflight;
+    int inflight;
+    rd_kafka_t *producer, *consumer;
+    rd_kafka_mock_cluster_t *mock;
+    rd_kafka_queue_t *cq, *pq;
+    int cfd, pfd;
+    uv_poll_t *cpoll, *ppoll;
+    khandler_t *handlers;
+    int subscription_dirty;
+    uv_timer_t *resub_timer;
+    kpart_t **parts;
+    int nparts, cap_parts;
+    kout_t *free_outs;
+    int closing;
+    rd_kafka_resp_err_t last_error;
+};
+
+static osara_metric_t *m_consumed, *m_handled, *m_failed, *m_produced,
+    *m_delivery_errors, *m_paused;
+
+static void metrics_init(void)
+{
+    if (m_consumed) {
+        return;
+    }
+    m_consumed = osara_metrics_counter("osara_kafka_consumed_total", "messages consumed", NULL);
+    m_handled = osara_metrics_counter("osara_kafka_handled_total", "handler calls finished", NULL);
+    m_failed = osara_metrics_counter("osara_kafka_failed_total", "handler calls that raised or were cancelled", NULL);
+    m_produced = osara_metrics_counter("osara_kafka_produced_total", "messages produced", NULL);
+    m_delivery_errors = osara_metrics_counter("osara_kafka_delivery_errors_total", "produced messages that failed", NULL);
+    m_paused = osara_metrics_gauge("osara_kafka_paused_partitions", "partitions paused by backpressure", NULL);
+}
+
+/* ---- partitions --------------------------------------------------------- */
+
+static kpart_t *find_part(kclient_t *c, const char *topic, int32_t partition)
+{
+    for (int i = 0; i < c->nparts; i++) {
+        kpart_t *p = c->parts[i];
+        if (p->partition == partition && strcmp(p->topic, topic) == 0) {
+            return p;
+        }
+    }
+    return NULL;
+}
+
+static kpart_t *get_part(kclient_t *c, rd_kafka_message_t *rkm)
+{
+    const char *topic = rd_kafka_topic_name(rkm->rkt);
+    kpart_t *p = find_part(c, topic, rkm->partition);
+    if (p) {
+        return p;
+    }
+    p = calloc(1, sizeof(*p));
+    p->client = c;
+    p->topic = strdup(topic);
+    p->partition = rkm->partition;
+    p->track.committable = -1;
+    char labels[512];
+    snprintf(labels, sizeof(labels), "topic=\"%s\",partition=\"%d\"", topic, (int)rkm->partition);
+    p->m_lag = osara_metrics_gauge("osara_kafka_consumer_lag", "high watermark minus the next offset to handle", labels);
+    if (c->nparts == c->cap_parts) {
+        c->cap_parts = c->cap_parts ? c->cap_parts * 2 : 16;
+        c->parts = realloc(c->parts, sizeof(*c->parts) * (size_t)c->cap_parts);
+    }
+    c->parts[c->nparts++] = p;
+    return p;
+}
+
+static khandler_t *handler_for(kclient_t *c, const char *topic)
+{
+    for (khandler_t *h = c->handlers; h; h = h->next) {
+        if (h->is_regex ? regexec(&h->re, topic, 0, NULL, 0) == 0
+                        : strcmp(h->topic, topic) == 0) {
+            return h;
+        }
+    }
+    return NULL;
+}
+
+static void set_paused(kpart_t *p, int pause)
+{
+    if (p->paused == pause || p->client->consumer == NULL) {
+        return;
+    }
+    rd_kafka_topic_partition_list_t *l = rd_kafka_topic_partition_list_new(1);
+    rd_kafka_topic_partition_list_add(l, p->topic, p->partition);
+    if (pause) {
+        rd_kafka_pause_partitions(p->client->consumer, l);
+    } else {
+        rd_kafka_resume_partitions(p->client->consumer, l);
+    }
+    rd_kafka_topic_partition_list_destroy(l);
+    p->paused = pause;
+    osara_metric_gauge_add(m_paused, pause ? 1 : -1);
+}
+
+static void release_input(osara_input_t *in)
+{
+    kinput_t *kin = in->owner;
+    if (kin->rkm) {
+        rd_kafka_message_destroy(kin->rkm);
+    }
+    free(kin);
+}
+
+/* Stores the committable position of p (enable.auto.offset.store=false:
+ * librdkafka's auto-commit then commits what was stored). */
+static void store_offsets(kpart_t *p)
+{
+    if (!osara_offsets_advance(&p->track, release_input) || p->revoked ||
+        p->client->consumer == NULL) {
+        return;
+    }
+    rd_kafka_topic_partition_list_t *l = rd_kafka_topic_partition_list_new(1);
+    rd_kafka_topic_partition_list_add(l, p->topic, p->partition)->offset = p->track.committable;
+    rd_kafka_offsets_store(p->client->consumer, l);
+    rd_kafka_topic_partition_list_destroy(l);
+}
+
+static void pump(kpart_t *p);
+
+static void input_finished(kinput_t *kin)
+{
+    kpart_t *p = kin->part;
+    kclient_t *c = p->client;
+    p->held--;
+    c->inflight--;
+    if (kin->rkm) { /* payload no longer needed; the offset entry stays */
+        rd_kafka_message_destroy(kin->rkm);
+        kin->rkm = NULL;
+    }
+    store_offsets(p);
+    if (p->paused && p->held <= c->max_per_partition / 2 &&
+        c->inflight <= c->max_inflight / 2) {
+        set_paused(p, 0);
+    }
+}
+
+static void on_handler_done(osara_co_t *co, int ok, void *ud)
+{
+    (void)co;
+    kinput_t *kin = ud;
+    kpart_t *p = kin->part;
+    p->running = NULL;
+    if (ok) {
+        kin->in.handler_done = 1;
+        osara_metric_add(m_handled, 1);
+    } else {
+        /* Cancelled (shutdown past the grace period): not done, so its
+         * offset is never stored and it is consumed again after restart. */
+        osara_metric_add(m_failed, 1);
+        kin->in.blocked = 1;
+    }
+    input_finished(kin);
+    if (!p->client->closing) {
+        pump(p);
+    }
+}
+
+/* Builds the message table for the Lua dispatcher on T. */
+static void push_message(lua_State *T, kinput_t *kin)
+{
+    rd_kafka_message_t *m = kin->rkm;
+    lua_createtable(T, 0, 8);
+    lua_pushlstring(T, m->payload ? (const char *)m->payload : "", m->len);
+    lua_setfield(T, -2, "raw");
+    if (m->key) {
+        lua_pushlstring(T, m->key, m->key_len);
+        lua_setfield(T, -2, "key");
+    }
+    lua_pushstring(T, kin->part->topic);
+    lua_setfield(T, -2, "topic");
+    lua_pushinteger(T, m->partition);
+    lua_setfield(T, -2, "partition");
+    lua_pushnumber(T, (double)m->offset);
+    lua_setfield(T, -2, "offset");
+    rd_kafka_timestamp_type_t tstype;
+    int64_t ts = rd_kafka_message_timestamp(m, &tstype);
+    if (ts >= 0) {
+        lua_pushnumber(T, (double)ts / 1000.0);
+        lua_setfield(T, -2, "timestamp");
+    }
+    rd_kafka_headers_t *hdrs = NULL;
+    lua_createtable(T, 0, 0);
+    if (rd_kafka_message_headers(m, &hdrs) == RD_KAFKA_RESP_ERR_NO_ERROR) {
+        const char *name;
+        const void *val;
+        size_t size;
+        for (size_t i = 0; rd_kafka_header_get_all(hdrs, i, &name, &val, &size) ==
+                           RD_KAFKA_RESP_ERR_NO_ERROR; i++) {
+            lua_pushlstring(T, val ? val : "", val ? size : 0);
+            lua_setfield(T, -2, name);
+        }
+    }
+    lua_setfield(T, -2, "headers"); /* [msg] */
+}
+
+static void update_lag(kpart_t *p, int64_t offset)
+{
+    int64_t lo, hi;
+    if (rd_kafka_get_watermark_offsets(p->client->consumer, p->topic, p->partition,
+                                       &lo, &hi) == RD_KAFKA_RESP_ERR_NO_ERROR && hi >= 0) {
+        osara_metric_set(p->m_lag, (double)(hi - offset - 1 > 0 ? hi - offset - 1 : 0));
+    }
+}
+
+/* Starts the next waiting input of p if none is running (order per
+ * partition: one handler at a time). */
+static void pump(kpart_t *p)
+{
+    while (p->running == NULL && p->run_head) {
+        kinput_t *kin = p->run_head;
+        khandler_t *h = handler_for(p->client, p->topic);
+        if (h == NULL || h->entry == NULL) {
+            return; /* no handler now (removed by a reload): keep it queued */
+        }
+        osara_co_t *co;
+        lua_State *T = osara_sched_acquire(h->entry->vm, 0, &co);
+        if (T == NULL) {
+            return; /* the VM is retiring or stopping; adopt() pumps again */
+        }
+        p->run_head = kin->next_run;
+        if (p->run_head == NULL) {
+            p->run_tail = NULL;
+        }
+        p->running = kin;
+        lua_rawgeti(T, LUA_REGISTRYINDEX, h->entry->fnref);
+        push_message(T, kin); /* T: [dispatch, msg] */
+        update_lag(p, kin->in.offset);
+        osara_co_set_user(co, kin);
+        char what[300];
+        snprintf(what, sizeof(what), "kafka handler %s [%d] @%lld (%s)", p->topic,
+                 (int)p->partition, (long long)kin->in.offset, h->entry->where);
+        osara_sched_run(co, 1, on_handler_done, kin, what);
+    }
+}
+
+static void pump_all(kclient_t *c)
+{
+    for (int i = 0; i < c->nparts; i++) {
+        pump(c->parts[i]);
+    }
+}
+
+static void log_consumer_error(kclient_t *c, rd_kafka_resp_err_t err, const char *what)
+{
+    if (err == c->last_error) {
+        return; /* once per change, not a flood */
+    }
+    c->last_error = err;
+    OSARA_WARN("kafka %s: %s", c->bootstrap, what);
+}
+
+static void accept_message(kclient_t *c, rd_kafka_message_t *rkm)
+{
+    if (rkm->err) {
+        if (rkm->err != RD_KAFKA_RESP_ERR__PARTITION_EOF) {
+            log_consumer_error(c, rkm->err, rd_kafka_message_errstr(rkm));
+        }
+        rd_kafka_message_destroy(rkm);
+        return;
+    }
+    c->last_error = 0;
+    kpart_t *p = get_part(c, rkm);
+    kinput_t *kin = calloc(1, sizeof(*kin));
+    kin->in.offset = rkm->offset;
+    kin->in.owner = kin;
+    kin->rkm = rkm;
+    kin->part = p;
+    osara_offsets_push(&p->track, &kin->in);
+    if (p->run_tail) {
+        p->run_tail->next_run = kin;
+    } else {
+        p->run_head = kin;
+    }
+    p->run_tail = kin;
+    p->held++;
+    c->inflight++;
+    osara_metric_add(m_consumed, 1);
+    if (p->held >= c->max_per_partition || c->inflight >= c->max_inflight) {
+        set_paused(p, 1);
+    }
+}
+
+static void on_consumer_ready(uv_poll_t *h, int status, int events)
+{
+    (void)status;
+    (void)events;
+    kclient_t *c = h->data;
+    uint64_t v;
+    if (read(c->cfd, &v, sizeof(v)) < 0 && errno != EAGAIN) {
+        OSARA_DEBUG("kafka: wake-up read failed: %s", strerror(errno));
+    }
+    rd_kafka_message_t *batch[BATCH];
+    ssize_t n;
+    /* Drain in batches: one wake-up, many messages. */
+    while (!c->closing && (n = rd_kafka_consume_batch_queue(c->cq, 0, batch, BATCH)) > 0) {
+        for (ssize_t i = 0; i < n; i++) {
+            accept_message(c, batch[i]);
+        }
+        pump_all(c);
+    }
+}
+
+/* ---- producing ---------------------------------------------------------- */
+
+static kout_t *out_get(kclient_t *c)
+{
+    kout_t *o = c->free_outs;
+    if (o) {
+        c->free_outs = o->next_free;
+        memset(o, 0, sizeof(*o));
+        return o;
+    }
+    return calloc(1, sizeof(*o));
+}
+
+static void out_unref(kclient_t *c, kout_t *o)
+{
+    if (--o->refs == 0) {
+        o->next_free = c->free_outs;
+        c->free_outs = o;
+    }
+}
+
+static void on_delivery(rd_kafka_t *rk, const rd_kafka_message_t *rkm, void *opaque)
+{
+    (void)rk;
+    kclient_t *c = opaque;
+    kout_t *o = rkm->_private;
+    if (o == NULL) {
+        return;
+    }
+    o->done = 1;
+    o->err = rkm->err;
+    if (rkm->err) {
+        osara_metric_add(m_delivery_errors, 1);
+        OSARA_ERROR("kafka: delivery to %s [%d] failed: %s", rd_kafka_topic_name(rkm->rkt),
+                    (int)rkm->partition, rd_kafka_err2str(rkm->err));
+    }
+    if (o->kin) {
+        kinput_t *kin = o->kin;
+        kin->in.outputs_pending--;
+        if (rkm->err) {
+            kin->in.blocked = 1; /* never commit past an input whose output was lost */
+        }
+        store_offsets(kin->part);
+    }
+    if (o->waiter && osara_co_waiting(o->waiter) && osara_co_seq(o->waiter) == o->waiter_seq) {
+        osara_co_t *co = o->waiter;
+        lua_State *T = osara_co_thread(co);
+        o->waiter = NULL;
+        int n = 1;
+        if (rkm->err) {
+            lua_pushnil(T);
+            lua_pushstring(T, rd_kafka_err2str(rkm->err));
+            n = 2;
+        } else {
+            lua_pushboolean(T, 1);
+        }
+        osara_sched_resume(co, n);
+    }
+    out_unref(c, o);
+}
+
+static void on_producer_ready(uv_poll_t *h, int status, int events)
+{
+    (void)status;
+    (void)events;
+    kclient_t *c = h->data;
+    uint64_t v;
+    if (read(c->pfd, &v, sizeof(v)) < 0 && errno != EAGAIN) {
+        OSARA_DEBUG("kafka: wake-up read failed: %s", strerror(errno));
+    }
+    rd_kafka_poll(c->producer, 0);
+}
+
+/* ---- client lifecycle --------------------------------------------------- */
+
+static void on_error(rd_kafka_t *rk, int err, const char *reason, void *opaque)
+{
+    (void)rk;
+    kclient_t *c = opaque;
+    log_consumer_error(c, (rd_kafka_resp_err_t)err, reason);
+}
+
+static void on_log(const rd_kafka_t *rk, int level, const char *fac, const char *buf)
+{
+    (void)rk;
+    osara_log_level_t l = level <= 3 ? OSARA_LOG_ERROR : level <= 4 ? OSARA_LOG_WARN
+                        : level <= 6 ? OSARA_LOG_INFO : OSARA_LOG_DEBUG;
+    if (l < OSARA_LOG_WARN) {
+        l = OSARA_LOG_DEBUG; /* librdkafka's informational chatter */
+    }
+    osara_log(l, "librdkafka %s: %s", fac, buf);
+}
+
+static void poll_closed(uv_handle_t *h)
+{
+    free(h);
+}
+
+static int watch_queue(kclient_t *c, rd_kafka_queue_t *q, int *fd, uv_poll_t **poll,
+                       uv_poll_cb cb)
+{
+    *fd = eventfd(0, EFD_NONBLOCK | EFD_CLOEXEC);
+    if (*fd < 0) {
+        return osara_err_set(-errno, "eventfd: %s", strerror(errno));
+    }
+    static const uint64_t one = 1;
+    rd_kafka_queue_io_event_enable(q, *fd, &one, sizeof(one));
+    *poll = malloc(sizeof(**poll));
+    uv_poll_init(&c->w->loop, *poll, *fd);
+    (*poll)->data = c;
+    uv_poll_start(*poll, UV_READABLE, cb);
+    return 0;
+}
+
+static int has_conf(kclient_t *c, const char *k)
+{
+    for (int i = 0; i < c->nconf; i++) {
+        if (strcmp(c->conf[2 * i], k) == 0) {
+            return 1;
+        }
+    }
+    return 0;
+}
+
+static int is_consumer_property(const char *k)
+{
+    static const char *prefixes[] = {
+        "group.", "enable.auto.", "auto.", "queued.", "fetch.", "enable.partition.eof",
+        "partition.assignment.strategy", "session.timeout.ms", "heartbeat.interval.ms",
+        "max.poll.interval.ms", "isolation.level", "check.crcs", "consume.",
+        "coordinator.query.interval.ms", "max.partition.fetch.bytes", NULL,
+    };
+    for (int i = 0; prefixes[i]; i++) {
+        if (strncmp(k, prefixes[i], strlen(prefixes[i])) == 0) {
+            return 1;
+        }
+    }
+    return 0;
+}
+
+static rd_kafka_conf_t *build_conf(kclient_t *c, int consumer, char *errstr, size_t cap)
+{
+    rd_kafka_conf_t *conf = rd_kafka_conf_new();
+    for (int i = 0; i < c->nconf; i++) {
+        const char *k = c->conf[2 * i], *v = c->conf[2 * i + 1];
+        if (!consumer && is_consumer_property(k)) {
+            continue; /* keep the producer from warning about them */
+        }
+        if (rd_kafka_conf_set(conf, k, v, errstr, cap) != RD_KAFKA_CONF_OK) {
+            rd_kafka_conf_destroy(conf);
+            return NULL;
+        }
+    }
+    rd_kafka_conf_set(conf, "bootstrap.servers", c->bootstrap, errstr, cap);
+    rd_kafka_conf_set_opaque(conf, c);
+    rd_kafka_conf_set_error_cb(conf, on_error);
+    rd_kafka_conf_set_log_cb(conf, on_log);
+    if (consumer) {
+        rd_kafka_conf_set(conf, "enable.auto.offset.store", "false", errstr, cap);
+        if (c->embedded && !has_conf(c, "fetch.wait.max.ms")) {
+            /* The mock broker holds every fetch for the full wait. */
+            rd_kafka_conf_set(conf, "fetch.wait.max.ms", "5", errstr, cap);
+        }
+        if (c->embedded && !has_conf(c, "fetch.error.backoff.ms")) {
+            /* First fetches race topic creation; retry fast, not in 500 ms. */
+            rd_kafka_conf_set(conf, "fetch.error.backoff.ms", "10", errstr, cap);
+        }
+    } else {
+        rd_kafka_conf_set_dr_msg_cb(conf, on_delivery);
+    }
+    return conf;
+}
+
+static void destroy_inputs(kclient_t *c)
+{
+    for (int i = 0; i < c->nparts; i++) {
+        kpart_t *p = c->parts[i];
+        osara_input_t *in = p->track.head;
+        while (in) {
+            osara_input_t *next = in->next;
+            release_input(in);
+            in = next;
+        }
+        p->track.head = p->track.tail = NULL;
+        p->run_head = p->run_tail = NULL;
+    }
+}
+
+static void client_close(void *ptr)
+{
+    kclient_t *c = ptr;
+    c->closing = 1;
+    if (c->producer) {
+        /* Delivery reports advance the offsets of finished inputs. */
+        rd_kafka_flush(c->producer, 10000);
+    }
+    if (c->consumer) {
+        for (int i = 0; i < c->nparts; i++) {
+            store_offsets(c->parts[i]);
+        }
+        destroy_inputs(c); /* librdkafka waits for held messages otherwise */
+        rd_kafka_consumer_close(c->consumer); /* commits what was stored */
+        rd_kafka_queue_destroy(c->cq);
+        rd_kafka_destroy(c->consumer);
+    }
+    if (c->cpoll) {
+        uv_close((uv_handle_t *)c->cpoll, poll_closed);
+        close(c->cfd);
+    }
+    if (c->ppoll) {
+        uv_close((uv_handle_t *)c->ppoll, poll_closed);
+        close(c->pfd);
+    }
+    if (c->resub_timer) {
+        uv_close((uv_handle_t *)c->resub_timer, poll_closed);
+    }
+    if (c->pq) {
+        rd_kafka_queue_destroy(c->pq);
+    }
+    if (c->producer) {
+        rd_kafka_destroy(c->producer); /* also destroys the mock cluster */
+    }
+    for (int i = 0; i < c->nparts; i++) {
+        free(c->parts[i]->topic);
+        free(c->parts[i]);
+    }
+    free(c->parts);
+    while (c->free_outs) {
+        kout_t *o = c->free_outs;
+        c->free_outs = o->next_free;
+        free(o);
+    }
+    for (int i = 0; i < 2 * c->nconf; i++) {
+        free(c->conf[i]);
+    }
+    free(c->conf);
+    free(c->group);
+    free(c->bootstrap);
+    free(c->key);
+    free(c);
+}
+
+static int start_producer(kclient_t *c, char *errstr, size_t cap)
+{
+    rd_kafka_conf_t *conf = build_conf(c, 0, errstr, cap);
+    if (conf == NULL) {
+        return -1;
+    }
+    if (c->embedded) {
+        char n[16];
+        snprintf(n, sizeof(n), "%d", c->embedded);
+        rd_kafka_conf_set(conf, "test.mock.num.brokers", n, errstr, cap);
+        /* Sticky partitioning fills one mock partition (~5 MiB each) first. */
+        rd_kafka_conf_set(conf, "sticky.partitioning.linger.ms", "0", errstr, cap);
+    }
+    c->producer = rd_kafka_new(RD_KAFKA_PRODUCER, conf, errstr, cap);
+    if (c->producer == NULL) {
+        return -1;
+    }
+    if (c->embedded) {
+        c->mock = rd_kafka_handle_mock_cluster(c->producer);
+        free(c->bootstrap);
+        c->bootstrap = strdup(rd_kafka_mock_cluster_bootstraps(c->mock));
+    }
+    c->pq = rd_kafka_queue_get_main(c->producer);
+    return watch_queue(c, c->pq, &c->pfd, &c->ppoll, on_producer_ready);
+}
+
+/* ---- subscriptions ------------------------------------------------------ */
+
+static void on_rebalance(rd_kafka_t *rk, rd_kafka_resp_err_t err,
+                         rd_kafka_topic_partition_list_t *parts, void *opaque)
+{
+    kclient_t *c = opaque;
+    if (err == RD_KAFKA_RESP_ERR__ASSIGN_PARTITIONS) {
+        for (int i = 0; i < parts->cnt; i++) {
+            kpart_t *p = find_part(c, parts->elems[i].topic, parts->elems[i].partition);
+            if (p) {
+                p->revoked = 0;
+            }
+        }
+        OSARA_INFO("kafka: assigned %d partition(s)", parts->cnt);
+        rd_kafka_assign(rk, parts);
+        return;
+    }
+    /* Revoked: what is done was stored as it finished and is committed by
+     * librdkafka now; inputs still waiting are dropped and will be consumed
+     * by the new owner from the committed position. */
+    for (int i = 0; i < parts->cnt; i++) {
+        kpart_t *p = find_part(c, parts->elems[i].topic, parts->elems[i].partition);
+        if (p == NULL) {
+            continue;
+        }
+        store_offsets(p);
+        p->revoked = 1;
+        while (p->run_head) {
+            kinput_t *kin = p->run_head;
+            p->run_head = kin->next_run;
+            kin->in.blocked = 1;
+            input_finished(kin);
+        }
+        p->run_tail = NULL;
+        set_paused(p, 0);
+    }
+    OSARA_INFO("kafka: revoked %d partition(s)", parts->cnt);
+    rd_kafka_commit(rk, NULL, 0);
+    rd_kafka_assign(rk, NULL);
+}
+
+static int start_consumer(kclient_t *c)
+{
+    char errstr[512];
+    rd_kafka_conf_t *conf = build_conf(c, 1, errstr, sizeof(errstr));
+    if (conf == NULL) {
+        return osara_err_set(OSARA_EINVAL, "kafka: %s", errstr);
+    }
+    if (!c->embedded) {
+        rd_kafka_conf_set_rebalance_cb(conf, on_rebalance);
+    }
+    c->consumer = rd_kafka_new(RD_KAFKA_CONSUMER, conf, errstr, sizeof(errstr));
+    if (c->consumer == NULL) {
+        return osara_err_set(OSARA_EINVAL, "kafka: %s", errstr);
+    }
+    rd_kafka_poll_set_consumer(c->consumer);
+    c->cq = rd_kafka_queue_get_consumer(c->consumer);
+    return watch_queue(c, c->cq, &c->cfd, &c->cpoll, on_consumer_ready);
+}
+
+static void ensure_topic(kclient_t *c, const char *topic)
+{
+    if (c->mock && topic[0] != '^') {
+        rd_kafka_mock_topic_create(c->mock, topic, c->partitions, 1);
+    }
+}
+
+/* Embedded: no group join (the mock's initial rebalance takes ~3 s), so
+ * assign every partition of the handled topics, resuming from committed
+ * offsets. */
+static void assign_embedded(kclient_t *c)
+{
+    double t0 = osara_monotonic();
+    rd_kafka_topic_partition_list_t *l = rd_kafka_topic_partition_list_new(16);
+    const struct rd_kafka_metadata *md = NULL;
+    if (rd_kafka_metadata(c->producer, 1, NULL, &md, 5000) == RD_KAFKA_RESP_ERR_NO_ERROR) {
+        for (int i = 0; i < md->topic_cnt; i++) {
+            const char *t = md->topics[i].topic;
+            khandler_t *h = handler_for(c, t);
+            if (h == NULL) {
+                continue;
+            }
+            for (int j = 0; j < md->topics[i].partition_cnt; j++) {
+                rd_kafka_topic_partition_list_add(l, t, md->topics[i].partitions[j].id);
+            }
+        }
+        rd_kafka_metadata_destroy(md);
+    }
+    /* Offsets default to "stored": the group's committed position. */
+    rd_kafka_committed(c->consumer, l, 5000);
+    for (int i = 0; i < l->cnt; i++) {
+        if (l->elems[i].offset < 0) {
+            l->elems[i].offset = RD_KAFKA_OFFSET_INVALID;
+        }
+    }
+    rd_kafka_assign(c->consumer, l);
+    OSARA_DEBUG("kafka: embedded mode assigned %d partition(s) in %.1f ms", l->cnt,
+                (osara_monotonic() - t0) * 1000);
+    rd_kafka_topic_partition_list_destroy(l);
+}
+
+static void resubscribe(kclient_t *c)
+{
+    c->subscription_dirty = 0;
+    if (c->closing) {
+        return;
+    }
+    if (c->consumer == NULL && c->handlers && start_consumer(c) != 0) {
+        OSARA_ERROR("%s", osara_err_msg());
+        return;
+    }
+    if (c->consumer == NULL) {
+        return;
+    }
+    if (c->embedded) {
+        assign_embedded(c);
+        return;
+    }
+    rd_kafka_topic_partition_list_t *l = rd_kafka_topic_partition_list_new(4);
+    for (khandler_t *h = c->handlers; h; h = h->next) {
+        rd_kafka_topic_partition_list_add(l, h->topic, RD_KAFKA_PARTITION_UA);
+    }
+    rd_kafka_resp_err_t err = l->cnt ? rd_kafka_subscribe(c->consumer, l)
+                                     : rd_kafka_unsubscribe(c->consumer);
+    if (err) {
+        OSARA_ERROR("kafka: cannot subscribe: %s", rd_kafka_err2str(err));
+    }
+    rd_kafka_topic_partition_list_destroy(l);
+}
+
+static void on_resub_timer(uv_timer_t *t)
+{
+    resubscribe(t->data);
+}
+
+/* Several handlers start in one reload: subscribe once, on the next turn. */
+static void mark_subscription_dirty(kclient_t *c)
+{
+    if (c->subscription_dirty) {
+        return;
+    }
+    c->subscription_dirty = 1;
+    if (c->resub_timer == NULL) {
+        c->resub_timer = malloc(sizeof(*c->resub_timer));
+        uv_timer_init(&c->w->loop, c->resub_timer);
+        c->resub_timer->data = c;
+    }
+    uv_timer_start(c->resub_timer, on_resub_timer, 0, 0);
+}
+
+/* ---- registry kind "kafka" ---------------------------------------------- */
+
+static kclient_t *check_client_at(lua_State *L, int idx);
+
+static int kind_start(osara_reg_entry_t *e)
+{
+    lua_State *L = e->vm->L;
+    lua_rawgeti(L, LUA_REGISTRYINDEX, e->optsref); /* [opts] */
+    lua_getfield(L, -1, "client");
+    kclient_t *c = check_client_at(L, -1);
+    lua_getfield(L, -2, "topic");
+    const char *topic = lua_tostring(L, -1);
+    khandler_t *h = calloc(1, sizeof(*h));
+    h->client = c;
+    h->entry = e;
+    h->topic = strdup(topic ? topic : "");
+    lua_pop(L, 3);
+    if (h->topic[0] == '^') {
+        if (regcomp(&h->re, h->topic, REG_EXTENDED | REG_NOSUB) != 0) {
+            free(h->topic);
+            free(h);
+            return osara_err_set(OSARA_EINVAL, "invalid topic regex");
+        }
+        h->is_regex = 1;
+    }
+    h->next = c->handlers;
+    c->handlers = h;
+    e->impl = h;
+    mark_subscription_dirty(c);
+    return 0;
+}
+
+static void kind_adopt(osara_reg_entry_t *e, osara_reg_entry_t *old)
+{
+    khandler_t *h = old->impl;
+    old->impl = NULL;
+    h->entry = e;
+    e->impl = h;
+    pump_all(h->client); /* inputs that waited for the new VM */
+}
+
+static void kind_stop(osara_reg_entry_t *e)
+{
+    khandler_t *h = e->impl;
+    if (h == NULL) {
+        return;
+    }
+    kclient_t *c = h->client;
+    for (khandler_t **p = &c->handlers; *p; p = &(*p)->next) {
+        if (*p == h) {
+            *p = h->next;
+            break;
+        }
+    }
+    if (h->is_regex) {
+        regfree(&h->re);
+    }
+    free(h->topic);
+    free(h);
+    e->impl = NULL;
+    if (!c->closing && !c->w->stopping) {
+        mark_subscription_dirty(c);
+    }
+}
+
+static const osara_reg_kind_t kafka_kind = {
+    .name = "kafka", .start = kind_start, .adopt = kind_adopt, .stop = kind_stop,
+};
+
+/* ---- Lua binding -------------------------------------------------------- */
+
+typedef struct {
+    kclient_t *c;
+} client_ud_t;
+
+typedef struct {
+    kout_t *o;
+    kclient_t *c;
+} receipt_ud_t;
+
+static kclient_t *check_client_at(lua_State *L, int idx)
+{
+    client_ud_t *ud = luaL_checkudata(L, idx, CLIENT_MT);
+    return ud->c;
+}
+
+/* Reads the conf table at idx into name/value pairs; validates each with
+ * librdkafka so an unknown or invalid property fails at load. */
+static int read_conf(lua_State *L, int idx, kclient_t *c, char *errstr, size_t cap)
+{
+    rd_kafka_conf_t *probe = rd_kafka_conf_new();
+    lua_pushnil(L);
+    while (lua_next(L, idx) != 0) {
+        const char *k = lua_tostring(L, -2);
+        const char *v = lua_tostring(L, -1);
+        if (lua_type(L, -1) == LUA_TBOOLEAN) {
+            v = lua_toboolean(L, -1) ? "true" : "false";
+        }
+        if (k == NULL || v == NULL) {
+            lua_pop(L, 2);
+            rd_kafka_conf_destroy(probe);
+            snprintf(errstr, cap, "configuration names and values must be strings or numbers");
+            return -1;
+        }
+        if (strcmp(k, "bootstrap.servers") == 0) {
+            free(c->bootstrap);
+            c->bootstrap = strdup(v);
+        } else if (strncmp(k, "osara.", 6) == 0) {
+            /* osara's own settings; not librdkafka's */
+        } else if (rd_kafka_conf_set(probe, k, v, errstr, cap) != RD_KAFKA_CONF_OK) {
+            lua_pop(L, 2);
+            rd_kafka_conf_destroy(probe);
+            return -1;
+        } else {
+            c->conf = realloc(c->conf, sizeof(char *) * (size_t)(2 * c->nconf + 2));
+            c->conf[2 * c->nconf] = strdup(k);
+            c->conf[2 * c->nconf + 1] = strdup(v);
+            c->nconf++;
+            if (strcmp(k, "group.id") == 0) {
+                free(c->group);
+                c->group = strdup(v);
+            }
+        }
+        lua_pop(L, 1);
+    }
+    rd_kafka_conf_destroy(probe);
+    return 0;
+}
+
+/* client(conf, key, settings) -> client | raises with librdkafka's message.
+ * key identifies the configuration (shared across reloads). settings:
+ * {brokers=, partitions=, max_per_partition=, max_inflight=}. */
+static int l_kafka_client(lua_State *L)
+{
+    luaL_checktype(L, 1, LUA_TTABLE);
+    const char *key = luaL_checkstring(L, 2);
+    luaL_checktype(L, 3, LUA_TTABLE);
+    osara_vm_t *vm = osara_vm_from_L(L);
+    osara_worker_t *w = vm->w;
+    metrics_init();
+    char skey[1024];
+    snprintf(skey, sizeof(skey), "kafka:%s", key);
+    kclient_t *c = w->opts.mode == OSARA_MODE_CHECK ? NULL : osara_worker_shared_get(w, skey);
+    if (c == NULL) {
+        c = calloc(1, sizeof(*c));
+        c->w = w;
+        c->key = strdup(skey);
+        c->bootstrap = strdup("embedded");
+        char errstr[512];
+        if (read_conf(L, 1, c, errstr, sizeof(errstr)) != 0) {
+            client_close(c);
+            return luaL_error(L, "kafka: %s", errstr);
+        }
+        lua_getfield(L, 3, "brokers");
+        lua_getfield(L, 3, "partitions");
+        lua_getfield(L, 3, "max_per_partition");
+        lua_getfield(L, 3, "max_inflight");
+        int brokers = (int)luaL_optinteger(L, -4, 1);
+        c->partitions = (int)luaL_optinteger(L, -3, 4);
+        c->max_per_partition = (int)luaL_optinteger(L, -2, 1000);
+        c->max_inflight = (int)luaL_optinteger(L, -1, 10000);
+        lua_pop(L, 4);
+        c->embedded = strcmp(c->bootstrap, "embedded") == 0 || c->bootstrap[0] == '\0' ? brokers : 0;
+        if (w->opts.mode == OSARA_MODE_CHECK) {
+            client_close(c); /* validated; connect nothing */
+            c = NULL;
+        } else {
+            if (start_producer(c, errstr, sizeof(errstr)) != 0) {
+                char msg[600];
+                snprintf(msg, sizeof(msg), "%s", errstr[0] ? errstr : osara_err_msg());
+                client_close(c);
+                return luaL_error(L, "kafka: %s", msg);
+            }
+            if (c->embedded) {
+                OSARA_INFO("kafka: embedded broker (in memory, for development and tests) "
+                           "at %s", c->bootstrap);
+            }
+            osara_worker_shared_put(w, skey, c, client_close);
+        }
+    }
+    client_ud_t *ud = lua_newuserdata(L, sizeof(*ud));
+    ud->c = c;
+    luaL_getmetatable(L, CLIENT_MT);
+    lua_setmetatable(L, -2);
+    return 1;
+}
+
+static kclient_t *live_client(lua_State *L, int idx)
+{
+    kclient_t *c = check_client_at(L, idx);
+    if (c == NULL) {
+        luaL_error(L, "kafka: not connected (osara check mode)");
+    }
+    return c;
+}
+
+/* client:bootstrap() -> "host:port,..." (the mock cluster's when embedded) */
+static int l_client_bootstrap(lua_State *L)
+{
+    kclient_t *c = check_client_at(L, 1);
+    lua_pushstring(L, c ? c->bootstrap : "embedded");
+    return 1;
+}
+
+/* client:ensure_topic(name): creates it in the embedded cluster */
+static int l_client_ensure_topic(lua_State *L)
+{
+    kclient_t *c = check_client_at(L, 1);
+    if (c) {
+        ensure_topic(c, luaL_checkstring(L, 2));
+    }
+    return 0;
+}
+
+static void receipt_wait_cleanup(void *data)
+{
+    kout_t *o = data;
+    o->waiter = NULL;
+}
+
+/* client:produce(topic, payload, key|nil, headers|nil, partition|nil, want)
+ * -> receipt | true. Enqueues without waiting; the output counts against
+ * the input being handled by the calling coroutine, if any. */
+static int l_client_produce(lua_State *L)
+{
+    kclient_t *c = live_client(L, 1);
+    const char *topic = luaL_checkstring(L, 2);
+    size_t len, klen = 0;
+    const char *payload = luaL_checklstring(L, 3, &len);
+    const char *key = lua_isnoneornil(L, 4) ? NULL : luaL_checklstring(L, 4, &klen);
+    int32_t partition = lua_isnoneornil(L, 6) ? RD_KAFKA_PARTITION_UA : (int32_t)luaL_checkinteger(L, 6);
+    int want = lua_toboolean(L, 7);
+    rd_kafka_headers_t *hdrs = NULL;
+    if (lua_istable(L, 5)) {
+        hdrs = rd_kafka_headers_new(4);
+        lua_pushnil(L);
+        while (lua_next(L, 5) != 0) {
+            size_t vlen;
+            const char *v = lua_tolstring(L, -1, &vlen);
+            if (lua_type(L, -2) == LUA_TSTRING && v) {
+                rd_kafka_header_add(hdrs, lua_tostring(L, -2), -1, v, (ssize_t)vlen);
+            }
+            lua_pop(L, 1);
+        }
+    }
+    kout_t *o = out_get(c);
+    o->refs = 1 + (want ? 1 : 0);
+    osara_co_t *co = osara_sched_current(L);
+    kinput_t *kin = co ? osara_co_user(co) : NULL;
+    if (kin) {
+        o->kin = kin;
+        kin->in.outputs_pending++;
+    }
+    rd_kafka_resp_err_t err = rd_kafka_producev(
+        c->producer, RD_KAFKA_V_TOPIC(topic), RD_KAFKA_V_MSGFLAGS(RD_KAFKA_MSG_F_COPY),
+        RD_KAFKA_V_VALUE((void *)payload, len), RD_KAFKA_V_KEY((void *)key, klen),
+        RD_KAFKA_V_PARTITION(partition), RD_KAFKA_V_OPAQUE(o),
+        hdrs ? RD_KAFKA_V_HEADERS(hdrs) : RD_KAFKA_V_END, RD_KAFKA_V_END);
+    if (err) {
+        if (hdrs) {
+            rd_kafka_headers_destroy(hdrs);
+        }
+        if (kin) {
+            kin->in.outputs_pending--;
+        }
+        o->refs = 1;
+        out_unref(c, o);
+        osara_metric_add(m_delivery_errors, 1);
+        lua_pushnil(L);
+        lua_pushfstring(L, "kafka: cannot produce to %s: %s", topic, rd_kafka_err2str(err));
+        return 2;
+    }
+    osara_metric_add(m_produced, 1);
+    if (!want) {
+        lua_pushboolean(L, 1);
+        return 1;
+    }
+    receipt_ud_t *ud = lua_newuserdata(L, sizeof(*ud));
+    ud->o = o;
+    ud->c = c;
+    luaL_getmetatable(L, RECEIPT_MT);
+    lua_setmetatable(L, -2);
+    return 1;
+}
+
+/* receipt:wait() -> true | nil, err: yields until the delivery report */
+static int l_receipt_wait(lua_State *L)
+{
+    receipt_ud_t *ud = luaL_checkudata(L, 1, RECEIPT_MT);
+    kout_t *o = ud->o;
+    if (o->done) {
+        if (o->err) {
+            lua_pushnil(L);
+            lua_pushstring(L, rd_kafka_err2str(o->err));
+            return 2;
+        }
+        lua_pushboolean(L, 1);
+        return 1;
+    }
+    osara_co_t *co = osara_sched_current(L);
+    if (co == NULL) {
+        return luaL_error(L, "kafka: wait() only inside a handler, timer or task");
+    }
+    o->waiter = co;
+    o->waiter_seq = osara_co_seq(co) + 1;
+    return osara_sched_wait(L, receipt_wait_cleanup, o);
+}
+
+static int l_receipt_gc(lua_State *L)
+{
+    receipt_ud_t *ud = luaL_checkudata(L, 1, RECEIPT_MT);
+    if (ud->o) {
+        ud->o->waiter = NULL;
+        out_unref(ud->c, ud->o);
+        ud->o = NULL;
+    }
+    return 0;
+}
+
+/* client:stats() -> {inflight=, partitions=, paused=} */
+static int l_client_stats(lua_State *L)
+{
+    kclient_t *c = live_client(L, 1);
+    int paused = 0;
+    for (int i = 0; i < c->nparts; i++) {
+        paused += c->parts[i]->paused;
+    }
+    lua_createtable(L, 0, 3);
+    lua_pushinteger(L, c->inflight);
+    lua_setfield(L, -2, "inflight");
+    lua_pushinteger(L, c->nparts);
+    lua_setfield(L, -2, "partitions");
+    lua_pushinteger(L, paused);
+    lua_setfield(L, -2, "paused");
+    return 1;
+}
+
+int osara_kafka_open(lua_State *L)
+{
+    static const luaL_Reg client_methods[] = {
+        {"bootstrap", l_client_bootstrap}, {"ensure_topic", l_client_ensure_topic},
+        {"produce", l_client_produce},     {"stats", l_client_stats},
+        {NULL, NULL},
+    };
+    static const luaL_Reg fns[] = {{"client", l_kafka_client}, {NULL, NULL}};
+    osara_registry_kind(&kafka_kind);
+    luaL_newmetatable(L, CLIENT_MT);
+    lua_newtable(L);
+    luaL_register(L, NULL, client_methods);
+    lua_setfield(L, -2, "__index");
+    lua_pop(L, 1);
+    luaL_newmetatable(L, RECEIPT_MT);
+    lua_pushcfunction(L, l_receipt_gc);
+    lua_setfield(L, -2, "__gc");
+    lua_newtable(L);
+    lua_pushcfunction(L, l_receipt_wait);
+    lua_setfield(L, -2, "wait");
+    lua_setfield(L, -2, "__index");
+    lua_pop(L, 1);
+    lua_newtable(L);
+    luaL_register(L, NULL, fns);
+    return 1;
+}
+
+/* ---- osara broker ------------------------------------------------------- */
+
+static volatile sig_atomic_t broker_stop;
+
+static void on_broker_signal(int sig)
+{
+    (void)sig;
+    broker_stop = 1;
+}
+
+int osara_kafka_broker_main(int argc, char **argv)
+{
+    int brokers = 1, partitions = 4;
+    const char *topics[128];
+    int ntopics = 0;
+    for (int i = 2; i < argc; i++) {
+        const char *a = argv[i];
+        if (strcmp(a, "--help") == 0 || strcmp(a, "-h") == 0) {
+            printf("usage: osara broker [--brokers N] [--partitions N] [--topic NAME...]\n\n"
+                   "runs the embedded Kafka cluster (librdkafka's mock cluster: in memory,\n"
+                   "for development and tests) until SIGTERM; prints its bootstrap address\n"
+                   "on the first line. Topics are created on first use.\n");
+            return 0;
+        }
+        if (i + 1 >= argc) {
+            fprintf(stderr, "osara broker: %s needs a value\n", a);
+            return 2;
+        }
+        if (strcmp(a, "--brokers") == 0) {
+            brokers = atoi(argv[++i]);
+        } else if (strcmp(a, "--partitions") == 0) {
+            partitions = atoi(argv[++i]);
+        } else if (strcmp(a, "--topic") == 0 && ntopics < 128) {
+            topics[ntopics++] = argv[++i];
+        } else {
+            fprintf(stderr, "osara broker: unknown option %s\n", a);
+            return 2;
+        }
+    }
+    if (brokers < 1 || partitions < 1) {
+        fprintf(stderr, "osara broker: --brokers and --partitions must be >= 1\n");
+        return 2;
+    }
+    char errstr[512], n[16];
+    rd_kafka_conf_t *conf = rd_kafka_conf_new();
+    snprintf(n, sizeof(n), "%d", brokers);
+    rd_kafka_conf_set(conf, "test.mock.num.brokers", n, errstr, sizeof(errstr));
+    rd_kafka_conf_set_log_cb(conf, on_log);
+    rd_kafka_t *rk = rd_kafka_new(RD_KAFKA_PRODUCER, conf, errstr, sizeof(errstr));
+    if (rk == NULL) {
+        fprintf(stderr, "osara broker: %s\n", errstr);
+        return 1;
+    }
+    rd_kafka_mock_cluster_t *mock = rd_kafka_handle_mock_cluster(rk);
+    for (int i = 0; i < ntopics; i++) {
+        rd_kafka_mock_topic_create(mock, topics[i], partitions, 1);
+    }
+    printf("%s\n", rd_kafka_mock_cluster_bootstraps(mock));
+    fflush(stdout);
+    signal(SIGTERM, on_broker_signal);
+    signal(SIGINT, on_broker_signal);
+    while (!broker_stop) {
+        rd_kafka_poll(rk, 200);
+    }
+    rd_kafka_destroy(rk);
+    return 0;
+}

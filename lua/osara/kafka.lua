@@ -1,0 +1,330 @@
+-- osara.kafka: Kafka clients, handlers, topics, request/reply and streams.
+-- C (host/kafka.c) owns the librdkafka handles, ordering, backpressure and
+-- offsets; this module gives the API. See docs/kafka.md.
+local kafka_c = require "osara.kafka_c"
+local vm_c = require "osara.vm_c"
+local sched = require "osara.sched_c"
+local codec = require "osara.codec"
+local dispatch = require "osara.dispatch"
+
+local M = {}
+local defaults = {}
+
+-- osara settings that are not librdkafka properties.
+local OWN = { ["osara.brokers"] = "brokers", ["osara.partitions"] = "partitions",
+              ["osara.max_per_partition"] = "max_per_partition",
+              ["osara.max_inflight"] = "max_inflight" }
+
+-- Defaults tuned for a Lua consumer (PERF-LIMITS.md): a deep local queue so
+-- fetching never stalls on librdkafka 2.0's queued.min.messages backoff.
+local BASE = {
+  ["auto.offset.reset"] = "earliest",
+  ["enable.auto.commit"] = "true",
+  ["auto.commit.interval.ms"] = "500",
+  ["queued.min.messages"] = "1000000",
+  ["enable.partition.eof"] = "false",
+}
+
+local function where(level)
+  local info = debug.getinfo(level + 1, "Sl")
+  return info and ("%s:%d"):format(info.short_src, info.currentline or 0) or "?"
+end
+
+-- osara.kafka.defaults(conf): merged under every client's conf (slipstream's Conf).
+function M.defaults(conf)
+  assert(type(conf) == "table", "osara.kafka.defaults: expected a table")
+  for k, v in pairs(conf) do
+    defaults[k] = v
+  end
+  return defaults
+end
+
+-- OSARA_KAFKA_BOOTSTRAP_SERVERS=... overrides bootstrap.servers, etc.
+local function env_overrides(conf)
+  for _, name in ipairs { "BOOTSTRAP_SERVERS", "GROUP_ID", "SECURITY_PROTOCOL", "SASL_MECHANISM",
+                          "SASL_USERNAME", "SASL_PASSWORD", "CLIENT_ID", "AUTO_OFFSET_RESET" } do
+    local v = os.getenv("OSARA_KAFKA_" .. name)
+    if v then
+      conf[name:lower():gsub("_", ".")] = v
+    end
+  end
+  local extra = os.getenv("OSARA_KAFKA_PROPERTIES") -- "a.b=1,c.d=2" for anything else
+  if extra then
+    for k, v in extra:gmatch("([^=,]+)=([^,]*)") do
+      conf[k] = v
+    end
+  end
+end
+
+local function merged_conf(user)
+  local conf = {}
+  for k, v in pairs(BASE) do conf[k] = v end
+  for k, v in pairs(defaults) do conf[k] = v end
+  for k, v in pairs(user or {}) do conf[k] = v end
+  env_overrides(conf)
+  if conf["bootstrap.servers"] == nil or conf["bootstrap.servers"] == "" then
+    conf["bootstrap.servers"] = "embedded"
+  end
+  if conf["group.id"] == nil then
+    local script = vm_c.paths().script or "osara"
+    conf["group.id"] = "osara-" .. (script:match("([^/]+)%.lua$") or "app")
+  end
+  local settings, lib = {}, {}
+  for k, v in pairs(conf) do
+    if OWN[k] then settings[OWN[k]] = tonumber(v) else lib[k] = tostring(v) end
+  end
+  return lib, settings
+end
+
+local function signature(t)
+  local keys = {}
+  for k in pairs(t) do keys[#keys + 1] = k end
+  table.sort(keys)
+  local out = {}
+  for _, k in ipairs(keys) do out[#out + 1] = k .. "=" .. tostring(t[k]) end
+  return table.concat(out, ";")
+end
+
+local Client = {}
+Client.__index = Client
+local Topic = {}
+Topic.__index = Topic
+
+-- osara.kafka(conf) -> client. conf: librdkafka properties, unchanged.
+local function new(user)
+  if user ~= nil and type(user) ~= "table" then
+    error("osara.kafka: expected a configuration table", 2)
+  end
+  local lib, settings = merged_conf(user)
+  local ok, c = pcall(kafka_c.client, lib, signature(lib) .. "|" .. signature(settings), settings)
+  if not ok then
+    error(tostring(c):gsub("^[^:]*:%d+: ", ""), 2)
+  end
+  return setmetatable({ c = c, conf = lib, group = lib["group.id"], topics = {},
+                        pending = {}, replies = {} }, Client)
+end
+
+setmetatable(M, { __call = function(_, conf) return new(conf) end })
+
+function Client:bootstrap()
+  return self.c:bootstrap()
+end
+
+function Client:stats()
+  return self.c:stats()
+end
+
+-- client:topic(name, {codec=, schema=}) -> topic handle for sending.
+function Client:topic(name, opts)
+  if type(name) ~= "string" or name == "" then
+    error("kafka:topic: expected a topic name", 2)
+  end
+  opts = opts or {}
+  local t = setmetatable({ client = self, name = name, codec = codec.get(opts.codec),
+                           schema = opts.schema }, Topic)
+  self.c:ensure_topic(name)
+  return t
+end
+
+-- topic:send(value, {key=, headers=, partition=}) -> receipt with :wait().
+-- Does not wait; inside a handler the input's offset waits for delivery.
+function Topic:send(value, opts)
+  if self.schema then
+    local v, errs = self.schema:validate(value)
+    if v == nil then
+      error(("kafka %s: invalid output: %s"):format(self.name,
+        type(errs) == "table" and (errs.text or (errs[1] and (errs[1].path .. ": " .. errs[1].message))) or tostring(errs)), 2)
+    end
+    value = v
+  end
+  local bytes, err = self.codec.encode(value)
+  if bytes == nil then
+    error(("kafka %s: cannot encode output: %s"):format(self.name, err), 2)
+  end
+  opts = opts or {}
+  local r, perr = self.client.c:produce(self.name, bytes, opts.key, opts.headers, opts.partition, true)
+  if r == nil then
+    return nil, perr
+  end
+  return r
+end
+
+-- Sends bytes as they are (for replies and forwarding).
+function Topic:send_raw(bytes, opts)
+  opts = opts or {}
+  return self.client.c:produce(self.name, bytes, opts.key, opts.headers, opts.partition, false)
+end
+
+local REPLY_TO, CORRELATION = "osara-reply-to", "osara-correlation-id"
+
+local function send_reply(client, h, msg, value)
+  local to = msg.headers[REPLY_TO]
+  local bytes, err = h:encode(value)
+  if bytes == nil then
+    dispatch.bad_input("kafka", msg.topic, "encode", ("%s[%d]@%d"):format(msg.topic, msg.partition, msg.offset), err)
+    return
+  end
+  client.c:produce(to, bytes, msg.key, { [CORRELATION] = msg.headers[CORRELATION] }, nil, false)
+end
+
+-- Builds the function C calls for each message of one registration.
+local function make_runner(client, topic, opts, fn, at)
+  local h = dispatch.handler { kind = "kafka", name = topic, codec = opts.codec,
+                               schema = opts.schema, fn = fn, where = at }
+  local sinks = opts.sink
+  if sinks and getmetatable(sinks) == Topic then sinks = { sinks } end
+  local function emit(value, send_opts)
+    if not sinks then error("emit: this handler has no sink (opts.sink)", 2) end
+    for _, s in ipairs(sinks) do s:send(value, send_opts) end
+  end
+  local function place(msg)
+    return ("%s[%d]@%d"):format(msg.topic, msg.partition, msg.offset)
+  end
+  return function(msg)
+    local ok, reason, err = h:decode(msg)
+    if not ok then
+      dispatch.bad_input("kafka", topic, reason, place(msg), err)
+      return
+    end
+    local res = { pcall(fn, msg, emit) }
+    if not res[1] then
+      dispatch.bad_input("kafka", topic, "handler", place(msg), tostring(res[2]))
+      return
+    end
+    local n = table.maxn(res)
+    if n < 2 then return end
+    if msg.headers[REPLY_TO] then
+      send_reply(client, h, msg, res[2])
+    elseif sinks then
+      -- Outputs keep the input's key, so partitioning follows it.
+      local so = msg.key and { key = msg.key } or nil
+      for i = 2, n do
+        if res[i] ~= nil then emit(res[i], so) end
+      end
+    end
+  end
+end
+
+local function topics_of(spec)
+  if type(spec) == "string" then return { spec } end
+  if type(spec) == "table" then return spec end
+  error("kafka:handle: expected a topic name, a list of names or a '^regex'", 3)
+end
+
+-- client:handle(topic | {topics} | "^regex", [opts,] fn)
+-- opts: codec, schema, sink (a topic or a list), max_per_partition.
+function Client:handle(spec, opts, fn)
+  if fn == nil and type(opts) == "function" then opts, fn = {}, opts end
+  opts = opts or {}
+  if type(fn) ~= "function" then
+    error("kafka:handle: expected a handler function", 2)
+  end
+  local at = where(2)
+  for _, topic in ipairs(topics_of(spec)) do
+    self.c:ensure_topic(topic)
+    local key = ("%s (group %s)"):format(topic, self.group)
+    local sig = ("codec=%s schema=%s sink=%s"):format(tostring(opts.codec or "json"),
+      tostring(opts.schema ~= nil), tostring(opts.sink ~= nil))
+    local detail = ("group %s, codec %s%s"):format(self.group,
+      type(opts.codec) == "table" and "custom" or tostring(opts.codec or "json"),
+      opts.schema and ", schema" or "")
+    vm_c.register("kafka", key, sig, make_runner(self, topic, opts, fn, at),
+      { client = self.c, topic = topic }, at, detail)
+  end
+end
+
+-- ---- request / reply ---------------------------------------------------------
+
+local seq = 0
+local function correlation_id()
+  seq = seq + 1
+  return ("%x-%x-%d"):format(os.time(), math.random(0, 0x7fffffff), seq)
+end
+
+-- client:replies(reply_topic): declares the topic this app's requests are
+-- answered on (consumed by this client; call at load).
+function Client:replies(reply_topic, opts)
+  opts = opts or {}
+  local pending = self.pending
+  self.replies[reply_topic] = true
+  self:handle(reply_topic, { codec = opts.codec or "raw" }, function(msg)
+    local id = msg.headers[CORRELATION]
+    local waiter = id and pending[id]
+    if waiter then
+      pending[id] = nil
+      sched.wake(waiter[1], waiter[2], msg)
+    end
+  end)
+end
+
+-- client:request(topic, value, {reply_topic=, timeout=, key=, codec=})
+-- -> reply message (msg.value decoded) | nil, "timeout"
+function Client:request(topic, value, opts)
+  opts = opts or {}
+  local reply_topic = opts.reply_topic or (topic .. ".replies")
+  if not self.replies[reply_topic] then
+    error(("kafka:request: call kafka:replies(%q) at load so replies are consumed"):format(reply_topic), 2)
+  end
+  local c = codec.get(opts.codec)
+  local bytes, err = c.encode(value)
+  if bytes == nil then error("kafka:request: " .. err, 2) end
+  local token, s = sched.current()
+  if not token then error("kafka:request: only inside a handler, timer or task", 2) end
+  local id = correlation_id()
+  self.pending[id] = { token, s }
+  local headers = { [REPLY_TO] = reply_topic, [CORRELATION] = id }
+  if opts.headers then for k, v in pairs(opts.headers) do headers[k] = v end end
+  local ok, perr = self.c:produce(topic, bytes, opts.key, headers, nil, false)
+  if not ok then
+    self.pending[id] = nil
+    return nil, perr
+  end
+  local msg, why = sched.park(opts.timeout or 5)
+  if msg == nil then
+    self.pending[id] = nil
+    return nil, why
+  end
+  local v, derr = c.decode(msg.raw)
+  if v == nil and derr then return nil, derr end
+  msg.value = v
+  return msg
+end
+
+-- ---- streams -------------------------------------------------------------------
+
+-- client:stream(topic, opts) -> iterator for `for msg in s do ... end` in a
+-- task (slipstream's `async for msg in topic`). Declared at load; a message
+-- is committed once the loop asks for the next one.
+function Client:stream(topic, opts)
+  opts = opts or {}
+  local queue, waiting = {}, nil
+  self:handle(topic, opts, function(msg)
+    local token, s = sched.current()
+    queue[#queue + 1] = { msg = msg, token = token, seq = s }
+    if waiting then
+      local w = waiting
+      waiting = nil
+      sched.wake(w[1], w[2])
+    end
+    -- Parked until the iterator moves past this message: its offset is
+    -- committed only then, and at most `limit` partitions wait here.
+    sched.park()
+  end)
+  local current
+  return function()
+    if current then
+      sched.wake(current.token, current.seq)
+      current = nil
+    end
+    while #queue == 0 do
+      local token, s = sched.current()
+      if not token then error("kafka stream: iterate inside a task", 2) end
+      waiting = { token, s }
+      sched.park()
+    end
+    current = table.remove(queue, 1)
+    return current.msg
+  end
+end
+
+return M
