@@ -1008,12 +1008,24 @@ static int l_client_bootstrap(lua_State *L)
     return 1;
 }
 
-/* client:ensure_topic(name): creates it in the embedded cluster */
+/* client:ensure_topic(name): creates it in the embedded cluster and
+ * fetches its metadata now, so the first send does not wait for the
+ * producer's once-a-second scan of unknown topics. */
 static int l_client_ensure_topic(lua_State *L)
 {
     kclient_t *c = check_client_at(L, 1);
-    if (c) {
-        ensure_topic(c, luaL_checkstring(L, 2));
+    const char *name = luaL_checkstring(L, 2);
+    if (c == NULL || name[0] == '^') {
+        return 0;
+    }
+    ensure_topic(c, name);
+    rd_kafka_topic_t *rkt = rd_kafka_topic_new(c->producer, name, NULL);
+    const struct rd_kafka_metadata *md = NULL;
+    if (rkt && rd_kafka_metadata(c->producer, 0, rkt, &md, 2000) == RD_KAFKA_RESP_ERR_NO_ERROR) {
+        rd_kafka_metadata_destroy(md);
+    }
+    if (rkt) {
+        rd_kafka_topic_destroy(rkt);
     }
     return 0;
 }
@@ -1057,11 +1069,34 @@ static int l_client_produce(lua_State *L)
         o->kin = kin;
         kin->in.outputs_pending++;
     }
-    rd_kafka_resp_err_t err = rd_kafka_producev(
-        c->producer, RD_KAFKA_V_TOPIC(topic), RD_KAFKA_V_MSGFLAGS(RD_KAFKA_MSG_F_COPY),
-        RD_KAFKA_V_VALUE((void *)payload, len), RD_KAFKA_V_KEY((void *)key, klen),
-        RD_KAFKA_V_PARTITION(partition), RD_KAFKA_V_OPAQUE(o),
-        hdrs ? RD_KAFKA_V_HEADERS(hdrs) : RD_KAFKA_V_END, RD_KAFKA_V_END);
+    rd_kafka_vu_t vu[8];
+    size_t nvu = 0;
+    vu[nvu].vtype = RD_KAFKA_VTYPE_TOPIC;
+    vu[nvu++].u.cstr = topic;
+    vu[nvu].vtype = RD_KAFKA_VTYPE_MSGFLAGS;
+    vu[nvu++].u.i = RD_KAFKA_MSG_F_COPY;
+    vu[nvu].vtype = RD_KAFKA_VTYPE_VALUE;
+    vu[nvu].u.mem.ptr = (void *)payload;
+    vu[nvu++].u.mem.size = len;
+    if (key) {
+        vu[nvu].vtype = RD_KAFKA_VTYPE_KEY;
+        vu[nvu].u.mem.ptr = (void *)key;
+        vu[nvu++].u.mem.size = klen;
+    }
+    vu[nvu].vtype = RD_KAFKA_VTYPE_PARTITION;
+    vu[nvu++].u.i32 = partition;
+    vu[nvu].vtype = RD_KAFKA_VTYPE_OPAQUE;
+    vu[nvu++].u.ptr = o;
+    if (hdrs) {
+        vu[nvu].vtype = RD_KAFKA_VTYPE_HEADERS;
+        vu[nvu++].u.headers = hdrs;
+    }
+    rd_kafka_error_t *error = rd_kafka_produceva(c->producer, vu, nvu);
+    rd_kafka_resp_err_t err = RD_KAFKA_RESP_ERR_NO_ERROR;
+    if (error) {
+        err = rd_kafka_error_code(error);
+        rd_kafka_error_destroy(error);
+    }
     if (err) {
         if (hdrs) {
             rd_kafka_headers_destroy(hdrs);
@@ -1141,11 +1176,43 @@ static int l_client_stats(lua_State *L)
     return 1;
 }
 
+/* client:position(topic, partition) -> next offset to commit (-1: none yet)
+ * and the number of inputs held for that partition. */
+static int l_client_position(lua_State *L)
+{
+    kclient_t *c = live_client(L, 1);
+    kpart_t *p = find_part(c, luaL_checkstring(L, 2), (int32_t)luaL_checkinteger(L, 3));
+    lua_pushnumber(L, p ? (double)p->track.committable : -1);
+    lua_pushinteger(L, p ? p->track.count : 0);
+    return 2;
+}
+
+/* client:mock_push_errors(api_key, count, err): makes the embedded cluster
+ * fail the next `count` requests of that API (tests of retries). */
+static int l_client_mock_push_errors(lua_State *L)
+{
+    kclient_t *c = live_client(L, 1);
+    if (c->mock == NULL) {
+        return luaL_error(L, "kafka: mock_push_errors needs the embedded cluster");
+    }
+    int16_t api = (int16_t)luaL_checkinteger(L, 2);
+    int n = (int)luaL_checkinteger(L, 3);
+    rd_kafka_resp_err_t err = (rd_kafka_resp_err_t)luaL_optinteger(
+        L, 4, RD_KAFKA_RESP_ERR_NOT_ENOUGH_REPLICAS);
+    rd_kafka_resp_err_t errs[64];
+    for (int i = 0; i < n && i < 64; i++) {
+        errs[i] = err;
+    }
+    rd_kafka_mock_push_request_errors_array(c->mock, api, (size_t)(n < 64 ? n : 64), errs);
+    return 0;
+}
+
 int osara_kafka_open(lua_State *L)
 {
     static const luaL_Reg client_methods[] = {
         {"bootstrap", l_client_bootstrap}, {"ensure_topic", l_client_ensure_topic},
         {"produce", l_client_produce},     {"stats", l_client_stats},
+        {"position", l_client_position},   {"mock_push_errors", l_client_mock_push_errors},
         {NULL, NULL},
     };
     static const luaL_Reg fns[] = {{"client", l_kafka_client}, {NULL, NULL}};

@@ -494,10 +494,26 @@ static int l_proc_write(lua_State *L)
     return 1;
 }
 
+static void on_stdin_shutdown(uv_shutdown_t *req, int status)
+{
+    (void)status;
+    uv_handle_t *in = (uv_handle_t *)req->handle;
+    if (!uv_is_closing(in)) {
+        uv_close(in, handle_closed);
+    }
+    free(req);
+}
+
+/* proc:close_stdin(): EOF for the child once queued writes are flushed */
 static int l_proc_close_stdin(lua_State *L)
 {
     proc_t *p = check_proc(L);
-    if (!uv_is_closing((uv_handle_t *)&p->in)) {
+    if (uv_is_closing((uv_handle_t *)&p->in)) {
+        return 0;
+    }
+    uv_shutdown_t *req = malloc(sizeof(*req));
+    if (uv_shutdown(req, (uv_stream_t *)&p->in, on_stdin_shutdown) != 0) {
+        free(req);
         uv_close((uv_handle_t *)&p->in, handle_closed);
     }
     return 0;

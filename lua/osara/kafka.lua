@@ -101,7 +101,7 @@ local function new(user)
     error(tostring(c):gsub("^[^:]*:%d+: ", ""), 2)
   end
   return setmetatable({ c = c, conf = lib, group = lib["group.id"], topics = {},
-                        pending = {}, replies = {} }, Client)
+                        pending = {}, reply_topics = {} }, Client)
 end
 
 setmetatable(M, { __call = function(_, conf) return new(conf) end })
@@ -112,6 +112,18 @@ end
 
 function Client:stats()
   return self.c:stats()
+end
+
+-- client:position(topic, partition) -> next offset that will be committed
+-- (-1 before the first), inputs still held for the partition.
+function Client:position(topic, partition)
+  return self.c:position(topic, partition)
+end
+
+-- Embedded cluster only, for tests: fail the next n requests of an API
+-- (0 = Produce, 1 = Fetch, ...) with a retriable error.
+function Client:mock_push_errors(api, n, err)
+  return self.c:mock_push_errors(api, n, err)
 end
 
 -- client:topic(name, {codec=, schema=}) -> topic handle for sending.
@@ -246,7 +258,7 @@ end
 function Client:replies(reply_topic, opts)
   opts = opts or {}
   local pending = self.pending
-  self.replies[reply_topic] = true
+  self.reply_topics[reply_topic] = true
   self:handle(reply_topic, { codec = opts.codec or "raw" }, function(msg)
     local id = msg.headers[CORRELATION]
     local waiter = id and pending[id]
@@ -262,7 +274,7 @@ end
 function Client:request(topic, value, opts)
   opts = opts or {}
   local reply_topic = opts.reply_topic or (topic .. ".replies")
-  if not self.replies[reply_topic] then
+  if not self.reply_topics[reply_topic] then
     error(("kafka:request: call kafka:replies(%q) at load so replies are consumed"):format(reply_topic), 2)
   end
   local c = codec.get(opts.codec)

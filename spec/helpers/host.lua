@@ -53,15 +53,20 @@ function H.run(args, timeout, env)
     p:kill("KILL")
     error("osara " .. table.concat(args, " ") .. " did not exit within " .. (timeout or 20) .. "s:\n" .. p:output())
   end
-  -- Let the pipes drain after exit.
+  H.drain(p)
+  return status, p:output(), sig
+end
+
+-- Reads until both output pipes closed (after the process exited, its last
+-- output may still be in flight).
+function H.drain(p)
   while true do
-    local line, err = p:line(2)
+    local line, err = p:line(5)
     if not line then
       assert(err == "eof", "output did not end: " .. tostring(err))
-      break
+      return
     end
   end
-  return status, p:output(), sig
 end
 
 -- Waits for a line containing text; fails with the output so far.

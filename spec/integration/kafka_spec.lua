@@ -1,0 +1,247 @@
+-- Kafka through the real binary: the embedded cluster, osara broker, kcat.
+local osara = require "osara"
+local H = require "spec.helpers.host"
+local K = require "spec.helpers.kafka"
+
+local function ids_in(messages)
+  local seen, dup = {}, 0
+  for _, m in ipairs(messages) do
+    local id = tonumber(m.value:match('"id":(%d+)'))
+    if id then
+      if seen[id] then dup = dup + 1 end
+      seen[id] = true
+    end
+  end
+  return seen, dup
+end
+
+local function count(set)
+  local n = 0
+  for _ in pairs(set) do n = n + 1 end
+  return n
+end
+
+describe("kafka", function()
+  after_each(H.cleanup)
+
+  it("consumes what kcat produced (keys, headers) and produces what kcat reads", function()
+    local broker, boot = K.broker { "--partitions", "2" }
+    local dir = H.tmpdir()
+    H.write(dir .. "/app.lua", [[
+local osara = require "osara"
+local kafka = osara.kafka { ["bootstrap.servers"] = os.getenv("BOOT"), ["group.id"] = "rt" }
+local out = kafka:topic("rt.out")
+kafka:handle("rt.in", { sink = out }, function(msg)
+  osara.log.info("got key=%s id=%d trace=%s", msg.key, msg.value.id, tostring(msg.headers.trace))
+  return { id = msg.value.id, doubled = msg.value.id * 2 }
+end)
+]])
+    K.produce(boot, "rt.in", { "k1\t{\"id\":1}", "k2\t{\"id\":2}" }, { trace = "abc" })
+    local p = H.osara({ "run", dir .. "/app.lua" }, { BOOT = boot })
+    local got = { H.expect(p, "got key=", 20), H.expect(p, "got key=", 20) }
+    table.sort(got)
+    assert.matches("got key=k1 id=1 trace=abc", got[1])
+    assert.matches("got key=k2 id=2 trace=abc", got[2])
+    local out = K.eventually(boot, "rt.out", function(m) return #m >= 2 end, 20, "2 outputs")
+    local keys = {}
+    for _, m in ipairs(out) do keys[m.key] = m.value end
+    assert.matches('"doubled":2', keys.k1)
+    assert.matches('"doubled":4', keys.k2)
+    p:kill("TERM")
+    assert.are.equal(0, H.exit_status(p, 20))
+    broker:kill("TERM")
+  end)
+
+  it("keeps order within a partition while handlers yield", function()
+    local dir = H.tmpdir()
+    H.write(dir .. "/app.lua", [[
+local osara = require "osara"
+local kafka = osara.kafka {}
+local t = kafka:topic("ord")
+local last, bad, n = {}, 0, 0
+osara.after(0, function()
+  for i = 1, 200 do t:send({ i = i, k = i % 3 }, { key = "key" .. (i % 3) }) end
+end)
+kafka:handle("ord", function(msg)
+  osara.sleep(math.random() * 0.003)       -- yield: other partitions run meanwhile
+  local k = msg.key
+  if last[k] and msg.value.i <= last[k] then bad = bad + 1 end
+  last[k] = msg.value.i
+  n = n + 1
+  if n == 200 then osara.log.info("done n=%d out_of_order=%d", n, bad) end
+end)
+]])
+    local p = H.osara { "run", dir .. "/app.lua" }
+    local line = H.expect(p, "done n=", 30)
+    assert.matches("out_of_order=0", line)
+    p:kill("TERM")
+    assert.are.equal(0, H.exit_status(p))
+  end)
+
+  it("pauses a partition over the in-flight bound and loses nothing", function()
+    local dir = H.tmpdir()
+    H.write(dir .. "/app.lua", [[
+local osara = require "osara"
+local kafka = osara.kafka { ["osara.max_per_partition"] = 20, ["osara.partitions"] = 1 }
+local t = kafka:topic("bp")
+local n, max_inflight, paused = 0, 0, 0
+osara.after(0, function()
+  for i = 1, 1500 do t:send({ i = i }) end
+end)
+kafka:handle("bp", function(msg)
+  local s = kafka:stats()
+  if s.inflight > max_inflight then max_inflight = s.inflight end
+  if s.paused > paused then paused = s.paused end
+  if msg.value.i % 100 == 0 then osara.sleep(0.01) end
+  n = n + 1
+  if n == 1500 then
+    osara.log.info("done n=%d max_inflight=%d paused=%d", n, max_inflight, paused)
+  end
+end)
+]])
+    local p = H.osara { "run", dir .. "/app.lua" }
+    local line = H.expect(p, "done n=1500", 30)
+    local max_inflight = tonumber(line:match("max_inflight=(%d+)"))
+    assert.is_true(max_inflight <= 20 + 512, line) -- the bound plus one fetched batch
+    assert.matches("paused=1", line)
+    p:kill("TERM")
+    assert.are.equal(0, H.exit_status(p))
+  end)
+
+  it("answers requests with correlation ids, concurrently, and times out", function()
+    local dir = H.tmpdir()
+    H.write(dir .. "/app.lua", [[
+local osara = require "osara"
+local kafka = osara.kafka {}
+kafka:handle("rpc", function(msg) return { answer = msg.value.q * 10 } end)
+kafka:replies("rpc.replies")
+kafka:replies("nobody.replies")
+osara.after(0.1, function()
+  local ok, done = 0, 0
+  for i = 1, 20 do
+    osara.spawn(function()
+      local r, err = kafka:request("rpc", { q = i }, { timeout = 10 })
+      if r and r.value.answer == i * 10 then ok = ok + 1 else osara.log.error("bad reply %s", tostring(err)) end
+      done = done + 1
+      if done == 20 then osara.log.info("requests ok=%d", ok) end
+    end)
+  end
+  local r, err = kafka:request("nobody", { q = 0 }, { timeout = 0.3 })
+  osara.log.info("unanswered: %s %s", tostring(r), tostring(err))
+end)
+]])
+    local p = H.osara { "run", dir .. "/app.lua" }
+    H.expect(p, "unanswered: nil timeout", 20)
+    H.expect(p, "requests ok=20", 20)
+    p:kill("TERM")
+    assert.are.equal(0, H.exit_status(p))
+  end)
+
+  it("stores an input's offset only after its output was delivered", function()
+    local dir = H.tmpdir()
+    H.write(dir .. "/app.lua", [[
+local osara = require "osara"
+local kafka = osara.kafka { ["osara.partitions"] = 1, ["retry.backoff.ms"] = "200" }
+local out = kafka:topic("c.out")
+local receipt
+kafka:handle("c.in", function(msg)
+  kafka:mock_push_errors(0, 3)            -- the next 3 Produce requests fail (retriable)
+  receipt = out:send({ from = msg.value.id })
+end)
+osara.after(0, function() kafka:topic("c.in"):send({ id = 1 }) end)
+osara.spawn(function()
+  while not receipt do osara.sleep(0.005) end
+  local early = kafka:position("c.in", 0)
+  local ok, err = receipt:wait()
+  osara.sleep(0.05)
+  local after = kafka:position("c.in", 0)
+  osara.log.info("position before delivery=%d after=%d delivered=%s", early, after, tostring(ok or err))
+end)
+]])
+    local p = H.osara { "run", dir .. "/app.lua" }
+    local line = H.expect(p, "position before delivery", 30)
+    assert.matches("before delivery=%-1 after=1 delivered=true", line)
+    p:kill("TERM")
+    assert.are.equal(0, H.exit_status(p))
+  end)
+
+  it("handles every input at least once across kill -9 and restart", function()
+    local broker, boot = K.broker { "--partitions", "4", "--topic", "k9.in", "--topic", "k9.out" }
+    local n = 300
+    local lines = {}
+    for i = 1, n do lines[i] = ("k%d\t{\"id\":%d}"):format(i, i) end
+    K.produce(boot, "k9.in", lines)
+    local dir = H.tmpdir()
+    H.write(dir .. "/app.lua", [[
+local osara = require "osara"
+local kafka = osara.kafka { ["bootstrap.servers"] = os.getenv("BOOT"), ["group.id"] = "k9",
+                            ["auto.commit.interval.ms"] = "50",
+                            -- a killed member leaves the group after this
+                            ["session.timeout.ms"] = "6000", ["heartbeat.interval.ms"] = "500" }
+local out = kafka:topic("k9.out")
+local handled = 0
+kafka:handle("k9.in", { sink = out }, function(msg)
+  osara.sleep(0.004)
+  handled = handled + 1
+  if handled % 20 == 0 then osara.log.info("handled %d", handled) end
+  return { id = msg.value.id }
+end)
+]])
+    local env = { BOOT = boot }
+    local p = H.osara({ "run", dir .. "/app.lua" }, env)
+    H.expect(p, "handled 60", 30)
+    p:kill("KILL")
+    H.exit_status(p)
+    local p2 = H.osara({ "run", dir .. "/app.lua" }, env)
+    local out = K.eventually(boot, "k9.out", function(m)
+      return count((ids_in(m))) == n
+    end, 60, "all ids in the output")
+    local seen = ids_in(out)
+    for i = 1, n do assert.is_true(seen[i], "missing id " .. i) end
+    p2:kill("TERM")
+    assert.are.equal(0, H.exit_status(p2, 20))
+    broker:kill("TERM")
+  end)
+
+  it("loses and repeats nothing across reloads while consuming", function()
+    local dir = H.tmpdir()
+    local function app(v)
+      return ([[
+local osara = require "osara"
+local kafka = osara.kafka { ["osara.partitions"] = 2 }
+kafka:handle("rl", function(msg) osara.log.info("v%d handled %%d", msg.value.id) end)
+]]):format(v)
+    end
+    H.write(dir .. "/app.lua", app(1))
+    local p = H.osara { "run", "--watch", dir .. "/app.lua" }
+    local boot = H.expect(p, "embedded broker"):match("at ([%d.]+:%d+)")
+    local kcat = assert(osara.process.spawn { argv = { "kcat", "-b", boot, "-t", "rl", "-P" } })
+    local n = 400
+    for i = 1, n do
+      kcat:write(('{"id":%d}\n'):format(i))
+      if i % 40 == 0 then
+        osara.sleep(0.03)
+        H.write(dir .. "/app.lua", app(i))
+      end
+    end
+    kcat:close_stdin()
+    assert.are.equal(0, kcat:wait(20))
+    local seen, dup = {}, 0
+    H.eventually(function()
+      local l = p:line(0.2)
+      while l do
+        local id = tonumber(l:match("handled (%d+)"))
+        if id then
+          if seen[id] then dup = dup + 1 end
+          seen[id] = true
+        end
+        l = p:line(0.01)
+      end
+      return count(seen) == n
+    end, 30, "all messages handled")
+    assert.are.equal(0, dup)
+    assert.matches("reloaded", p:output())
+    p:kill("TERM")
+    assert.are.equal(0, H.exit_status(p))
+  end)
+end)
