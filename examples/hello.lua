@@ -1,16 +1,28 @@
--- hello.lua: the smallest osara app. A timer ticks every second and logs;
--- a background task says hello once. (The Kafka pipeline version arrives
--- with the Kafka subsystem.)
+-- hello.lua: a pipeline on the embedded Kafka broker (nothing to install).
+-- A timer produces an order every second; a handler enriches it into a
+-- second topic; a second handler logs the enriched events. Point it at a
+-- real cluster with OSARA_KAFKA_BOOTSTRAP_SERVERS=host:9092.
 local osara = require "osara"
 
-local ticks = 0
+local kafka = osara.kafka { ["group.id"] = "hello" }
+local orders = kafka:topic("orders")
+local enriched = kafka:topic("orders.enriched")
 
+local n = 0
 osara.every(1, function()
-  ticks = ticks + 1
-  osara.log.info("tick %d at %.3f", ticks, osara.now())
+  n = n + 1
+  orders:send({ id = n, user = "user" .. (n % 3), amount = n * 10 }, { key = "user" .. (n % 3) })
 end)
 
-osara.spawn(function()
-  osara.sleep(0.1)
-  osara.log.info("hello from osara %s", osara.version)
+kafka:handle("orders", { sink = enriched }, function(msg)
+  local o = msg.value
+  return { id = o.id, user = o.user, amount = o.amount, vip = o.amount >= 50,
+           at = osara.now() }
 end)
+
+kafka:handle("orders.enriched", function(msg)
+  local e = msg.value
+  osara.log.info("order %d from %s: %d%s", e.id, e.user, e.amount, e.vip and " (vip)" or "")
+end)
+
+osara.log.info("hello from osara %s: kafka at %s", osara.version, kafka:bootstrap())
