@@ -471,11 +471,9 @@ static void on_error(rd_kafka_t *rk, int err, const char *reason, void *opaque)
 static void on_log(const rd_kafka_t *rk, int level, const char *fac, const char *buf)
 {
     (void)rk;
-    osara_log_level_t l = level <= 3 ? OSARA_LOG_ERROR : level <= 4 ? OSARA_LOG_WARN
-                        : level <= 6 ? OSARA_LOG_INFO : OSARA_LOG_DEBUG;
-    if (l < OSARA_LOG_WARN) {
-        l = OSARA_LOG_DEBUG; /* librdkafka's informational chatter */
-    }
+    /* librdkafka repeats connection failures on every retry; errors reach
+     * the user once per change through on_error, the rest is debug. */
+    osara_log_level_t l = level <= 2 ? OSARA_LOG_ERROR : OSARA_LOG_DEBUG;
     osara_log(l, "librdkafka %s: %s", fac, buf);
 }
 

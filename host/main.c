@@ -153,6 +153,10 @@ static int parse_args(cli_t *cli, int ci, int argc, char **argv)
                             strchr(o->commands, letter))) {
             o++;
         }
+        if (o->name == NULL && letter == 't' && cli->npaths < 256) {
+            cli->paths[cli->npaths++] = a; /* busted's own options pass through */
+            continue;
+        }
         if (o->name == NULL) {
             fprintf(stderr, "osara %s: unknown option %.*s (see osara %s --help)\n",
                     commands[ci].name, (int)klen, a, commands[ci].name);

@@ -192,7 +192,13 @@ local function make_runner(client, topic, opts, fn, at)
   local function place(msg)
     return ("%s[%d]@%d"):format(msg.topic, msg.partition, msg.offset)
   end
+  local max_bytes = opts.max_bytes or 1048576
   return function(msg)
+    if #msg.raw > max_bytes then
+      dispatch.bad_input("kafka", topic, "too_large", place(msg),
+        ("%d bytes over the %d-byte limit (opts.max_bytes)"):format(#msg.raw, max_bytes))
+      return
+    end
     local ok, reason, err = h:decode(msg)
     if not ok then
       dispatch.bad_input("kafka", topic, reason, place(msg), err)

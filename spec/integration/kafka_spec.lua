@@ -245,3 +245,64 @@ kafka:handle("rl", function(msg) osara.log.info("v%d handled %%d", msg.value.id)
     assert.are.equal(0, H.exit_status(p))
   end)
 end)
+
+describe("kafka bad input", function()
+  after_each(H.cleanup)
+
+  it("logs and counts undecodable, oversized and failing messages, and keeps going", function()
+    local dir = H.tmpdir()
+    H.write(dir .. "/app.lua", [[
+local osara = require "osara"
+local kafka = osara.kafka { ["osara.partitions"] = 1 }
+local t = kafka:topic("bad", { codec = "raw" })
+osara.after(0, function()
+  t:send("{not json")
+  t:send('{"big":"' .. string.rep("x", 2000) .. '"}')
+  t:send('{"fail":true}')
+  t:send('{"ok":true}')
+end)
+kafka:handle("bad", { max_bytes = 1000 }, function(msg)
+  if msg.value.fail then error("refused") end
+  osara.log.info("ok message at offset %d; bad inputs so far: %d", msg.offset,
+    osara.metrics.value("osara_bad_input_total", { kind = "kafka", name = "bad", reason = "decode" })
+    + osara.metrics.value("osara_bad_input_total", { kind = "kafka", name = "bad", reason = "too_large" })
+    + osara.metrics.value("osara_bad_input_total", { kind = "kafka", name = "bad", reason = "handler" }))
+end)
+]])
+    local p = H.osara { "run", dir .. "/app.lua" }
+    local line = H.expect(p, "ok message at offset 3", 20)
+    assert.matches("bad inputs so far: 3", line)
+    local out = p:output()
+    assert.matches("kafka bad: decode failed at bad%[0%]@0: json:", out)
+    assert.matches("kafka bad: too_large failed at bad%[0%]@1: 2010 bytes over the 1000%-byte limit", out)
+    assert.matches("kafka bad: handler failed at bad%[0%]@2: .*refused", out)
+    p:kill("TERM")
+    assert.are.equal(0, H.exit_status(p))
+  end)
+
+  it("rejects an unknown property at load with librdkafka's message and file:line", function()
+    local dir = H.tmpdir()
+    H.write(dir .. "/app.lua", "local osara = require 'osara'\nlocal k = osara.kafka { ['bootstrap.server'] = 'x' }\n")
+    local status, out = H.run { "run", dir .. "/app.lua" }
+    assert.are.equal(1, status)
+    assert.matches("app.lua:2: kafka: No such configuration property: \"bootstrap.server\"", out)
+  end)
+
+  it("keeps running and says so once when the broker is unreachable", function()
+    local dir = H.tmpdir()
+    H.write(dir .. "/app.lua", [[
+local osara = require "osara"
+local kafka = osara.kafka { ["bootstrap.servers"] = "127.0.0.1:1", ["group.id"] = "down" }
+kafka:handle("nowhere", function() end)
+osara.every(0.1, function() osara.log.info("still alive") end)
+]])
+    local p = H.osara { "run", dir .. "/app.lua" }
+    H.expect(p, "still alive", 10)
+    osara.sleep(2)
+    H.expect(p, "still alive", 5)
+    p:kill("TERM")
+    assert.are.equal(0, H.exit_status(p, 20))
+    local _, floods = p:output():gsub("Connection refused", "")
+    assert.is_true(floods <= 4, "connection errors logged " .. floods .. " times")
+  end)
+end)
