@@ -57,10 +57,9 @@ function M.report(path)
       out[#out + 1] = pad(r.kind, w[1] + 2) .. pad(r.key, w[2] + 2) .. pad(r.where, w[3] + 2) .. r.detail
     end
   end
-  local osara = package.loaded.osara
-  local schemas = osara and rawget(osara, "_schemas")
+  local schema = package.loaded["osara.schema"]
+  local schemas = schema and schema._declared
   if schemas and #schemas > 0 then
-    local schema = require "osara.schema"
     for _, s in ipairs(schemas) do
       out[#out + 1] = ""
       out[#out + 1] = ("schema %s (%s)"):format(s.name or "?", s.where or "?")

@@ -2,6 +2,7 @@
 -- the schema/codec work extends it (msgpack, avro, custom codecs).
 -- A codec never raises on bad input: decode/encode return nil, "why".
 local cjson = require "cjson"
+local codec_c = require "osara.codec_c"
 
 local M = {}
 local registry = {}
@@ -14,6 +15,11 @@ json.encode_sparse_array(true)
 registry.json = {
   name = "json",
   decode = function(bytes)
+    -- cjson does not check UTF-8; reject it here rather than pass it on.
+    local valid, at = codec_c.utf8_valid(bytes)
+    if not valid then
+      return nil, ("json: invalid UTF-8 at byte %d"):format(at)
+    end
     local ok, v = pcall(json.decode, bytes)
     if not ok then
       return nil, "json: " .. tostring(v)
@@ -44,6 +50,24 @@ end
 registry.raw = identity_codec("raw")
 registry.string = identity_codec("string")
 
+-- msgpack through Debian's lua-messagepack, loaded on first use.
+local function msgpack_codec()
+  local mp = require "MessagePack"
+  return {
+    name = "msgpack",
+    decode = function(bytes)
+      local ok, v = pcall(mp.unpack, bytes)
+      if not ok then return nil, "msgpack: " .. tostring(v) end
+      return v
+    end,
+    encode = function(v)
+      local ok, s = pcall(mp.pack, v)
+      if not ok then return nil, "msgpack: " .. tostring(s) end
+      return s
+    end,
+  }
+end
+
 function M.register(name, c)
   registry[name] = M.get(c)
   registry[name].name = name
@@ -56,6 +80,9 @@ function M.get(c)
     return registry.json
   end
   if type(c) == "string" then
+    if c == "msgpack" and not registry.msgpack then
+      registry.msgpack = msgpack_codec()
+    end
     local found = registry[c]
     if not found then
       error(("unknown codec '%s'"):format(c), 3)

@@ -21,8 +21,18 @@ local lazy = {
   process = "osara.process_c",
 }
 
+-- Schema type constructors at the top level: osara.number{min=0}, ...
+local schema_names = { number = true, integer = true, string = true, boolean = true,
+                       array = true, map = true, optional = true, nullable = true,
+                       enum = true, any = true, field = true }
+
 setmetatable(osara, {
   __index = function(t, k)
+    if schema_names[k] then
+      local v = require("osara.schema")[k]
+      rawset(t, k, v)
+      return v
+    end
     local name = lazy[k]
     if name then
       local m = require(name)

@@ -1,0 +1,377 @@
+-- osara.schema: record schemas compiled once into validators (closures).
+--
+--   local Order = osara.schema {
+--     id = "integer", user = "string",
+--     amount = osara.number { min = 0 },
+--     tags = osara.array "string",
+--     note = osara.optional "string",
+--     address = { street = "string", zip = "string" },
+--   }
+--   local v, errs = Order:validate(value)
+--   -- v: the value with defaults applied; errs: { {path=, message=}, ..., text= }
+--
+-- Types: string, integer, number, boolean, any, array-of, map-of, a nested
+-- record (plain table or another schema). Modifiers: optional, nullable,
+-- default (deep-copied), enum, min/max, min_len/max_len, pattern (a Lua
+-- pattern), check (a function returning true, or false/nil plus a message).
+-- Unknown record fields: opts.unknown = "allow" (default) | "strip" | "reject".
+local cjson = require "cjson"
+
+local M = {}
+local MAX_ERRORS = 20
+local null = cjson.null
+
+local Schema = {}
+Schema.__index = Schema
+
+local SPEC = {} -- marks field specs made by the constructors
+
+local function spec(kind, opts)
+  local s = { kind = kind }
+  for k, v in pairs(opts or {}) do s[k] = v end
+  return setmetatable(s, SPEC)
+end
+
+local function is_spec(t) return getmetatable(t) == SPEC end
+
+local SCALARS = { string = true, integer = true, number = true, boolean = true, any = true }
+
+-- Normalises "string" | spec | plain record table | schema to a spec.
+local function to_spec(t, where)
+  if type(t) == "string" then
+    if not SCALARS[t] then
+      error(("schema: unknown type '%s'%s (string, integer, number, boolean, any)"):format(t, where or ""), 4)
+    end
+    return spec(t)
+  end
+  if getmetatable(t) == Schema then return spec("record", { schema = t }) end
+  if is_spec(t) then return t end
+  if type(t) == "table" then return spec("record", { schema = M.new(t) }) end
+  error("schema: a field type must be a type name, a table or a schema, got " .. type(t), 4)
+end
+
+-- Constructors: osara.string{...}, osara.array("string", {...}), ...
+for name in pairs(SCALARS) do
+  M[name] = function(opts) return spec(name, opts) end
+end
+M.any = spec("any")
+
+function M.array(of, opts)
+  local s = spec("array", opts)
+  s.of = to_spec(of)
+  return s
+end
+
+function M.map(of, opts)
+  local s = spec("map", opts)
+  s.of = to_spec(of)
+  return s
+end
+
+local function with(t, key)
+  local s = to_spec(t)
+  local c = spec(s.kind, s)
+  c[key] = true
+  return c
+end
+function M.optional(t) return with(t, "optional") end
+function M.nullable(t) return with(t, "nullable") end
+
+function M.enum(values, opts)
+  local s = spec("any", opts)
+  s.enum = values
+  return s
+end
+
+-- field(type, {default=, optional=, ...}): any type with modifiers.
+function M.field(t, opts)
+  local s = spec(to_spec(t).kind, to_spec(t))
+  for k, v in pairs(opts or {}) do s[k] = v end
+  return s
+end
+
+local function deep_copy(v)
+  if type(v) ~= "table" then return v end
+  local c = {}
+  for k, x in pairs(v) do c[k] = deep_copy(x) end
+  return setmetatable(c, getmetatable(v))
+end
+
+local function type_name(v)
+  if v == null then return "null" end
+  local t = type(v)
+  if t == "number" and v == math.floor(v) then return "integer" end
+  return t
+end
+
+-- ---- compilation -------------------------------------------------------------
+-- A checker is check(v, path, errs) -> v' (the value to keep). It appends
+-- {path=, message=} to errs on failure.
+
+local function add(errs, path, msg)
+  if #errs < MAX_ERRORS then
+    errs[#errs + 1] = { path = path == "" and "/" or path, message = msg }
+  end
+end
+
+local function is_array(t)
+  local n = 0
+  for k in pairs(t) do
+    if type(k) ~= "number" then return false end
+    n = n + 1
+  end
+  return n == #t
+end
+
+local compile
+
+local function compile_base(s)
+  local kind = s.kind
+  if kind == "string" then
+    return function(v, path, errs)
+      if type(v) ~= "string" then add(errs, path, "expected string, got " .. type_name(v)) end
+      return v
+    end
+  elseif kind == "integer" then
+    return function(v, path, errs)
+      if type(v) ~= "number" or v ~= math.floor(v) or v ~= v then
+        add(errs, path, "expected integer, got " .. type_name(v))
+      end
+      return v
+    end
+  elseif kind == "number" then
+    return function(v, path, errs)
+      if type(v) ~= "number" or v ~= v then add(errs, path, "expected number, got " .. type_name(v)) end
+      return v
+    end
+  elseif kind == "boolean" then
+    return function(v, path, errs)
+      if type(v) ~= "boolean" then add(errs, path, "expected boolean, got " .. type_name(v)) end
+      return v
+    end
+  elseif kind == "any" then
+    return function(v) return v end
+  elseif kind == "array" then
+    local item = compile(s.of)
+    return function(v, path, errs)
+      if type(v) ~= "table" or not is_array(v) then
+        add(errs, path, "expected array, got " .. type_name(v))
+        return v
+      end
+      for i = 1, #v do
+        v[i] = item(v[i], path .. "/" .. i, errs)
+      end
+      return v
+    end
+  elseif kind == "map" then
+    local item = compile(s.of)
+    return function(v, path, errs)
+      if type(v) ~= "table" then
+        add(errs, path, "expected object, got " .. type_name(v))
+        return v
+      end
+      for k, x in pairs(v) do
+        if type(k) ~= "string" then
+          add(errs, path, "expected string keys, got " .. type(k))
+        else
+          v[k] = item(x, path .. "/" .. k, errs)
+        end
+      end
+      return v
+    end
+  elseif kind == "record" then
+    local sch = s.schema
+    return function(v, path, errs) return sch:_check(v, path, errs) end
+  end
+  error("schema: unknown kind " .. tostring(kind))
+end
+
+-- Wraps the base checker with the modifiers that apply to present values.
+local function compile_constraints(s, base)
+  local min, max, min_len, max_len = s.min, s.max, s.min_len, s.max_len
+  local pattern, check, enum = s.pattern, s.check, s.enum
+  if not (min or max or min_len or max_len or pattern or check or enum) then
+    return base
+  end
+  local allowed
+  if enum then
+    allowed = {}
+    for _, x in ipairs(enum) do allowed[x] = true end
+  end
+  return function(v, path, errs)
+    local before = #errs
+    v = base(v, path, errs)
+    if #errs > before then return v end
+    if allowed and not allowed[v] then
+      local names = {}
+      for i, x in ipairs(enum) do names[i] = tostring(x) end
+      add(errs, path, ("expected one of %s, got %s"):format(table.concat(names, ", "), tostring(v)))
+    end
+    if type(v) == "number" then
+      if min and v < min then add(errs, path, ("must be >= %s, got %s"):format(min, v)) end
+      if max and v > max then add(errs, path, ("must be <= %s, got %s"):format(max, v)) end
+    end
+    local len = (type(v) == "string" or type(v) == "table") and #v or nil
+    if len then
+      if min_len and len < min_len then add(errs, path, ("length must be >= %d, got %d"):format(min_len, len)) end
+      if max_len and len > max_len then add(errs, path, ("length must be <= %d, got %d"):format(max_len, len)) end
+    end
+    if pattern and type(v) == "string" and not v:find(pattern) then
+      add(errs, path, ("does not match pattern %s"):format(pattern))
+    end
+    if check then
+      local ok, res, msg = pcall(check, v)
+      if not ok then add(errs, path, "check failed: " .. tostring(res))
+      elseif not res then add(errs, path, msg or "check failed") end
+    end
+    return v
+  end
+end
+
+-- Handles absence (nil), null and defaults around the constrained checker.
+function compile(s)
+  local inner = compile_constraints(s, compile_base(s))
+  local optional, nullable, default = s.optional, s.nullable, s.default
+  local has_default = default ~= nil
+  return function(v, path, errs)
+    if v == nil then
+      if has_default then return deep_copy(default) end
+      if not optional then add(errs, path, "required") end
+      return nil
+    end
+    if v == null then
+      if nullable then return v end
+      if has_default and default == null then return v end
+      add(errs, path, "must not be null")
+      return v
+    end
+    return inner(v, path, errs)
+  end
+end
+
+-- ---- schemas -----------------------------------------------------------------
+
+local declared = {}
+M._declared = declared
+
+local function where(level)
+  local info = debug.getinfo(level + 1, "Sl")
+  return info and ("%s:%d"):format(info.short_src, info.currentline or 0) or "?"
+end
+
+-- schema(def [, {name=, unknown=}]) -> schema
+function M.new(def, opts)
+  if type(def) ~= "table" then
+    error("osara.schema: expected a table of fields", 2)
+  end
+  opts = opts or {}
+  local unknown = opts.unknown or "allow"
+  if unknown ~= "allow" and unknown ~= "strip" and unknown ~= "reject" then
+    error("osara.schema: unknown must be 'allow', 'strip' or 'reject'", 2)
+  end
+  local fields, names = {}, {}
+  for name, t in pairs(def) do
+    if type(name) ~= "string" then
+      error("osara.schema: field names must be strings", 2)
+    end
+    names[#names + 1] = name
+  end
+  table.sort(names)
+  for i, name in ipairs(names) do
+    local s = to_spec(def[name], (" for field '%s'"):format(name))
+    fields[i] = { name = name, spec = s, check = compile(s) }
+  end
+  local known = {}
+  for _, f in ipairs(fields) do known[f.name] = true end
+  return setmetatable({ name = opts.name, fields_ = fields, known = known, unknown = unknown }, Schema)
+end
+
+function Schema:_check(v, path, errs)
+  if type(v) ~= "table" or (next(v) ~= nil and is_array(v) and #v > 0) then
+    add(errs, path, "expected object, got " .. (type(v) == "table" and "array" or type_name(v)))
+    return v
+  end
+  for _, f in ipairs(self.fields_) do
+    local x = f.check(v[f.name], path .. "/" .. f.name, errs)
+    if x ~= nil then v[f.name] = x end
+  end
+  if self.unknown ~= "allow" then
+    for k in pairs(v) do
+      if not self.known[k] then
+        if self.unknown == "strip" then
+          v[k] = nil
+        else
+          add(errs, path .. "/" .. tostring(k), "unknown field")
+        end
+      end
+    end
+  end
+  return v
+end
+
+local function errors_text(errs)
+  local parts = {}
+  for i, e in ipairs(errs) do parts[i] = e.path .. ": " .. e.message end
+  return table.concat(parts, "; ")
+end
+
+-- schema:validate(v) -> v (defaults applied, in place) | nil, errs
+function Schema:validate(v)
+  local errs = {}
+  local out = self:_check(v, "", errs)
+  if #errs > 0 then
+    errs.text = errors_text(errs)
+    if #errs == MAX_ERRORS then errs.text = errs.text .. "; (more errors not shown)" end
+    return nil, errs
+  end
+  return out
+end
+
+local function describe_spec(s)
+  local parts = { s.kind }
+  if s.kind == "array" or s.kind == "map" then parts[1] = s.kind .. " of " .. describe_spec(s.of) end
+  if s.kind == "record" then parts[1] = "record" end
+  for _, k in ipairs { "optional", "nullable" } do
+    if s[k] then parts[#parts + 1] = k end
+  end
+  if s.default ~= nil then parts[#parts + 1] = "default " .. (type(s.default) == "table" and "{...}" or tostring(s.default)) end
+  for _, k in ipairs { "min", "max", "min_len", "max_len", "pattern" } do
+    if s[k] ~= nil then parts[#parts + 1] = k .. " " .. tostring(s[k]) end
+  end
+  if s.enum then parts[#parts + 1] = "enum" end
+  if s.check then parts[#parts + 1] = "check" end
+  return table.concat(parts, ", ")
+end
+
+-- schema:fields() -> { {name=, type=}, ... } for printing.
+function Schema:fields()
+  local out = {}
+  for i, f in ipairs(self.fields_) do
+    out[i] = { name = f.name, type = describe_spec(f.spec), spec = f.spec }
+  end
+  return out
+end
+
+-- describe(schema) -> multi-line text (osara check).
+function M.describe(s, indent)
+  indent = indent or "  "
+  local lines = {}
+  for _, f in ipairs(s:fields()) do
+    lines[#lines + 1] = indent .. f.name .. ": " .. f.type
+    if f.spec.kind == "record" then
+      lines[#lines + 1] = M.describe(f.spec.schema, indent .. "  ")
+    end
+  end
+  return table.concat(lines, "\n")
+end
+
+setmetatable(M, {
+  __call = function(_, def, opts)
+    local s = M.new(def, opts)
+    declared[#declared + 1] = { schema = s, name = (opts and opts.name) or ("schema #" .. (#declared + 1)),
+                                where = where(2) }
+    return s
+  end,
+})
+
+return M

@@ -1,0 +1,178 @@
+local osara = require "osara"
+local codec = require "osara.codec"
+local cjson = require "cjson"
+
+local function paths(errs)
+  local out = {}
+  for i, e in ipairs(errs) do out[i] = e.path .. ": " .. e.message end
+  table.sort(out)
+  return out
+end
+
+describe("osara.schema", function()
+  local Order = osara.schema {
+    id = "integer", user = "string",
+    amount = osara.number { min = 0, max = 1000 },
+    tags = osara.array "string",
+    note = osara.optional "string",
+    status = osara.field("string", { default = "new", enum = { "new", "paid" } }),
+    address = { street = "string", zip = osara.string { pattern = "^%d%d%d%d%d$" } },
+    meta = osara.map "number",
+    extra = osara.nullable "integer",
+    code = osara.string { min_len = 2, max_len = 4, check = function(v) return v ~= "XX", "XX is reserved" end },
+  }
+  local function good()
+    return { id = 1, user = "ann", amount = 5, tags = { "a", "b" }, address = { street = "x", zip = "12345" },
+             meta = { a = 1 }, extra = cjson.null, code = "AB" }
+  end
+
+  it("accepts a valid value and applies defaults", function()
+    local v = assert(Order:validate(good()))
+    assert.are.equal("new", v.status)
+  end)
+
+  it("reports every error with a path, not just the first", function()
+    local v = good()
+    v.id = 1.5
+    v.user = 3
+    v.amount = -1
+    v.tags[2] = 7
+    v.address.zip = 12345
+    v.meta.b = "x"
+    v.extra = "y"
+    v.status = "lost"
+    v.code = "XX"
+    local ok, errs = Order:validate(v)
+    assert.is_nil(ok)
+    assert.are.same({
+      "/address/zip: expected string, got integer",
+      "/amount: must be >= 0, got -1",
+      "/code: XX is reserved",
+      "/extra: expected integer, got string",
+      "/id: expected integer, got number",
+      "/meta/b: expected number, got string",
+      "/status: expected one of new, paid, got lost",
+      "/tags/2: expected string, got integer",
+      "/user: expected string, got integer",
+    }, paths(errs))
+    assert.matches("/id: expected integer", errs.text)
+  end)
+
+  it("requires fields that are not optional, rejects null unless nullable", function()
+    local v = good()
+    v.user = nil
+    v.id = cjson.null
+    local _, errs = Order:validate(v)
+    assert.are.same({ "/id: must not be null", "/user: required" }, paths(errs))
+  end)
+
+  it("checks lengths and patterns", function()
+    local v = good()
+    v.code = "ABCDE"
+    v.address.zip = "12a45"
+    local _, errs = Order:validate(v)
+    assert.are.same({ "/address/zip: does not match pattern ^%d%d%d%d%d$",
+                      "/code: length must be <= 4, got 5" }, paths(errs))
+  end)
+
+  it("deep-copies table defaults", function()
+    local S = osara.schema { tags = osara.field(osara.array "string", { default = { "x" } }) }
+    local a = assert(S:validate({}))
+    local b = assert(S:validate({}))
+    a.tags[1] = "changed"
+    assert.are.equal("x", b.tags[1])
+  end)
+
+  it("handles unknown fields: allow, strip, reject", function()
+    local allow = osara.schema { a = "integer" }
+    local strip = osara.schema({ a = "integer" }, { unknown = "strip" })
+    local reject = osara.schema({ a = "integer" }, { unknown = "reject" })
+    assert.are.equal(2, assert(allow:validate({ a = 1, b = 2 })).b)
+    assert.is_nil(assert(strip:validate({ a = 1, b = 2 })).b)
+    local _, errs = reject:validate({ a = 1, b = 2 })
+    assert.are.same({ "/b: unknown field" }, paths(errs))
+  end)
+
+  it("nests schemas and reports nested paths", function()
+    local Address = osara.schema { zip = "string" }
+    local Person = osara.schema { home = Address, friends = osara.array(Address) }
+    local _, errs = Person:validate({ home = { zip = 1 }, friends = { { zip = "1" }, { zip = false } } })
+    assert.are.same({ "/friends/2/zip: expected string, got boolean", "/home/zip: expected string, got integer" }, paths(errs))
+  end)
+
+  it("caps the number of errors", function()
+    local S = osara.schema { xs = osara.array "string" }
+    local xs = {}
+    for i = 1, 100 do xs[i] = i end
+    local _, errs = S:validate({ xs = xs })
+    assert.are.equal(20, #errs)
+    assert.matches("more errors not shown", errs.text)
+  end)
+
+  it("rejects an unknown type name at declaration", function()
+    assert.has_error(function() osara.schema { a = "strng" } end)
+  end)
+
+  it("describes its fields", function()
+    local text = require("osara.schema").describe(Order)
+    assert.matches("amount: number, min 0, max 1000", text)
+    assert.matches("zip: string, pattern", text)
+  end)
+end)
+
+describe("codecs", function()
+  it("round-trip json, msgpack, raw and string", function()
+    local v = { a = 1, b = { "x", "y" }, c = true }
+    for _, name in ipairs { "json", "msgpack" } do
+      local c = codec.get(name)
+      local back = assert(c.decode(assert(c.encode(v))))
+      assert.are.same(v, back)
+    end
+    local bin = "\0\1\2\255binary"
+    assert.are.equal(bin, codec.get("raw").decode(codec.get("raw").encode(bin)))
+    assert.are.equal("text", codec.get("string").decode("text"))
+  end)
+
+  it("returns nil, err on bad input instead of raising", function()
+    local v, err = codec.get("json").decode("{not json")
+    assert.is_nil(v)
+    assert.matches("^json:", err)
+    v, err = codec.get("json").decode(string.rep("[", 1000))
+    assert.is_nil(v)
+    assert.matches("too many nested", err)
+    v, err = codec.get("json").decode('{"a":"\255\254"}')
+    assert.is_nil(v)
+    assert.are.equal("json: invalid UTF-8 at byte 7", err)
+    assert.is_truthy(codec.get("json").decode('{"a":"héllo ✓"}'))
+    v, err = codec.get("msgpack").decode("\193")
+    assert.is_nil(v)
+    assert.matches("^msgpack:", err)
+  end)
+
+  it("wraps custom codecs and catches their errors", function()
+    local c = codec.get { encode = function(v) return "<" .. v .. ">" end,
+                          decode = function(s) if s == "bad" then error("nope") end return s:sub(2, -2) end }
+    assert.are.equal("<x>", c.encode("x"))
+    assert.are.equal("x", c.decode("<x>"))
+    local v, err = c.decode("bad")
+    assert.is_nil(v)
+    assert.matches("nope", err)
+  end)
+
+  it("survives random bytes in every decoder (bounded fuzz)", function()
+    local deadline = osara.monotonic() + 1
+    local n = 0
+    while osara.monotonic() < deadline do
+      local len = math.random(0, 64)
+      local bytes = {}
+      for i = 1, len do bytes[i] = string.char(math.random(0, 255)) end
+      local s = table.concat(bytes)
+      for _, name in ipairs { "json", "msgpack", "raw", "string" } do
+        local ok = pcall(codec.get(name).decode, s)
+        assert.is_true(ok)
+      end
+      n = n + 1
+    end
+    assert.is_true(n > 100)
+  end)
+end)
