@@ -1,0 +1,768 @@
+#include "natsio.h"
+
+#include <errno.h>
+#include <lauxlib.h>
+#include <nats/nats.h>
+#include <netinet/in.h>
+#include <signal.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+#include <sys/prctl.h>
+#include <sys/socket.h>
+#include <sys/stat.h>
+#include <sys/wait.h>
+#include <unistd.h>
+#include <uv.h>
+
+#include "err.h"
+#include "log.h"
+#include "lvm.h"
+#include "metrics.h"
+#include "registry.h"
+#include "sched.h"
+#include "worker.h"
+
+#define CLIENT_MT "osara.nats.client"
+#define REQ_SLOTS 4096
+
+typedef struct nclient_s nclient_t;
+
+typedef struct nsub_s {
+    nclient_t *client;
+    osara_reg_entry_t *entry;
+    natsSubscription *sub;
+    char *subject, *queue;
+    int max_inflight, inflight;
+    natsMsg **waiting;          /* over the bound: FIFO ring */
+    int wcap, whead, wcount;
+    int dead;
+    struct nsub_s *next;
+} nsub_t;
+
+typedef struct {
+    uint64_t token;
+    osara_co_t *co;
+    unsigned seq;
+    uv_timer_t *timer;
+    nclient_t *client;
+} nreq_t;
+
+struct nclient_s {
+    osara_worker_t *w;
+    natsConnection *nc;
+    char *url;
+    pid_t server_pid;
+    char inbox[64];             /* "_INBOX.<nuid>." requests reply to inbox+token */
+    natsSubscription *resp_sub;
+    nreq_t reqs[REQ_SLOTS];
+    uint64_t next_token;
+    nsub_t *subs;
+    int closing;
+};
+
+/* A message from a nats.c thread on its way to the loop. */
+typedef struct {
+    nclient_t *client;
+    nsub_t *sub;                /* NULL: a reply to a request */
+    natsMsg *msg;
+} nevent_t;
+
+static osara_metric_t *m_received, *m_handled, *m_failed, *m_replies, *m_requests,
+    *m_timeouts, *m_slow, *m_reconnects, *m_disconnects;
+
+static void metrics_init(void)
+{
+    if (m_received) {
+        return;
+    }
+    m_received = osara_metrics_counter("osara_nats_received_total", "messages received", NULL);
+    m_handled = osara_metrics_counter("osara_nats_handled_total", "handler calls finished", NULL);
+    m_failed = osara_metrics_counter("osara_nats_failed_total", "handler calls cancelled", NULL);
+    m_replies = osara_metrics_counter("osara_nats_replies_total", "replies sent", NULL);
+    m_requests = osara_metrics_counter("osara_nats_requests_total", "requests sent", NULL);
+    m_timeouts = osara_metrics_counter("osara_nats_request_timeouts_total", "requests that timed out", NULL);
+    m_slow = osara_metrics_counter("osara_nats_slow_consumer_total", "slow consumer events", NULL);
+    m_reconnects = osara_metrics_counter("osara_nats_reconnects_total", "reconnections", NULL);
+    m_disconnects = osara_metrics_counter("osara_nats_disconnects_total", "disconnections", NULL);
+}
+
+/* ---- connection events (nats.c threads: log and count only) ------------ */
+
+static void on_disconnected(natsConnection *nc, void *closure)
+{
+    (void)nc;
+    nclient_t *c = closure;
+    if (!c->closing) {
+        osara_metric_add(m_disconnects, 1);
+        OSARA_WARN("nats %s: disconnected; reconnecting (publishes are buffered)", c->url);
+    }
+}
+
+static void on_reconnected(natsConnection *nc, void *closure)
+{
+    (void)nc;
+    nclient_t *c = closure;
+    osara_metric_add(m_reconnects, 1);
+    OSARA_INFO("nats %s: reconnected", c->url);
+}
+
+static void on_closed(natsConnection *nc, void *closure)
+{
+    (void)nc;
+    nclient_t *c = closure;
+    if (!c->closing) {
+        OSARA_WARN("nats %s: connection closed", c->url);
+    }
+}
+
+static void on_async_error(natsConnection *nc, natsSubscription *sub, natsStatus err,
+                           void *closure)
+{
+    (void)nc;
+    (void)sub;
+    (void)closure;
+    if (err == NATS_SLOW_CONSUMER) {
+        osara_metric_add(m_slow, 1);
+        OSARA_WARN("nats: slow consumer: messages dropped by the client's pending limit");
+    } else {
+        OSARA_WARN("nats: %s", natsStatus_GetText(err));
+    }
+}
+
+/* ---- delivery to the loop ----------------------------------------------- */
+
+static void deliver_event(void *arg);
+
+static void post(nclient_t *c, nsub_t *sub, natsMsg *msg)
+{
+    nevent_t *ev = malloc(sizeof(*ev));
+    ev->client = c;
+    ev->sub = sub;
+    ev->msg = msg;
+    if (osara_inbox_post(&c->w->inbox, deliver_event, ev) != 0) {
+        natsMsg_Destroy(msg);
+        free(ev);
+    }
+}
+
+static void on_msg(natsConnection *nc, natsSubscription *s, natsMsg *msg, void *closure)
+{
+    (void)nc;
+    (void)s;
+    nsub_t *sub = closure;
+    post(sub->client, sub, msg);
+}
+
+static void on_response(natsConnection *nc, natsSubscription *s, natsMsg *msg, void *closure)
+{
+    (void)nc;
+    (void)s;
+    post(closure, NULL, msg);
+}
+
+/* Pushes {subject=, raw=, reply=, headers=} for msg on T. */
+static void push_msg(lua_State *T, natsMsg *msg)
+{
+    lua_createtable(T, 0, 5);
+    lua_pushstring(T, natsMsg_GetSubject(msg));
+    lua_setfield(T, -2, "subject");
+    lua_pushlstring(T, natsMsg_GetData(msg) ? natsMsg_GetData(msg) : "",
+                    (size_t)natsMsg_GetDataLength(msg));
+    lua_setfield(T, -2, "raw");
+    if (natsMsg_GetReply(msg)) {
+        lua_pushstring(T, natsMsg_GetReply(msg));
+        lua_setfield(T, -2, "reply");
+    }
+    lua_createtable(T, 0, 0);
+    const char **keys = NULL;
+    int n = 0;
+    if (natsMsgHeader_Keys(msg, &keys, &n) == NATS_OK) {
+        for (int i = 0; i < n; i++) {
+            const char *v = NULL;
+            if (natsMsgHeader_Get(msg, keys[i], &v) == NATS_OK && v) {
+                lua_pushstring(T, v);
+                lua_setfield(T, -2, keys[i]);
+            }
+        }
+        free((void *)keys);
+    }
+    lua_setfield(T, -2, "headers");
+}
+
+static void dispatch_msg(nsub_t *sub, natsMsg *msg);
+
+static void pump(nsub_t *sub)
+{
+    while (sub->wcount > 0 && sub->inflight < sub->max_inflight && !sub->dead) {
+        natsMsg *msg = sub->waiting[sub->whead];
+        sub->whead = (sub->whead + 1) % sub->wcap;
+        sub->wcount--;
+        dispatch_msg(sub, msg);
+    }
+}
+
+typedef struct {
+    nsub_t *sub;
+    natsMsg *msg;
+} ncall_t;
+
+static void on_handler_done(osara_co_t *co, int ok, void *ud)
+{
+    (void)co;
+    ncall_t *call = ud;
+    nsub_t *sub = call->sub;
+    natsMsg_Destroy(call->msg);
+    free(call);
+    sub->inflight--;
+    osara_metric_add(ok ? m_handled : m_failed, 1);
+    if (!sub->client->closing) {
+        pump(sub);
+    }
+}
+
+static void enqueue_waiting(nsub_t *sub, natsMsg *msg)
+{
+    if (sub->wcount == sub->wcap) {
+        int cap = sub->wcap ? sub->wcap * 2 : 64;
+        natsMsg **ring = malloc(sizeof(*ring) * (size_t)cap);
+        for (int i = 0; i < sub->wcount; i++) {
+            ring[i] = sub->waiting[(sub->whead + i) % sub->wcap];
+        }
+        free(sub->waiting);
+        sub->waiting = ring;
+        sub->wcap = cap;
+        sub->whead = 0;
+    }
+    sub->waiting[(sub->whead + sub->wcount) % sub->wcap] = msg;
+    sub->wcount++;
+}
+
+static void dispatch_msg(nsub_t *sub, natsMsg *msg)
+{
+    if (sub->dead || sub->entry == NULL) {
+        natsMsg_Destroy(msg);
+        return;
+    }
+    if (sub->inflight >= sub->max_inflight) {
+        enqueue_waiting(sub, msg); /* waits in the queue; nats.c's pending limit bounds it */
+        return;
+    }
+    osara_co_t *co;
+    lua_State *T = osara_sched_acquire(sub->entry->vm, 0, &co);
+    if (T == NULL) {
+        enqueue_waiting(sub, msg); /* VM retiring: the adopting entry pumps */
+        return;
+    }
+    ncall_t *call = malloc(sizeof(*call));
+    call->sub = sub;
+    call->msg = msg;
+    sub->inflight++;
+    lua_rawgeti(T, LUA_REGISTRYINDEX, sub->entry->fnref);
+    push_msg(T, msg); /* T: [runner, msg] */
+    char what[256];
+    snprintf(what, sizeof(what), "nats handler %s (%s)", sub->subject, sub->entry->where);
+    osara_sched_run(co, 1, on_handler_done, call, what);
+}
+
+static void resolve_request(nclient_t *c, natsMsg *msg)
+{
+    const char *subj = natsMsg_GetSubject(msg);
+    uint64_t token = strtoull(subj + strlen(c->inbox), NULL, 10);
+    nreq_t *r = &c->reqs[token % REQ_SLOTS];
+    if (r->token != token || r->co == NULL || !osara_co_waiting(r->co) ||
+        osara_co_seq(r->co) != r->seq) {
+        natsMsg_Destroy(msg); /* late reply to a request that timed out */
+        return;
+    }
+    osara_co_t *co = r->co;
+    lua_State *T = osara_co_thread(co);
+    r->co = NULL;
+    if (r->timer) {
+        uv_timer_stop(r->timer);
+    }
+    int n;
+    if (natsMsg_IsNoResponders(msg)) {
+        lua_pushnil(T);
+        lua_pushliteral(T, "no responders");
+        n = 2;
+    } else {
+        push_msg(T, msg);
+        n = 1;
+    }
+    natsMsg_Destroy(msg);
+    osara_sched_resume(co, n);
+}
+
+static void deliver_event(void *arg)
+{
+    nevent_t *ev = arg;
+    nclient_t *c = ev->client;
+    natsMsg *msg = ev->msg;
+    nsub_t *sub = ev->sub;
+    free(ev);
+    if (c->closing) {
+        natsMsg_Destroy(msg);
+        return;
+    }
+    if (sub == NULL) {
+        resolve_request(c, msg);
+        return;
+    }
+    osara_metric_add(m_received, 1);
+    dispatch_msg(sub, msg);
+}
+
+/* ---- embedded server ------------------------------------------------------ */
+
+static int free_port(void)
+{
+    int fd = socket(AF_INET, SOCK_STREAM, 0);
+    struct sockaddr_in a = {.sin_family = AF_INET, .sin_addr.s_addr = htonl(INADDR_LOOPBACK)};
+    socklen_t len = sizeof(a);
+    int port = -1;
+    if (fd >= 0 && bind(fd, (struct sockaddr *)&a, sizeof(a)) == 0 &&
+        getsockname(fd, (struct sockaddr *)&a, &len) == 0) {
+        port = ntohs(a.sin_port);
+    }
+    if (fd >= 0) {
+        close(fd);
+    }
+    return port;
+}
+
+/* Starts nats-server as a child that dies with us (PR_SET_PDEATHSIG), so a
+ * kill -9 of the host never leaves it behind. */
+static int start_server(nclient_t *c, const char *data_dir)
+{
+    if (access("/usr/bin/nats-server", X_OK) != 0 && access("/usr/sbin/nats-server", X_OK) != 0) {
+        return osara_err_set(OSARA_ENOENT, "nats: the embedded server needs the nats-server "
+                                           "binary (apt-get install nats-server)");
+    }
+    int port = free_port();
+    char portstr[16], sd[4096];
+    snprintf(portstr, sizeof(portstr), "%d", port);
+    snprintf(sd, sizeof(sd), "%s/nats", data_dir);
+    mkdir(data_dir, 0755);
+    mkdir(sd, 0755);
+    pid_t pid = fork();
+    if (pid == 0) {
+        prctl(PR_SET_PDEATHSIG, SIGTERM);
+        int devnull = open("/dev/null", 0);
+        dup2(devnull, 1);
+        dup2(devnull, 2);
+        execlp("nats-server", "nats-server", "-a", "127.0.0.1", "-p", portstr, "-js", "-sd", sd,
+               (char *)NULL);
+        _exit(127);
+    }
+    if (pid < 0) {
+        return osara_err_set(-errno, "nats: cannot start nats-server: %s", strerror(errno));
+    }
+    c->server_pid = pid;
+    char url[64];
+    snprintf(url, sizeof(url), "nats://127.0.0.1:%d", port);
+    free(c->url);
+    c->url = strdup(url);
+    return 0;
+}
+
+static void stop_server(nclient_t *c)
+{
+    if (c->server_pid > 0) {
+        kill(c->server_pid, SIGTERM);
+        waitpid(c->server_pid, NULL, 0);
+        c->server_pid = 0;
+    }
+}
+
+/* ---- client ------------------------------------------------------------------ */
+
+static void client_close(void *ptr)
+{
+    nclient_t *c = ptr;
+    c->closing = 1;
+    osara_inbox_drain(&c->w->inbox); /* destroys messages still queued */
+    if (c->nc) {
+        natsConnection_FlushTimeout(c->nc, 2000);
+        natsConnection_Close(c->nc);
+    }
+    for (nsub_t *s = c->subs; s;) {
+        nsub_t *next = s->next;
+        if (s->sub) {
+            natsSubscription_Destroy(s->sub);
+        }
+        for (int i = 0; i < s->wcount; i++) {
+            natsMsg_Destroy(s->waiting[(s->whead + i) % s->wcap]);
+        }
+        free(s->waiting);
+        free(s->subject);
+        free(s->queue);
+        free(s);
+        s = next;
+    }
+    if (c->resp_sub) {
+        natsSubscription_Destroy(c->resp_sub);
+    }
+    if (c->nc) {
+        natsConnection_Destroy(c->nc);
+    }
+    for (int i = 0; i < REQ_SLOTS; i++) {
+        if (c->reqs[i].timer) {
+            uv_close((uv_handle_t *)c->reqs[i].timer, (uv_close_cb)free);
+        }
+    }
+    osara_inbox_drain(&c->w->inbox);
+    stop_server(c);
+    free(c->url);
+    free(c);
+}
+
+static natsStatus connect_client(nclient_t *c, lua_State *L, int conf)
+{
+    natsOptions *opts = NULL;
+    natsStatus s = natsOptions_Create(&opts);
+    if (s == NATS_OK) s = natsOptions_SetServers(opts, (const char *[]){c->url}, 1);
+    lua_getfield(L, conf, "name");
+    if (s == NATS_OK && lua_isstring(L, -1)) s = natsOptions_SetName(opts, lua_tostring(L, -1));
+    lua_getfield(L, conf, "user");
+    lua_getfield(L, conf, "password");
+    if (s == NATS_OK && lua_isstring(L, -2))
+        s = natsOptions_SetUserInfo(opts, lua_tostring(L, -2), lua_tostring(L, -1));
+    lua_getfield(L, conf, "token");
+    if (s == NATS_OK && lua_isstring(L, -1)) s = natsOptions_SetToken(opts, lua_tostring(L, -1));
+    lua_getfield(L, conf, "creds");
+    if (s == NATS_OK && lua_isstring(L, -1))
+        s = natsOptions_SetUserCredentialsFromFiles(opts, lua_tostring(L, -1), NULL);
+    lua_getfield(L, conf, "tls");
+    if (s == NATS_OK && lua_toboolean(L, -1)) s = natsOptions_SetSecure(opts, true);
+    lua_getfield(L, conf, "ca");
+    if (s == NATS_OK && lua_isstring(L, -1))
+        s = natsOptions_LoadCATrustedCertificates(opts, lua_tostring(L, -1));
+    lua_pop(L, 7);
+    /* Requests and replies are latency-bound: do not wait for the flusher. */
+    if (s == NATS_OK) s = natsOptions_SetSendAsap(opts, true);
+    if (s == NATS_OK) s = natsOptions_SetMaxReconnect(opts, -1);
+    if (s == NATS_OK) s = natsOptions_SetReconnectWait(opts, 250);
+    if (s == NATS_OK) s = natsOptions_SetReconnectBufSize(opts, 8 * 1024 * 1024);
+    if (s == NATS_OK) s = natsOptions_SetDisconnectedCB(opts, on_disconnected, c);
+    if (s == NATS_OK) s = natsOptions_SetReconnectedCB(opts, on_reconnected, c);
+    if (s == NATS_OK) s = natsOptions_SetClosedCB(opts, on_closed, c);
+    if (s == NATS_OK) s = natsOptions_SetErrorHandler(opts, on_async_error, c);
+    if (s == NATS_OK) s = natsOptions_SetTimeout(opts, 2000);
+    /* The embedded server needs a moment to listen. */
+    for (int attempt = 0; s == NATS_OK && attempt < 100; attempt++) {
+        s = natsConnection_Connect(&c->nc, opts);
+        if (s != NATS_NO_SERVER || c->server_pid == 0) {
+            break;
+        }
+        s = NATS_OK;
+        usleep(50000);
+    }
+    natsOptions_Destroy(opts);
+    return s;
+}
+
+static natsStatus start_responses(nclient_t *c)
+{
+    char *nuid = NULL;
+    natsStatus s = natsInbox_Create((natsInbox **)&nuid);
+    if (s != NATS_OK) {
+        return s;
+    }
+    snprintf(c->inbox, sizeof(c->inbox), "%s.", nuid);
+    natsInbox_Destroy((natsInbox *)nuid);
+    char wildcard[80];
+    snprintf(wildcard, sizeof(wildcard), "%s*", c->inbox);
+    return natsConnection_Subscribe(&c->resp_sub, c->nc, wildcard, on_response, c);
+}
+
+typedef struct {
+    nclient_t *c;
+} client_ud_t;
+
+/* client(conf, key) -> client. conf: {servers=, name=, user=, password=,
+ * token=, creds=, tls=, ca=}; servers "embedded" (default) starts a
+ * nats-server child. Raises with nats.c's message. */
+static int l_nats_client(lua_State *L)
+{
+    luaL_checktype(L, 1, LUA_TTABLE);
+    const char *key = luaL_checkstring(L, 2);
+    osara_vm_t *vm = osara_vm_from_L(L);
+    osara_worker_t *w = vm->w;
+    metrics_init();
+    char skey[1024];
+    snprintf(skey, sizeof(skey), "nats:%s", key);
+    nclient_t *c = w->opts.mode == OSARA_MODE_CHECK ? NULL : osara_worker_shared_get(w, skey);
+    if (c == NULL && w->opts.mode != OSARA_MODE_CHECK) {
+        c = calloc(1, sizeof(*c));
+        c->w = w;
+        lua_getfield(L, 1, "servers");
+        const char *servers = luaL_optstring(L, -1, "embedded");
+        c->url = strdup(servers);
+        lua_pop(L, 1);
+        if (strcmp(c->url, "embedded") == 0 && start_server(c, w->data_dir) != 0) {
+            client_close(c);
+            return luaL_error(L, "%s", osara_err_msg());
+        }
+        natsStatus s = connect_client(c, L, 1);
+        if (s == NATS_OK) {
+            s = start_responses(c);
+        }
+        if (s != NATS_OK) {
+            char msg[512];
+            snprintf(msg, sizeof(msg), "nats: cannot connect to %s: %s", c->url,
+                     natsStatus_GetText(s));
+            client_close(c);
+            return luaL_error(L, "%s", msg);
+        }
+        if (c->server_pid) {
+            OSARA_INFO("nats: embedded server (JetStream in %s/nats) at %s", w->data_dir, c->url);
+        }
+        osara_worker_shared_put(w, skey, c, client_close);
+    }
+    client_ud_t *ud = lua_newuserdata(L, sizeof(*ud));
+    ud->c = c;
+    luaL_getmetatable(L, CLIENT_MT);
+    lua_setmetatable(L, -2);
+    return 1;
+}
+
+static nclient_t *check_client(lua_State *L, int idx)
+{
+    client_ud_t *ud = luaL_checkudata(L, idx, CLIENT_MT);
+    if (ud->c == NULL) {
+        luaL_error(L, "nats: not connected (osara check mode)");
+    }
+    return ud->c;
+}
+
+static natsStatus add_headers(lua_State *L, int idx, natsMsg *m)
+{
+    natsStatus s = NATS_OK;
+    lua_pushnil(L);
+    while (s == NATS_OK && lua_next(L, idx) != 0) {
+        if (lua_type(L, -2) == LUA_TSTRING && lua_isstring(L, -1)) {
+            s = natsMsgHeader_Set(m, lua_tostring(L, -2), lua_tostring(L, -1));
+        }
+        lua_pop(L, 1);
+    }
+    return s;
+}
+
+/* client:publish(subject, bytes, reply_to|nil, headers|nil) -> true | nil, err
+ * Buffered by nats.c; never blocks the loop. */
+static int l_client_publish(lua_State *L)
+{
+    nclient_t *c = check_client(L, 1);
+    const char *subject = luaL_checkstring(L, 2);
+    size_t len;
+    const char *data = luaL_checklstring(L, 3, &len);
+    const char *reply = luaL_optstring(L, 4, NULL);
+    natsStatus s;
+    if (lua_istable(L, 5)) {
+        natsMsg *m = NULL;
+        s = natsMsg_Create(&m, subject, reply, data, (int)len);
+        if (s == NATS_OK) s = add_headers(L, 5, m);
+        if (s == NATS_OK) s = natsConnection_PublishMsg(c->nc, m);
+        natsMsg_Destroy(m);
+    } else if (reply) {
+        s = natsConnection_PublishRequest(c->nc, subject, reply, data, (int)len);
+    } else {
+        s = natsConnection_Publish(c->nc, subject, data, (int)len);
+    }
+    if (s != NATS_OK) {
+        lua_pushnil(L);
+        lua_pushfstring(L, "nats: publish to %s: %s", subject, natsStatus_GetText(s));
+        return 2;
+    }
+    lua_pushboolean(L, 1);
+    return 1;
+}
+
+/* client:reply(subject, bytes): counted as a reply */
+static int l_client_reply(lua_State *L)
+{
+    int n = l_client_publish(L);
+    osara_metric_add(m_replies, 1);
+    return n;
+}
+
+static void request_cleanup(void *data)
+{
+    nreq_t *r = data;
+    r->co = NULL;
+    if (r->timer) {
+        uv_timer_stop(r->timer);
+    }
+}
+
+static void on_request_timeout(uv_timer_t *t)
+{
+    nreq_t *r = t->data;
+    osara_co_t *co = r->co;
+    if (co == NULL || !osara_co_waiting(co) || osara_co_seq(co) != r->seq) {
+        return;
+    }
+    r->co = NULL;
+    osara_metric_add(m_timeouts, 1);
+    lua_State *T = osara_co_thread(co);
+    lua_pushnil(T);
+    lua_pushliteral(T, "timeout");
+    osara_sched_resume(co, 2);
+}
+
+/* client:request(subject, bytes, timeout, headers|nil) -> msg | nil, err
+ * All requests share one wildcard inbox subscription. */
+static int l_client_request(lua_State *L)
+{
+    nclient_t *c = check_client(L, 1);
+    const char *subject = luaL_checkstring(L, 2);
+    size_t len;
+    const char *data = luaL_checklstring(L, 3, &len);
+    double timeout = luaL_optnumber(L, 4, 5);
+    osara_co_t *co = osara_sched_current(L);
+    if (co == NULL) {
+        return luaL_error(L, "nats:request: only inside a handler, timer or task");
+    }
+    uint64_t token = ++c->next_token;
+    nreq_t *r = &c->reqs[token % REQ_SLOTS];
+    if (r->co != NULL) {
+        lua_pushnil(L);
+        lua_pushliteral(L, "too many requests in flight");
+        return 2;
+    }
+    char reply[128];
+    snprintf(reply, sizeof(reply), "%s%llu", c->inbox, (unsigned long long)token);
+    natsStatus s;
+    if (lua_istable(L, 5)) {
+        natsMsg *m = NULL;
+        s = natsMsg_Create(&m, subject, reply, data, (int)len);
+        if (s == NATS_OK) s = add_headers(L, 5, m);
+        if (s == NATS_OK) s = natsConnection_PublishMsg(c->nc, m);
+        natsMsg_Destroy(m);
+    } else {
+        s = natsConnection_PublishRequest(c->nc, subject, reply, data, (int)len);
+    }
+    if (s != NATS_OK) {
+        lua_pushnil(L);
+        lua_pushfstring(L, "nats: request to %s: %s", subject, natsStatus_GetText(s));
+        return 2;
+    }
+    osara_metric_add(m_requests, 1);
+    r->token = token;
+    r->co = co;
+    r->seq = osara_co_seq(co) + 1;
+    r->client = c;
+    if (r->timer == NULL) {
+        r->timer = malloc(sizeof(*r->timer));
+        uv_timer_init(&c->w->loop, r->timer);
+        r->timer->data = r;
+    }
+    uv_timer_start(r->timer, on_request_timeout, (uint64_t)(timeout * 1000), 0);
+    return osara_sched_wait(L, request_cleanup, r);
+}
+
+/* client:flush([timeout]) -> true | nil, err (blocks up to timeout; tests) */
+static int l_client_flush(lua_State *L)
+{
+    nclient_t *c = check_client(L, 1);
+    natsStatus s = natsConnection_FlushTimeout(c->nc, (int64_t)(luaL_optnumber(L, 2, 2) * 1000));
+    if (s != NATS_OK) {
+        lua_pushnil(L);
+        lua_pushstring(L, natsStatus_GetText(s));
+        return 2;
+    }
+    lua_pushboolean(L, 1);
+    return 1;
+}
+
+static int l_client_url(lua_State *L)
+{
+    client_ud_t *ud = luaL_checkudata(L, 1, CLIENT_MT);
+    lua_pushstring(L, ud->c ? ud->c->url : "embedded");
+    return 1;
+}
+
+/* ---- registry kind "nats" --------------------------------------------------- */
+
+static int kind_start(osara_reg_entry_t *e)
+{
+    lua_State *L = e->vm->L;
+    lua_rawgeti(L, LUA_REGISTRYINDEX, e->optsref); /* [opts] */
+    lua_getfield(L, -1, "client");
+    client_ud_t *ud = luaL_checkudata(L, -1, CLIENT_MT);
+    nclient_t *c = ud->c;
+    lua_getfield(L, -2, "subject");
+    lua_getfield(L, -3, "queue");
+    lua_getfield(L, -4, "max_inflight");
+    nsub_t *sub = calloc(1, sizeof(*sub));
+    sub->client = c;
+    sub->entry = e;
+    sub->subject = strdup(lua_tostring(L, -3));
+    sub->queue = lua_isstring(L, -2) ? strdup(lua_tostring(L, -2)) : NULL;
+    sub->max_inflight = lua_isnumber(L, -1) ? (int)lua_tointeger(L, -1) : 256;
+    lua_pop(L, 5);
+    natsStatus s = sub->queue
+        ? natsConnection_QueueSubscribe(&sub->sub, c->nc, sub->subject, sub->queue, on_msg, sub)
+        : natsConnection_Subscribe(&sub->sub, c->nc, sub->subject, on_msg, sub);
+    if (s == NATS_OK) {
+        /* Bounded, and reported as a slow consumer past it - never silent. */
+        natsSubscription_SetPendingLimits(sub->sub, 65536, 64 * 1024 * 1024);
+    }
+    sub->next = c->subs;
+    c->subs = sub;
+    e->impl = sub;
+    if (s != NATS_OK) {
+        sub->dead = 1;
+        return osara_err_set(OSARA_EBROKER, "nats: cannot subscribe to %s: %s", sub->subject,
+                             natsStatus_GetText(s));
+    }
+    natsConnection_Flush(c->nc); /* the server knows the interest before we go on */
+    return 0;
+}
+
+static void kind_adopt(osara_reg_entry_t *e, osara_reg_entry_t *old)
+{
+    nsub_t *sub = old->impl;
+    old->impl = NULL;
+    sub->entry = e;
+    e->impl = sub;
+    pump(sub);
+}
+
+static void kind_stop(osara_reg_entry_t *e)
+{
+    nsub_t *sub = e->impl;
+    if (sub == NULL) {
+        return;
+    }
+    sub->dead = 1;
+    sub->entry = NULL;
+    if (sub->sub && !sub->client->closing) {
+        natsSubscription_Unsubscribe(sub->sub);
+    }
+    e->impl = NULL;
+}
+
+static const osara_reg_kind_t nats_kind = {
+    .name = "nats", .start = kind_start, .adopt = kind_adopt, .stop = kind_stop,
+};
+
+int osara_natsio_open(lua_State *L)
+{
+    static const luaL_Reg methods[] = {
+        {"publish", l_client_publish}, {"reply", l_client_reply},
+        {"request", l_client_request}, {"flush", l_client_flush},
+        {"url", l_client_url},         {NULL, NULL},
+    };
+    osara_registry_kind(&nats_kind);
+    luaL_newmetatable(L, CLIENT_MT);
+    lua_newtable(L);
+    luaL_register(L, NULL, methods);
+    lua_setfield(L, -2, "__index");
+    lua_pop(L, 1);
+    lua_newtable(L);
+    lua_pushcfunction(L, l_nats_client);
+    lua_setfield(L, -2, "client");
+    return 1;
+}

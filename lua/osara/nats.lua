@@ -1,0 +1,163 @@
+-- osara.nats: NATS clients, handlers, publish, request/reply (panini's API
+-- as Lua). C (host/natsio.c) owns the connection; see docs/nats.md.
+local natsio = require "osara.natsio_c"
+local vm_c = require "osara.vm_c"
+local codec = require "osara.codec"
+local dispatch = require "osara.dispatch"
+
+local M = {}
+local Client = {}
+Client.__index = Client
+
+local function where(level)
+  local info = debug.getinfo(level + 1, "Sl")
+  return info and ("%s:%d"):format(info.short_src, info.currentline or 0) or "?"
+end
+
+-- Subjects: tokens separated by dots, no whitespace, no empty token;
+-- wildcards only as whole tokens ("*" anywhere, ">" last) when allowed.
+local function check_subject(subject, wildcards, level)
+  local bad
+  if type(subject) ~= "string" or subject == "" then
+    bad = "a subject must be a non-empty string"
+  elseif subject:find("[%s%c]") then
+    bad = "whitespace or control characters"
+  else
+    local tokens = {}
+    for t in (subject .. "."):gmatch("([^.]*)%.") do tokens[#tokens + 1] = t end
+    for i, t in ipairs(tokens) do
+      if t == "" then bad = "empty token" break end
+      if (t:find("[*>]") and (#t > 1 or not wildcards)) or (t == ">" and i ~= #tokens) then
+        bad = "misplaced wildcard"
+        break
+      end
+    end
+  end
+  if bad then
+    error(("nats: invalid subject %q (%s)"):format(tostring(subject), bad), level + 1)
+  end
+end
+
+local function signature(t)
+  local keys = {}
+  for k, v in pairs(t) do
+    if type(v) ~= "table" and type(v) ~= "function" then keys[#keys + 1] = k end
+  end
+  table.sort(keys)
+  local out = {}
+  for _, k in ipairs(keys) do out[#out + 1] = k .. "=" .. tostring(t[k]) end
+  return table.concat(out, ";")
+end
+
+-- osara.nats{servers=, name=, user=, password=, token=, creds=, tls=, ca=}
+local function new(conf)
+  conf = conf or {}
+  if type(conf) ~= "table" then error("osara.nats: expected a table", 2) end
+  local c = {}
+  for k, v in pairs(conf) do c[k] = v end
+  if type(c.servers) == "table" then c.servers = table.concat(c.servers, ",") end
+  c.servers = os.getenv("OSARA_NATS_SERVERS") or c.servers or "embedded"
+  local ok, client = pcall(natsio.client, c, signature(c))
+  if not ok then
+    error(tostring(client):gsub("^[^:]*:%d+: ", ""), 2)
+  end
+  return setmetatable({ c = client }, Client)
+end
+
+setmetatable(M, { __call = function(_, conf) return new(conf) end })
+
+function Client:url()
+  return self.c:url()
+end
+
+local function encode(value, c, what)
+  local bytes, err = codec.get(c).encode(value)
+  if bytes == nil then error(what .. ": cannot encode: " .. tostring(err), 3) end
+  return bytes
+end
+
+-- nats:publish(subject, value, {headers=, reply_to=, codec=}) -> true | nil, err
+function Client:publish(subject, value, opts)
+  check_subject(subject, false, 2)
+  opts = opts or {}
+  return self.c:publish(subject, encode(value, opts.codec, "nats:publish"), opts.reply_to, opts.headers)
+end
+
+-- nats:request(subject, value, {timeout=, headers=, codec=}) -> msg | nil, err
+-- msg.data is the decoded reply; err is "timeout" or "no responders".
+function Client:request(subject, value, opts)
+  check_subject(subject, false, 2)
+  opts = opts or {}
+  local c = codec.get(opts.codec)
+  local msg, err = self.c:request(subject, encode(value, c, "nats:request"), opts.timeout or 5, opts.headers)
+  if not msg then return nil, err end
+  local v, derr = c.decode(msg.raw)
+  if v == nil and derr then return nil, derr end
+  msg.data = v
+  return msg
+end
+
+-- Builds the function C calls for each message of one subscription.
+local function make_runner(self, subject, opts, fn, at)
+  local h = dispatch.handler { kind = "nats", name = subject, codec = opts.codec,
+                               schema = opts.schema, fn = fn, where = at }
+  local max_bytes = opts.max_bytes or 1048576
+  local reply_empty = opts.reply_empty
+  return function(msg)
+    if #msg.raw > max_bytes then
+      dispatch.bad_input("nats", subject, "too_large", msg.subject,
+        ("%d bytes over the %d-byte limit (opts.max_bytes)"):format(#msg.raw, max_bytes))
+      return
+    end
+    local ok, reason, err = h:decode(msg)
+    if not ok then
+      dispatch.bad_input("nats", subject, reason, msg.subject, err)
+      return
+    end
+    msg.data = msg.value
+    local res = { pcall(fn, msg) }
+    if not res[1] then
+      dispatch.bad_input("nats", subject, "handler", msg.subject, tostring(res[2]))
+      return
+    end
+    if msg.reply and (res[2] ~= nil or reply_empty) then
+      local bytes = res[2] == nil and "" or h:encode(res[2])
+      if bytes == nil then
+        dispatch.bad_input("nats", subject, "encode", msg.subject, "cannot encode the reply")
+        return
+      end
+      self.c:reply(msg.reply, bytes)
+    end
+  end
+end
+
+-- nats:handle(subject, [opts,] fn): opts.queue (queue group), codec,
+-- schema, max_inflight, reply_empty, max_bytes. fn(msg) -> reply value.
+function Client:handle(subject, opts, fn)
+  if fn == nil and type(opts) == "function" then opts, fn = {}, opts end
+  opts = opts or {}
+  check_subject(subject, true, 2)
+  if type(fn) ~= "function" then error("nats:handle: expected a handler function", 2) end
+  if opts.durable then
+    error("nats:handle: JetStream durable consumers are not implemented yet", 2)
+  end
+  local at = where(2)
+  local key = subject .. (opts.queue and (" (queue " .. opts.queue .. ")") or "")
+  local sig = signature { codec = type(opts.codec) == "table" and "custom" or opts.codec,
+                          schema = opts.schema ~= nil, max_inflight = opts.max_inflight,
+                          reply_empty = opts.reply_empty }
+  local detail = ("%s%scodec %s%s"):format(opts.queue and ("queue " .. opts.queue) or "",
+    opts.queue and ", " or "", type(opts.codec) == "table" and "custom" or tostring(opts.codec or "json"),
+    opts.schema and ", schema" or "")
+  vm_c.register("nats", key, sig, make_runner(self, subject, opts, fn, at),
+    { client = self.c, subject = subject, queue = opts.queue, max_inflight = opts.max_inflight },
+    at, detail)
+end
+
+-- For tests: wait until the server processed what was sent.
+function Client:flush(timeout)
+  return self.c:flush(timeout)
+end
+
+M.check_subject = check_subject
+return M

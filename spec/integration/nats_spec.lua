@@ -1,0 +1,225 @@
+-- NATS through the real binary against a real nats-server.
+local osara = require "osara"
+local H = require "spec.helpers.host"
+local N = require "spec.helpers.nats"
+
+local function collect(p, pattern, n, timeout)
+  local got = {}
+  local count = 0
+  H.eventually(function()
+    local l = p:line(0.1)
+    while l do
+      local v = l:match(pattern)
+      if v then
+        got[v] = (got[v] or 0) + 1
+        count = count + 1
+      end
+      l = p:line(0.001)
+    end
+    return count >= n
+  end, timeout or 20, ("%d lines matching %s"):format(n, pattern))
+  return got, count
+end
+
+describe("nats", function()
+  after_each(H.cleanup)
+
+  it("does pub/sub with wildcards, concurrent requests, timeouts and no responders", function()
+    local server, url = N.server()
+    local dir = H.tmpdir()
+    H.write(dir .. "/app.lua", [[
+local osara = require "osara"
+local nats = osara.nats { servers = os.getenv("NATS_URL") }
+nats:handle("price.*", function(msg) osara.sleep(0.01) return { price = msg.data.q * 2 } end)
+nats:handle("audit.>", function(msg) osara.log.info("audit %s %s", msg.subject, msg.data.who) end)
+nats:handle("slow.echo", function(msg) osara.sleep(1) return msg.data end)
+osara.after(0.1, function()
+  nats:publish("audit.login.ok", { who = "ann" })
+  nats:publish("audit.x", { who = "bob" })
+  nats:publish("other.x", { who = "nobody" })
+  local ok, done = 0, 0
+  for i = 1, 100 do
+    osara.spawn(function()
+      local r = nats:request("price.eur", { q = i }, { timeout = 5 })
+      if r and r.data.price == i * 2 then ok = ok + 1 end
+      done = done + 1
+      if done == 100 then osara.log.info("requests ok=%d", ok) end
+    end)
+  end
+  local _, err = nats:request("slow.echo", { x = 1 }, { timeout = 0.2 })
+  osara.log.info("slow: %s", tostring(err))
+  local _, err2 = nats:request("nobody.listens", { x = 1 }, { timeout = 2 })
+  osara.log.info("nobody: %s", tostring(err2))
+end)
+]])
+    local p = H.osara({ "run", dir .. "/app.lua" }, { NATS_URL = url })
+    H.expect(p, "requests ok=100", 20)
+    local out = p:output()
+    assert.matches("audit audit.login.ok ann", out)
+    assert.matches("audit audit.x bob", out)
+    assert.is_nil(out:find("nobody\n"))
+    H.expect(p, "slow: timeout", 5)
+    H.expect(p, "nobody: no responders", 5)
+    p:kill("TERM")
+    assert.are.equal(0, H.exit_status(p, 20))
+    server:kill("TERM")
+  end)
+
+  it("sends a reply to a third subject with reply_to (panini's example)", function()
+    local server, url = N.server()
+    local dir = H.tmpdir()
+    H.write(dir .. "/app.lua", [[
+local osara = require "osara"
+local nats = osara.nats { servers = os.getenv("NATS_URL") }
+nats:handle("some.request", function(msg) return { success = true, n = msg.data.n } end)
+nats:handle("reply.to.subject", function(msg) osara.log.info("received response n=%d", msg.data.n) end)
+osara.after(0.1, function()
+  for n = 1, 3 do nats:publish("some.request", { n = n }, { reply_to = "reply.to.subject" }) end
+end)
+]])
+    local p = H.osara({ "run", dir .. "/app.lua" }, { NATS_URL = url })
+    local got = collect(p, "received response n=(%d)", 3)
+    assert.are.same({ ["1"] = 1, ["2"] = 1, ["3"] = 1 }, got)
+    p:kill("TERM")
+    assert.are.equal(0, H.exit_status(p, 20))
+    server:kill("TERM")
+  end)
+
+  it("splits a queue group between two hosts with nothing lost or doubled", function()
+    local server, url = N.server()
+    local dir = H.tmpdir()
+    H.write(dir .. "/app.lua", [[
+local osara = require "osara"
+local nats = osara.nats { servers = os.getenv("NATS_URL") }
+nats:handle("work", { queue = "workers" }, function(msg) osara.log.info("did %d", msg.data.id) end)
+osara.after(0, function() osara.log.info("ready") end)
+]])
+    local a = H.osara({ "run", dir .. "/app.lua" }, { NATS_URL = url })
+    local b = H.osara({ "run", dir .. "/app.lua" }, { NATS_URL = url })
+    H.expect(a, "ready")
+    H.expect(b, "ready")
+    local nats = osara.nats { servers = url }
+    for i = 1, 200 do nats:publish("work", { id = i }) end
+    nats:flush()
+    local seen, dup, per = {}, 0, { 0, 0 }
+    H.eventually(function()
+      for i, p in ipairs { a, b } do
+        local l = p:line(0.02)
+        while l do
+          local id = tonumber(l:match("did (%d+)"))
+          if id then
+            if seen[id] then dup = dup + 1 end
+            seen[id] = true
+            per[i] = per[i] + 1
+          end
+          l = p:line(0.001)
+        end
+      end
+      return per[1] + per[2] >= 200
+    end, 20, "200 messages handled")
+    assert.are.equal(0, dup)
+    assert.is_true(per[1] > 0 and per[2] > 0, ("split %d/%d"):format(per[1], per[2]))
+    a:kill("TERM")
+    b:kill("TERM")
+    H.exit_status(a, 20)
+    H.exit_status(b, 20)
+    server:kill("TERM")
+  end)
+
+  it("reconnects after the server restarts and keeps handling", function()
+    local server, url, port = N.server()
+    local dir = H.tmpdir()
+    H.write(dir .. "/app.lua", [[
+local osara = require "osara"
+local nats = osara.nats { servers = os.getenv("NATS_URL") }
+nats:handle("ping", function(msg) osara.log.info("ping %d", msg.data.n) end)
+]])
+    local p = H.osara({ "run", dir .. "/app.lua" }, { NATS_URL = url })
+    osara.sleep(0.3)
+    server:kill("TERM")
+    server:wait(10)
+    H.expect(p, "disconnected", 10)
+    local server2 = N.server(port)
+    H.expect(p, "reconnected", 15)
+    local nats = osara.nats { servers = url }
+    osara.sleep(0.2)
+    nats:publish("ping", { n = 7 })
+    nats:flush()
+    H.expect(p, "ping 7", 10)
+    p:kill("TERM")
+    assert.are.equal(0, H.exit_status(p, 20))
+    server2:kill("TERM")
+  end)
+
+  it("keeps the subscription across a reload while messages flow", function()
+    local server, url = N.server()
+    local dir = H.tmpdir()
+    local function app(v)
+      return ([[
+local osara = require "osara"
+local nats = osara.nats { servers = os.getenv("NATS_URL") }
+nats:handle("flow", function(msg) osara.log.info("v%d got %%d", msg.data.id) end)
+]]):format(v)
+    end
+    H.write(dir .. "/app.lua", app(1))
+    local p = H.osara({ "run", "--watch", dir .. "/app.lua" }, { NATS_URL = url })
+    osara.sleep(0.3)
+    local nats = osara.nats { servers = url }
+    for i = 1, 300 do
+      nats:publish("flow", { id = i })
+      if i % 50 == 0 then
+        nats:flush()
+        H.write(dir .. "/app.lua", app(i))
+        osara.sleep(0.05)
+      end
+    end
+    nats:flush()
+    local got = collect(p, "got (%d+)", 300)
+    for i = 1, 300 do assert.are.equal(1, got[tostring(i)], "message " .. i) end
+    assert.matches("1 kept", p:output())
+    p:kill("TERM")
+    assert.are.equal(0, H.exit_status(p, 20))
+    server:kill("TERM")
+  end)
+
+  it("reports bad input on one line each and keeps going", function()
+    local server, url = N.server()
+    local dir = H.tmpdir()
+    H.write(dir .. "/app.lua", [[
+local osara = require "osara"
+local nats = osara.nats { servers = os.getenv("NATS_URL") }
+nats:handle("in", { max_bytes = 100 }, function(msg)
+  if msg.data.fail then error("refused") end
+  osara.log.info("fine %d", msg.data.n)
+end)
+]])
+    local p = H.osara({ "run", dir .. "/app.lua" }, { NATS_URL = url })
+    osara.sleep(0.3)
+    local nats = osara.nats { servers = url }
+    nats:publish("in", "{broken", { codec = "raw" })
+    nats:publish("in", { pad = string.rep("x", 200) })
+    nats:publish("in", { fail = true })
+    nats:publish("in", { n = 1 })
+    nats:flush()
+    H.expect(p, "fine 1", 10)
+    local out = p:output()
+    assert.matches("nats in: decode failed at in: json:", out)
+    assert.matches("nats in: too_large failed at in: %d+ bytes over the 100%-byte limit", out)
+    assert.matches("nats in: handler failed at in: .*refused", out)
+    p:kill("TERM")
+    assert.are.equal(0, H.exit_status(p, 20))
+    server:kill("TERM")
+  end)
+
+  it("rejects an invalid subject at load with file:line", function()
+    local dir = H.tmpdir()
+    H.write(dir .. "/app.lua", [[
+local osara = require "osara"
+local nats = osara.nats { servers = "nats://127.0.0.1:1" }
+nats:handle("bad subject", function() end)
+]])
+    local status, out = H.run { "check", dir .. "/app.lua" }
+    assert.are.equal(1, status)
+    assert.matches("app.lua:3: nats: invalid subject \"bad subject\" %(whitespace", out)
+  end)
+end)
