@@ -301,8 +301,22 @@ static const char *where_label(lua_State *L, const char *prefix, char *buf,
     return buf;
 }
 
+static int spawn(lua_State *L, int load_task);
+
 /* spawn(fn, ...) -> true: runs fn(...) in a new pooled coroutine now. */
 static int l_sched_spawn(lua_State *L)
+{
+    return spawn(L, osara_vm_from_L(L)->loading);
+}
+
+/* spawn_service(fn, ...): like spawn, for a task the script started at load
+ * (cancelled when that version of the script is replaced or stops). */
+static int l_sched_spawn_service(lua_State *L)
+{
+    return spawn(L, 1);
+}
+
+static int spawn(lua_State *L, int load_task)
 {
     luaL_checktype(L, 1, LUA_TFUNCTION);
     osara_vm_t *vm = osara_vm_from_L(L);
@@ -315,7 +329,7 @@ static int l_sched_spawn(lua_State *L)
         return 2;
     }
     lua_xmove(L, T, nargs + 1); /* T: [fn, args...] */
-    co->load_task = vm->loading;
+    co->load_task = load_task;
     char what[128];
     osara_sched_run(co, nargs, NULL, NULL, where_label(L, "task", what, sizeof(what)));
     lua_pushboolean(L, 1);
@@ -442,7 +456,8 @@ static int l_sched_stats(lua_State *L)
 int osara_sched_open(lua_State *L)
 {
     static const luaL_Reg fns[] = {
-        {"spawn", l_sched_spawn}, {"yield", l_sched_yield},
+        {"spawn", l_sched_spawn}, {"spawn_service", l_sched_spawn_service},
+        {"yield", l_sched_yield},
         {"current", l_sched_current}, {"park", l_sched_park},
         {"wake", l_sched_wake}, {"stats", l_sched_stats},
         {NULL, NULL},

@@ -108,9 +108,19 @@ function osara.after(seconds, fn, opts)
 end
 
 -- osara.spawn(fn, ...) starts a background task (panini's @app.task).
+-- Called while the script loads, the task starts once the script's
+-- handlers are subscribed (on the next loop turn), as a service of that
+-- version of the script.
 function osara.spawn(fn, ...)
   if type(fn) ~= "function" then
     error("osara.spawn: expected a function, got " .. type(fn), 2)
+  end
+  if vm_c.loading() then
+    local args = { n = select("#", ...), ... }
+    timer_c.new(0, function()
+      sched_c.spawn_service(fn, unpack(args, 1, args.n))
+    end, false, nil, where(2))
+    return true
   end
   return sched_c.spawn(fn, ...)
 end

@@ -1,0 +1,27 @@
+-- Runs the panini-style NATS examples with the real binary (embedded
+-- nats-server each) and checks what they log.
+local H = require "spec.helpers.host"
+
+local function run(example, text, timeout)
+  local dir = H.tmpdir()
+  local p = H.osara { "run", "--data", dir, "examples/" .. example }
+  H.expect(p, text, timeout or 15)
+  p:kill("TERM")
+  assert.are.equal(0, H.exit_status(p, 20))
+end
+
+describe("NATS examples", function()
+  after_each(H.cleanup)
+
+  it("nats_publish.lua receives what its task and timer publish", function()
+    run("nats_publish.lua", "got message 10: value1")
+  end)
+
+  it("nats_request.lua gets its ten responses", function()
+    run("nats_request.lua", "response 10: request has been processed")
+  end)
+
+  it("nats_reply_to.lua receives responses on the third subject", function()
+    run("nats_reply_to.lua", "received response 10 on reply.to.subject")
+  end)
+end)
