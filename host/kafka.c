@@ -942,9 +942,12 @@ static int l_kafka_client(lua_State *L)
     osara_vm_t *vm = osara_vm_from_L(L);
     osara_worker_t *w = vm->w;
     metrics_init();
+    lua_getfield(L, 3, "check");
+    int checking = w->opts.mode == OSARA_MODE_CHECK || lua_toboolean(L, -1);
+    lua_pop(L, 1);
     char skey[1024];
     snprintf(skey, sizeof(skey), "kafka:%s", key);
-    kclient_t *c = w->opts.mode == OSARA_MODE_CHECK ? NULL : osara_worker_shared_get(w, skey);
+    kclient_t *c = checking ? NULL : osara_worker_shared_get(w, skey);
     if (c == NULL) {
         c = calloc(1, sizeof(*c));
         c->w = w;
@@ -965,7 +968,7 @@ static int l_kafka_client(lua_State *L)
         c->max_inflight = (int)luaL_optinteger(L, -1, 10000);
         lua_pop(L, 4);
         c->embedded = strcmp(c->bootstrap, "embedded") == 0 || c->bootstrap[0] == '\0' ? brokers : 0;
-        if (w->opts.mode == OSARA_MODE_CHECK) {
+        if (checking) {
             client_close(c); /* validated; connect nothing */
             c = NULL;
         } else {

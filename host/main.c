@@ -9,6 +9,7 @@
 
 #include "err.h"
 #include "kafka.h"
+#include "natsio.h"
 #include "log.h"
 #include "worker.h"
 
@@ -226,6 +227,7 @@ static int run_worker(cli_t *cli)
     }
     int rc = osara_worker_run(&w);
     osara_worker_free(&w);
+    osara_natsio_shutdown();
     return rc;
 }
 

@@ -58,8 +58,11 @@ struct nclient_s {
     nreq_t reqs[REQ_SLOTS];
     uint64_t next_token;
     nsub_t *subs;
-    int closing;
+    volatile int closing;
+    struct nclient_s *next_closed;
 };
+
+static nclient_t *closed_clients;
 
 /* A message from a nats.c thread on its way to the loop. */
 typedef struct {
@@ -413,8 +416,24 @@ static void client_close(void *ptr)
     }
     osara_inbox_drain(&c->w->inbox);
     stop_server(c);
-    free(c->url);
-    free(c);
+    /* nats.c may still run this client's connection callbacks on its own
+     * threads after Destroy: keep the struct until the library stopped. */
+    c->next_closed = closed_clients;
+    closed_clients = c;
+}
+
+void osara_natsio_shutdown(void)
+{
+    if (closed_clients == NULL) {
+        return;
+    }
+    nats_CloseAndWait(2000);
+    while (closed_clients) {
+        nclient_t *c = closed_clients;
+        closed_clients = c->next_closed;
+        free(c->url);
+        free(c);
+    }
 }
 
 static natsStatus connect_client(nclient_t *c, lua_State *L, int conf)
@@ -480,7 +499,7 @@ typedef struct {
     nclient_t *c;
 } client_ud_t;
 
-/* client(conf, key) -> client. conf: {servers=, name=, user=, password=,
+/* client(conf, key, check) -> client (unconnected when check). conf: {servers=, name=, user=, password=,
  * token=, creds=, tls=, ca=}; servers "embedded" (default) starts a
  * nats-server child. Raises with nats.c's message. */
 static int l_nats_client(lua_State *L)
@@ -492,8 +511,9 @@ static int l_nats_client(lua_State *L)
     metrics_init();
     char skey[1024];
     snprintf(skey, sizeof(skey), "nats:%s", key);
-    nclient_t *c = w->opts.mode == OSARA_MODE_CHECK ? NULL : osara_worker_shared_get(w, skey);
-    if (c == NULL && w->opts.mode != OSARA_MODE_CHECK) {
+    int checking = w->opts.mode == OSARA_MODE_CHECK || lua_toboolean(L, 3);
+    nclient_t *c = checking ? NULL : osara_worker_shared_get(w, skey);
+    if (c == NULL && !checking) {
         c = calloc(1, sizeof(*c));
         c->w = w;
         lua_getfield(L, 1, "servers");

@@ -19,4 +19,8 @@
  * the "nats" registry kind. */
 int osara_natsio_open(lua_State *L);
 
+/* Waits for nats.c's threads to stop and frees closed clients; call once
+ * after the worker finished. */
+void osara_natsio_shutdown(void);
+
 #endif

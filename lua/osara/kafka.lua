@@ -87,6 +87,15 @@ end
 
 local Client = {}
 Client.__index = Client
+
+-- In check mode nothing is connected: osara.testing captures what would
+-- have been sent.
+local done_receipt = { wait = function() return true end }
+local function capture(to, value, meta)
+  local testing = package.loaded["osara.testing"]
+  if testing then testing.record_send(to, value, meta) end
+  return done_receipt
+end
 local Topic = {}
 Topic.__index = Topic
 
@@ -96,11 +105,13 @@ local function new(user)
     error("osara.kafka: expected a configuration table", 2)
   end
   local lib, settings = merged_conf(user)
+  settings.check = vm_c.mode() == "check"
   local ok, c = pcall(kafka_c.client, lib, signature(lib) .. "|" .. signature(settings), settings)
   if not ok then
     error(tostring(c):gsub("^[^:]*:%d+: ", ""), 2)
   end
   return setmetatable({ c = c, conf = lib, group = lib["group.id"], topics = {},
+                        checking = vm_c.mode() == "check",
                         pending = {}, reply_topics = {} }, Client)
 end
 
@@ -154,6 +165,9 @@ function Topic:send(value, opts)
     error(("kafka %s: cannot encode output: %s"):format(self.name, err), 2)
   end
   opts = opts or {}
+  if self.client.checking then
+    return capture(self.name, value, opts)
+  end
   local r, perr = self.client.c:produce(self.name, bytes, opts.key, opts.headers, opts.partition, true)
   if r == nil then
     return nil, perr
@@ -171,6 +185,9 @@ local REPLY_TO, CORRELATION = "osara-reply-to", "osara-correlation-id"
 
 local function send_reply(client, h, msg, value)
   local to = msg.headers[REPLY_TO]
+  if client.checking then
+    return capture(to, value, { reply = true })
+  end
   local bytes, err = h:encode(value)
   if bytes == nil then
     dispatch.bad_input("kafka", msg.topic, "encode", ("%s[%d]@%d"):format(msg.topic, msg.partition, msg.offset), err)
@@ -247,7 +264,7 @@ function Client:handle(spec, opts, fn)
       type(opts.codec) == "table" and "custom" or tostring(opts.codec or "json"),
       opts.schema and ", schema" or "")
     vm_c.register("kafka", key, sig, make_runner(self, topic, opts, fn, at),
-      { client = self.c, topic = topic }, at, detail)
+      { client = self.c, topic = topic, codec = opts.codec, fn = fn }, at, detail)
   end
 end
 

@@ -57,11 +57,11 @@ local function new(conf)
   for k, v in pairs(conf) do c[k] = v end
   if type(c.servers) == "table" then c.servers = table.concat(c.servers, ",") end
   c.servers = os.getenv("OSARA_NATS_SERVERS") or c.servers or "embedded"
-  local ok, client = pcall(natsio.client, c, signature(c))
+  local ok, client = pcall(natsio.client, c, signature(c), vm_c.mode() == "check")
   if not ok then
     error(tostring(client):gsub("^[^:]*:%d+: ", ""), 2)
   end
-  return setmetatable({ c = client }, Client)
+  return setmetatable({ c = client, checking = vm_c.mode() == "check" }, Client)
 end
 
 setmetatable(M, { __call = function(_, conf) return new(conf) end })
@@ -80,7 +80,12 @@ end
 function Client:publish(subject, value, opts)
   check_subject(subject, false, 2)
   opts = opts or {}
-  return self.c:publish(subject, encode(value, opts.codec, "nats:publish"), opts.reply_to, opts.headers)
+  local bytes = encode(value, opts.codec, "nats:publish")
+  if self.checking then
+    local testing = package.loaded["osara.testing"]
+    return testing and testing.record_send(subject, value, opts) or true
+  end
+  return self.c:publish(subject, bytes, opts.reply_to, opts.headers)
 end
 
 -- nats:request(subject, value, {timeout=, headers=, codec=}) -> msg | nil, err
@@ -126,7 +131,12 @@ local function make_runner(self, subject, opts, fn, at)
         dispatch.bad_input("nats", subject, "encode", msg.subject, "cannot encode the reply")
         return
       end
-      self.c:reply(msg.reply, bytes)
+      if self.checking then
+        local testing = package.loaded["osara.testing"]
+        if testing then testing.record_send(msg.reply, res[2], { reply = true }) end
+      else
+        self.c:reply(msg.reply, bytes)
+      end
     end
   end
 end
@@ -150,7 +160,8 @@ function Client:handle(subject, opts, fn)
     opts.queue and ", " or "", type(opts.codec) == "table" and "custom" or tostring(opts.codec or "json"),
     opts.schema and ", schema" or "")
   vm_c.register("nats", key, sig, make_runner(self, subject, opts, fn, at),
-    { client = self.c, subject = subject, queue = opts.queue, max_inflight = opts.max_inflight },
+    { client = self.c, subject = subject, queue = opts.queue, max_inflight = opts.max_inflight,
+      codec = opts.codec, fn = fn },
     at, detail)
 end
 

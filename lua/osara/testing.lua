@@ -81,35 +81,41 @@ end
 
 -- ---- delivering messages ------------------------------------------------------
 
--- Default adapter: runs the handler path a transport would run. msg may
--- give `raw` bytes (decoded with the handler's codec) or a `value`.
-local function default_adapter(reg, msg)
+-- Delivers one message to the handler registered as (kind, key): the
+-- transport's own handler path runs (codec, schema, function, outputs,
+-- replies) with outputs captured instead of sent. msg may give `raw` bytes
+-- or a `value` (encoded with the handler's codec). Returns
+-- { ok=, reason=, error=, sent={ {to=, value=, meta=} }, returned=, msg= }.
+function App:deliver(kind, key, msg)
+  local reg = self:find(kind, key)
   local o = reg.opts or {}
   msg = msg or {}
   if msg.raw == nil and msg.value ~= nil then
-    local bytes, err = codec.get(o.codec).encode(msg.value)
-    assert(bytes, err)
-    msg.raw = bytes
+    msg.raw = assert(codec.get(o.codec).encode(msg.value))
   end
-  local h = dispatch.handler { kind = reg.kind, name = reg.key, codec = o.codec,
-                               schema = o.schema, fn = reg.fn, where = reg.where }
-  local res = { h:call(msg) }
-  if not res[1] then
-    return { ok = false, reason = res[2], error = res[3], msg = msg }
+  msg.raw = msg.raw or ""
+  msg.headers = msg.headers or {}
+  msg.topic = msg.topic or o.topic or key
+  msg.subject = msg.subject or o.subject or key
+  msg.partition = msg.partition or 0
+  msg.offset = msg.offset or 0
+  local sent, bad = {}, nil
+  local real_bad = dispatch.bad_input
+  dispatch.bad_input = function(_, _, reason, _, message)
+    bad = { reason = reason, error = message }
   end
-  return { ok = true, returned = { select(2, unpack(res)) }, msg = msg }
-end
-
--- Delivers one message to the handler registered as (kind, key) and returns
--- { ok=, returned=, sent=, reason=, error=, msg= }.
-function App:deliver(kind, key, msg)
-  local reg = self:find(kind, key)
-  local adapter = M.adapters[kind] or default_adapter
-  local sent = {}
   M._sent = sent
-  local out = adapter(reg, msg, sent)
+  local res = { pcall(reg.fn, msg) }
   M._sent = nil
-  out.sent = out.sent or sent
+  dispatch.bad_input = real_bad
+  local out = { sent = sent, msg = msg, returned = { select(2, unpack(res)) } }
+  if not res[1] then
+    out.ok, out.reason, out.error = false, "error", tostring(res[2])
+  elseif bad then
+    out.ok, out.reason, out.error = false, bad.reason, bad.error
+  else
+    out.ok = true
+  end
   return out
 end
 

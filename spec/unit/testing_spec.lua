@@ -27,22 +27,34 @@ describe("osara.testing", function()
     assert.is_true(osara.monotonic() - t0 < 1e6) -- real time again
   end)
 
-  it("loads a script, captures its registrations and calls a handler", function()
+  it("loads a script and delivers messages to its Kafka and NATS handlers, capturing outputs", function()
     local dir = H.tmpdir()
     H.write(dir .. "/app.lua", [[
 local osara = require "osara"
-osara.every(1, function() end, { name = "beat" })
-osara._vm.register("timer", "custom", "", function(msg)
-  return msg.value.n * 2
-end, { codec = "json" }, "app.lua:3", "")
+local kafka = osara.kafka { ["group.id"] = "t" }
+local nats = osara.nats {}
+local Order = osara.schema { id = "integer" }
+local out = kafka:topic("out")
+kafka:handle("orders", { schema = Order, sink = out }, function(msg)
+  if msg.value.id == 13 then error("unlucky") end
+  return { id = msg.value.id, doubled = msg.value.id * 2 }
+end)
+nats:handle("price.*", function(msg) return { price = msg.data.q * 10 } end)
+osara.every(1, function() end)
 ]])
     local app = testing.load(dir .. "/app.lua")
-    assert.are.equal(1, #app.registrations) -- the real timer was not captured as a registration
-    local out = app:deliver("timer", "custom", { value = { n = 21 } })
+    local out = app:deliver("kafka", "orders (group t)", { value = { id = 21 }, key = "k" })
     assert.is_true(out.ok)
-    assert.are.same({ 42 }, out.returned)
-    local bad = app:deliver("timer", "custom", { raw = "{not json" })
-    assert.is_false(bad.ok)
+    assert.are.same({ { to = "out", value = { id = 21, doubled = 42 }, meta = { key = "k" } } }, out.sent)
+    local bad = app:deliver("kafka", "orders (group t)", { raw = "{not json" })
     assert.are.equal("decode", bad.reason)
+    local invalid = app:deliver("kafka", "orders (group t)", { value = { id = "x" } })
+    assert.are.equal("schema", invalid.reason)
+    assert.matches("/id: expected integer", invalid.error)
+    local failed = app:deliver("kafka", "orders (group t)", { value = { id = 13 } })
+    assert.are.equal("handler", failed.reason)
+    assert.are.same({}, failed.sent)
+    local reply = app:deliver("nats", "price.*", { value = { q = 2 }, reply = "inbox.1" })
+    assert.are.same({ { to = "inbox.1", value = { price = 20 }, meta = { reply = true } } }, reply.sent)
   end)
 end)
