@@ -10,6 +10,7 @@
 #include "err.h"
 #include "kafka.h"
 #include "natsio.h"
+#include "store.h"
 #include "log.h"
 #include "worker.h"
 
@@ -46,6 +47,7 @@ static const struct {
     {"check", "osara check SCRIPT [options]", "load SCRIPT without connecting anything and print what it registers", 'c'},
     {"test", "osara test [PATH...] [options]", "run busted specs inside the host (default: spec/)", 't'},
     {"broker", "osara broker [--brokers N] [--partitions N] [--topic NAME...]", "run the embedded Kafka cluster standalone (development and tests)", 'b'},
+    {"store", "osara store DATA_DIR dump NAME [PREFIX] | get NAME KEY", "read a store while the host runs (debugging)", 's'},
     {"version", "osara version", "print the version", 'v'},
 };
 
@@ -245,6 +247,9 @@ int main(int argc, char **argv)
     if (strcmp(argv[1], "version") == 0 || strcmp(argv[1], "--version") == 0) {
         printf("osara %s\n", OSARA_VERSION);
         return EXIT_OK;
+    }
+    if (strcmp(argv[1], "store") == 0) {
+        return osara_store_main(argc, argv);
     }
     if (strcmp(argv[1], "broker") == 0) {
         return osara_kafka_broker_main(argc, argv);

@@ -399,6 +399,7 @@ static int begin_wait(lua_State *L, proc_t *p, int kind, double timeout)
         p->timer = malloc(sizeof(*p->timer));
         uv_timer_init(&p->vm->w->loop, p->timer);
         p->timer->data = p;
+        uv_update_time(&p->vm->w->loop);
         uv_timer_start(p->timer, on_wait_timeout, (uint64_t)(timeout * 1000), 0);
     }
     return osara_sched_wait(L, wait_cleanup, p);

@@ -414,6 +414,7 @@ static int l_sched_park(lua_State *L)
         p->timer = malloc(sizeof(*p->timer));
         uv_timer_init(&co->vm->w->loop, p->timer);
         p->timer->data = p;
+        uv_update_time(&co->vm->w->loop);
         uv_timer_start(p->timer, on_park_timeout,
                        (uint64_t)(timeout > 0 ? timeout * 1000 + 0.5 : 0), 0);
     }

@@ -105,6 +105,9 @@ static int timer_arm(osara_timer_t *t)
     uv_timer_init(&t->w->loop, t->handle);
     t->handle->data = t;
     uint64_t ms = (uint64_t)(t->interval * 1000 + 0.5);
+    /* The loop's cached time may be stale after a long callback: a timer
+     * armed now must measure from now. */
+    uv_update_time(&t->w->loop);
     uv_timer_start(t->handle, on_tick, ms, t->repeat ? (ms ? ms : 1) : 0);
     return 0;
 }
@@ -278,8 +281,10 @@ static int l_timer_sleep(lua_State *L)
     sleep_t *s = malloc(sizeof(*s));
     s->timer = malloc(sizeof(*s->timer));
     s->co = co;
-    uv_timer_init(&osara_vm_from_L(L)->w->loop, s->timer);
+    uv_loop_t *loop = &osara_vm_from_L(L)->w->loop;
+    uv_timer_init(loop, s->timer);
     s->timer->data = s;
+    uv_update_time(loop);
     uv_timer_start(s->timer, on_sleep_done,
                    secs > 0 ? (uint64_t)(secs * 1000 + 0.5) : 0, 0);
     return osara_sched_wait(L, sleep_cleanup, s);

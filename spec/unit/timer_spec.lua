@@ -54,6 +54,14 @@ describe("timers", function()
     assert.are.equal(before + 1, osara.metrics.value("osara_lua_errors_total"))
   end)
 
+  it("sleeps at least as long as asked, even after a long busy stretch", function()
+    local t0 = osara.monotonic()
+    while osara.monotonic() - t0 < 0.05 do end -- busy: the loop's cached time goes stale
+    local t1 = osara.monotonic()
+    osara.sleep(0.03)
+    assert.is_true(osara.monotonic() - t1 >= 0.029)
+  end)
+
   it("now is wall-clock and monotonic never goes back", function()
     assert.is_true(math.abs(osara.now() - os.time()) < 2)
     local a = osara.monotonic()
