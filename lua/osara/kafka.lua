@@ -172,6 +172,8 @@ function Topic:send(value, opts)
   if r == nil then
     return nil, perr
   end
+  local list = outputs_of[coroutine.running()]
+  if list then list[#list + 1] = r end
   return r
 end
 
@@ -196,6 +198,37 @@ local function send_reply(client, h, msg, value)
   client.c:produce(to, bytes, msg.key, { [CORRELATION] = msg.headers[CORRELATION] }, nil, false)
 end
 
+-- Outputs sent by each running handler, for the exactly-once path that
+-- waits for them before committing state.
+local outputs_of = setmetatable({}, { __mode = "k" })
+
+-- Exactly-once state: the handler's store writes and the input's offset are
+-- committed in one LMDB transaction once its outputs were delivered; a
+-- replayed input whose state was committed is skipped.
+local function make_store_step(client, opts)
+  local db = opts.store
+  if db.memory then error("kafka:handle: opts.store must be a durable store (not memory)", 4) end
+  local store_c = require "osara.store_c"
+  local offsets = store_c.open(db.dir, "__osara_offsets")
+  local function key(msg) return client.group .. "|" .. msg.topic .. "|" .. msg.partition end
+  local step = {}
+  -- Read every time (an LMDB read is about a microsecond): after a
+  -- rebalance another instance may have moved the partition on.
+  function step.applied(msg)
+    return msg.offset < tonumber(store_c.get(offsets, key(msg)) or "-1")
+  end
+  function step.commit(msg, tx, receipts)
+    for _, r in ipairs(receipts) do
+      local ok, err = r:wait()
+      if not ok then error("an output was not delivered: " .. tostring(err), 0) end
+    end
+    local k = key(msg)
+    local ok, err = db:commit(tx, offsets, { { k, tostring(msg.offset + 1), 0 } })
+    if not ok then error("store commit failed: " .. tostring(err), 0) end
+  end
+  return step
+end
+
 -- Builds the function C calls for each message of one registration.
 local function make_runner(client, topic, opts, fn, at)
   local h = dispatch.handler { kind = "kafka", name = topic, codec = opts.codec,
@@ -210,7 +243,11 @@ local function make_runner(client, topic, opts, fn, at)
     return ("%s[%d]@%d"):format(msg.topic, msg.partition, msg.offset)
   end
   local max_bytes = opts.max_bytes or 1048576
+  local eo = opts.store and make_store_step(client, opts)
   return function(msg)
+    if eo and eo.applied(msg) then
+      return -- its state change was committed before a restart
+    end
     if #msg.raw > max_bytes then
       dispatch.bad_input("kafka", topic, "too_large", place(msg),
         ("%d bytes over the %d-byte limit (opts.max_bytes)"):format(#msg.raw, max_bytes))
@@ -221,14 +258,20 @@ local function make_runner(client, topic, opts, fn, at)
       dispatch.bad_input("kafka", topic, reason, place(msg), err)
       return
     end
+    local receipts
+    if eo then
+      msg.tx = opts.store:begin()
+      receipts = {}
+      outputs_of[coroutine.running()] = receipts
+    end
     local res = { pcall(fn, msg, emit) }
     if not res[1] then
+      if eo then outputs_of[coroutine.running()] = nil end
       dispatch.bad_input("kafka", topic, "handler", place(msg), tostring(res[2]))
       return
     end
     local n = table.maxn(res)
-    if n < 2 then return end
-    if msg.headers[REPLY_TO] then
+    if msg.headers[REPLY_TO] and n >= 2 then
       send_reply(client, h, msg, res[2])
     elseif sinks then
       -- Outputs keep the input's key, so partitioning follows it.
@@ -236,6 +279,10 @@ local function make_runner(client, topic, opts, fn, at)
       for i = 2, n do
         if res[i] ~= nil then emit(res[i], so) end
       end
+    end
+    if eo then
+      outputs_of[coroutine.running()] = nil
+      eo.commit(msg, msg.tx, receipts) -- raises: the input stays uncommitted
     end
   end
 end
@@ -258,11 +305,11 @@ function Client:handle(spec, opts, fn)
   for _, topic in ipairs(topics_of(spec)) do
     self.c:ensure_topic(topic)
     local key = ("%s (group %s)"):format(topic, self.group)
-    local sig = ("codec=%s schema=%s sink=%s"):format(tostring(opts.codec or "json"),
-      tostring(opts.schema ~= nil), tostring(opts.sink ~= nil))
+    local sig = ("codec=%s schema=%s sink=%s store=%s"):format(tostring(opts.codec or "json"),
+      tostring(opts.schema ~= nil), tostring(opts.sink ~= nil), tostring(opts.store and opts.store.name))
     local detail = ("group %s, codec %s%s"):format(self.group,
       type(opts.codec) == "table" and "custom" or tostring(opts.codec or "json"),
-      opts.schema and ", schema" or "")
+      (opts.schema and ", schema" or "") .. (opts.store and (", exactly-once state in " .. opts.store.name) or ""))
     vm_c.register("kafka", key, sig, make_runner(self, topic, opts, fn, at),
       { client = self.c, topic = topic, codec = opts.codec, fn = fn }, at, detail)
   end

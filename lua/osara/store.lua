@@ -90,7 +90,10 @@ end
 local Lmdb = {}
 Lmdb.__index = Lmdb
 function Lmdb:get(key) return store_c.get(self.db, key) end
-function Lmdb:commit(ops, db2, ops2) return store_c.commit(self.db, ops, db2 and db2.db, ops2) end
+function Lmdb:commit(ops, db2, ops2)
+  if type(db2) == "table" then db2 = db2.db end -- another store, or a raw C db
+  return store_c.commit(self.db, ops, db2, ops2)
+end
 function Lmdb:range(prefix, after, limit, keys_only) return store_c.range(self.db, prefix, after, limit, keys_only) end
 function Lmdb:sweep() return store_c.sweep(self.db) end
 
@@ -115,7 +118,8 @@ local function open(name, opts)
     backend = setmetatable({ db = db }, Lmdb)
   end
   local s = setmetatable({ name = name, b = backend, codec = codec.get(opts.codec or "msgpack"),
-                           watchers = {}, locks = {} }, Store)
+                           watchers = {}, locks = {}, memory = opts.memory,
+                           dir = opts.dir or vm_c.paths().data_dir }, Store)
   -- Background sweep of expired keys (they are already invisible to reads).
   timer_c.new(opts.sweep or 5, function() s.b:sweep() end, true, nil, "store " .. name .. " sweep")
   return s
@@ -292,6 +296,19 @@ function Store:_unlock(key)
   else
     self.locks[key] = nil
   end
+end
+
+-- db:begin() -> tx: a transaction committed explicitly with
+-- db:commit(tx [, other_store, other_ops]) (the Kafka exactly-once path
+-- commits the input's offset in the same LMDB transaction).
+function Store:begin()
+  return setmetatable({ store = self, writes = {}, order = {} }, Tx)
+end
+
+function Store:commit(tx, db2, ops2)
+  local ops, changes = tx:_ops()
+  if #ops == 0 and not ops2 then return true end
+  return self:_commit(ops, changes, db2, ops2)
 end
 
 -- db:transaction(fn) / db:transaction(key, fn) -> fn's results | nil, err

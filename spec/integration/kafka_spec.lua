@@ -306,3 +306,56 @@ osara.every(0.1, function() osara.log.info("still alive") end)
     assert.is_true(floods <= 4, "connection errors logged " .. floods .. " times")
   end)
 end)
+
+describe("kafka with a store", function()
+  after_each(H.cleanup)
+
+  it("applies each message's state change exactly once across kill -9 and restarts", function()
+    local broker, boot = K.broker { "--partitions", "4", "--topic", "eo.in" }
+    local keys, per_key = 8, 25
+    local lines = {}
+    for i = 1, keys * per_key do lines[i] = ("k%d\t{\"id\":%d}"):format(i % keys, i) end
+    K.produce(boot, "eo.in", lines)
+    local dir = H.tmpdir()
+    H.write(dir .. "/app.lua", [[
+local osara = require "osara"
+local kafka = osara.kafka { ["bootstrap.servers"] = os.getenv("BOOT"), ["group.id"] = "eo",
+                            ["auto.commit.interval.ms"] = "5000",   -- Kafka's commit lags the store's
+                            ["session.timeout.ms"] = "6000", ["heartbeat.interval.ms"] = "500" }
+local counts = osara.store("counts", { codec = "json" })
+local handled = 0
+kafka:handle("eo.in", { store = counts }, function(msg)
+  msg.tx:set(msg.key, (msg.tx:get(msg.key) or 0) + 1)
+  osara.sleep(0.002)
+  handled = handled + 1
+  if handled % 25 == 0 then osara.log.info("handled %d", handled) end
+end)
+]])
+    local env = { BOOT = boot }
+    local data = dir .. "/data"
+    for round = 1, 2 do
+      local p = H.osara({ "run", "--data", data, dir .. "/app.lua" }, env)
+      H.expect(p, "handled 50", 30)
+      p:kill("KILL")
+      H.exit_status(p)
+    end
+    local p = H.osara({ "run", "--data", data, dir .. "/app.lua" }, env)
+    local function total()
+      local _, out = H.run { "store", data, "dump", "counts" }
+      local sum, per = 0, {}
+      for k, v in out:gmatch("(k%d+)\t(%d+)") do
+        per[k] = tonumber(v)
+        sum = sum + tonumber(v)
+      end
+      return sum, per
+    end
+    H.eventually(function() return total() >= keys * per_key end, 60, "all messages applied")
+    osara.sleep(0.5)
+    local sum, per = total()
+    assert.are.equal(keys * per_key, sum)
+    for i = 0, keys - 1 do assert.are.equal(per_key, per["k" .. i], "key k" .. i) end
+    p:kill("TERM")
+    assert.are.equal(0, H.exit_status(p, 20))
+    broker:kill("TERM")
+  end)
+end)
