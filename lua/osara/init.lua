@@ -28,6 +28,11 @@ local schema_names = { number = true, integer = true, string = true, boolean = t
 
 setmetatable(osara, {
   __index = function(t, k)
+    if k == "route" or k == "resource" or k == "response" or k == "sse" then
+      local v = require("osara.http")[k]
+      rawset(t, k, v)
+      return v
+    end
     if k == "cached" then
       local v = require("osara.store").cached
       rawset(t, k, v)

@@ -1,0 +1,399 @@
+-- osara.http: routes, resources, formats, server-sent events and the
+-- built-in /healthz and /metrics, on host/http.c's server. See docs/http.md.
+local http_c = require "osara.http_c"
+local vm_c = require "osara.vm_c"
+local sched = require "osara.sched_c"
+local codec = require "osara.codec"
+local codec_c = require "osara.codec_c"
+local metrics = require "osara.metrics_c"
+local log = require "osara.log_c"
+local cjson = require "cjson"
+
+local M = {}
+local routes = {}          -- this script version's routes, in registration order
+local server = nil         -- { listen=, addr=, healthz=, metrics= }
+local METHODS = { GET = true, POST = true, PUT = true, PATCH = true, DELETE = true,
+                  HEAD = true, OPTIONS = true }
+
+local function where(level)
+  local info = debug.getinfo(level + 1, "Sl")
+  return info and ("%s:%d"):format(info.short_src, info.currentline or 0) or "?"
+end
+
+-- ---- server -------------------------------------------------------------------
+
+-- osara.http{listen="127.0.0.1:8080", healthz="/healthz"|false,
+--            metrics="/metrics"|false, max_body=, max_header=,
+--            request_timeout=, idle_timeout=, max_connections=}
+local function start_server(opts)
+  opts = opts or {}
+  local listen = os.getenv("OSARA_HTTP_LISTEN") or opts.listen or "127.0.0.1:8080"
+  server = { listen = listen,
+             healthz = opts.healthz == nil and "/healthz" or opts.healthz,
+             metrics = opts.metrics == nil and "/metrics" or opts.metrics }
+  local ok, addr = pcall(http_c.listen, listen, opts)
+  if not ok then error(tostring(addr):gsub("^[^:]*:%d+: ", ""), 3) end
+  server.addr = addr
+  if vm_c.mode() == "run" then log.write("info", "http: listening on http://" .. addr) end
+  return server
+end
+
+function M.address()
+  return server and server.addr
+end
+
+-- ---- routes ---------------------------------------------------------------------
+
+local TYPES = {
+  int = function(s) return s:match("^%-?%d+$") and tonumber(s) end,
+  number = function(s) return tonumber(s) end,
+  str = function(s) return s end,
+}
+
+-- "/foo/{id:int}/{name}/*" -> list of segments
+local function compile(pattern)
+  if type(pattern) ~= "string" or pattern:sub(1, 1) ~= "/" then
+    error("route: a pattern starts with '/', got " .. tostring(pattern), 4)
+  end
+  local segs = {}
+  for seg in pattern:gmatch("[^/]+") do
+    local name, typ = seg:match("^{([%w_]+):?([%w]*)}$")
+    if seg == "*" or seg:match("^{[%w_]*%*}$") then
+      segs[#segs + 1] = { rest = true }
+    elseif name then
+      typ = typ ~= "" and typ or "str"
+      if not TYPES[typ] then error(("route: unknown parameter type '%s' (int, number, str)"):format(typ), 4) end
+      segs[#segs + 1] = { param = name, conv = TYPES[typ] }
+    else
+      segs[#segs + 1] = { lit = seg }
+    end
+  end
+  return segs
+end
+
+local function match(segs, parts)
+  local params = {}
+  for i, s in ipairs(segs) do
+    if s.rest then
+      params[#params + 1] = table.concat(parts, "/", i)
+      return params
+    end
+    local p = parts[i]
+    if p == nil then return nil end
+    if s.lit then
+      if s.lit ~= p then return nil end
+    else
+      local v = s.conv(p)
+      if v == nil then return nil end
+      params[#params + 1] = v
+    end
+  end
+  if #parts ~= #segs then return nil end
+  return params
+end
+
+local function add_route(method, pattern, fn, opts, at)
+  method = method:upper()
+  if not METHODS[method] then error("route: unknown method " .. method, 3) end
+  if type(fn) ~= "function" then error("route: expected a handler function", 3) end
+  opts = opts or {}
+  local r = { method = method, pattern = pattern, segs = compile(pattern), fn = fn, opts = opts, where = at }
+  routes[#routes + 1] = r
+  if not server and vm_c.mode() ~= "test" then start_server() end
+  local sig = ("format=%s schema=%s"):format(tostring(opts.format), tostring(opts.schema ~= nil))
+  if vm_c.loading() then
+    vm_c.register("route", method .. " " .. pattern, sig, fn, nil, at,
+      type(opts.format) == "table" and table.concat(opts.format, "|") or tostring(opts.format or "json"))
+  end
+  return r
+end
+
+-- osara.route(method, pattern, fn [, opts]): fn(req, params...) -> response
+function M.route(method, pattern, fn, opts)
+  return add_route(method, pattern, fn, opts, where(2))
+end
+
+-- osara.resource(pattern, {get=, post=, put=, patch=, delete=} [, opts]):
+-- kata's Resource / aiohttp's View. Missing methods answer 405 with Allow.
+function M.resource(pattern, handlers, opts)
+  local at = where(2)
+  for method, fn in pairs(handlers) do
+    add_route(method, pattern, fn, opts, at)
+  end
+end
+
+-- ---- requests ---------------------------------------------------------------------
+
+local function unescape(s)
+  return (s:gsub("+", " "):gsub("%%(%x%x)", function(h) return string.char(tonumber(h, 16)) end))
+end
+
+local function parse_query(q)
+  local out = {}
+  for pair in q:gmatch("[^&]+") do
+    local k, v = pair:match("^([^=]*)=?(.*)$")
+    k, v = unescape(k), unescape(v)
+    if out[k] == nil then out[k] = v
+    elseif type(out[k]) == "table" then table.insert(out[k], v)
+    else out[k] = { out[k], v } end
+  end
+  return out
+end
+
+local Request = {}
+Request.__index = Request
+
+-- req:header(name) -> value (case-insensitive)
+function Request:header(name)
+  return self.headers[name:lower()]
+end
+
+-- req:json() -> decoded body | nil, err
+function Request:json()
+  return codec.get("json").decode(self.body)
+end
+
+-- req:data() -> the body decoded by its content type (json, msgpack, form)
+function Request:data()
+  local ct = (self.headers["content-type"] or ""):lower()
+  if ct:find("msgpack", 1, true) then return codec.get("msgpack").decode(self.body) end
+  if ct:find("x-www-form-urlencoded", 1, true) then return parse_query(self.body) end
+  if ct:find("json", 1, true) or self.body:match("^%s*[{%[]") then return self:json() end
+  return self.body
+end
+
+-- ---- responses ----------------------------------------------------------------------
+
+local RESPONSE, SSE = {}, {}
+
+-- osara.response{status=, body=, headers=, format=}
+function M.response(t)
+  return setmetatable(t or {}, RESPONSE)
+end
+
+-- osara.sse(iterator_or_function [, {keepalive=15, format=fn(...)}])
+function M.sse(source, opts)
+  return setmetatable({ source = source, opts = opts or {} }, SSE)
+end
+
+local FORMATS = {
+  json = { type = "application/json", encode = function(v) return cjson.encode(v) end },
+  msgpack = { type = "application/msgpack", encode = function(v) return assert(codec.get("msgpack").encode(v)) end },
+  html = { type = "text/html; charset=utf-8", encode = function(v) return tostring(v) end },
+  text = { type = "text/plain; charset=utf-8", encode = function(v) return tostring(v) end },
+}
+
+-- Picks the route's format, honouring Accept when it allows several.
+local function negotiate(req, allowed)
+  if type(allowed) ~= "table" then return allowed or "json" end
+  local accept = req.headers["accept"] or ""
+  for _, f in ipairs(allowed) do
+    if accept:find(FORMATS[f].type:match("^[^;]+"), 1, true) then return f end
+  end
+  return allowed[1]
+end
+
+local function json_error(status, msg, extra)
+  local body = { error = msg }
+  for k, v in pairs(extra or {}) do body[k] = v end
+  return status, { ["Content-Type"] = "application/json" }, cjson.encode(body)
+end
+
+local function render(req, route, a, b, c)
+  if getmetatable(a) == RESPONSE then
+    local fmt = FORMATS[a.format or negotiate(req, route and route.opts.format)]
+    local body = a.body
+    local headers = a.headers or {}
+    if type(body) == "table" then body = fmt.encode(body) end
+    if not headers["Content-Type"] then headers["Content-Type"] = fmt.type end
+    return a.status or 200, headers, body or ""
+  end
+  local status, body, headers = 200, a, nil
+  if type(a) == "number" then status, body, headers = a, b, c end
+  headers = headers or {}
+  local fname = negotiate(req, route and route.opts.format)
+  local fmt = FORMATS[fname]
+  if type(body) == "table" or (body ~= nil and type(body) ~= "string") then
+    body = fmt.encode(body)
+  elseif body == nil then
+    body = ""
+  elseif route and not route.opts.format and not headers["Content-Type"] then
+    fmt = FORMATS.text -- a plain string from a json route is text
+  end
+  if not headers["Content-Type"] then headers["Content-Type"] = fmt.type end
+  return status, headers, body
+end
+
+-- ---- server-sent events ------------------------------------------------------------
+
+local function sse_frame(opts, a, b)
+  if opts.format then return opts.format(a, b) end
+  local data, id, event = a, nil, nil
+  if b ~= nil then data = { key = a, value = b } end
+  if type(a) == "table" and (a.data ~= nil or a.event ~= nil) and b == nil then
+    data, id, event = a.data, a.id, a.event
+  end
+  if type(data) ~= "string" then data = cjson.encode(data) end
+  local out = {}
+  if id then out[#out + 1] = "id: " .. tostring(id) end
+  if event then out[#out + 1] = "event: " .. tostring(event) end
+  for line in (data .. "\n"):gmatch("([^\n]*)\n") do out[#out + 1] = "data: " .. line end
+  return table.concat(out, "\n") .. "\n\n"
+end
+
+-- Streams events until the source ends or the client goes away. The source
+-- runs in its own task so that a client that leaves is noticed (keep-alive
+-- comments) even while the source waits; a source with :close() is closed.
+local function stream(req, sse)
+  local token = req._token
+  local opts = sse.opts
+  http_c.start(token, 200, { ["Content-Type"] = "text/event-stream", ["Cache-Control"] = "no-cache" })
+  local queue, ended, waiter = {}, false, nil
+  local source = sse.source
+  local function wake()
+    if waiter then
+      local w = waiter
+      waiter = nil
+      sched.wake(w[1], w[2], true)
+    end
+  end
+  sched.spawn(function()
+    local ok, err = pcall(function()
+      while not ended do
+        local a, b = source()
+        if a == nil then break end
+        queue[#queue + 1] = { a, b }
+        wake()
+      end
+    end)
+    if not ok then log.write("error", "sse source failed: " .. tostring(err)) end
+    ended = true
+    wake()
+  end)
+  local keepalive = opts.keepalive or 15
+  while true do
+    while #queue > 0 do
+      local e = table.remove(queue, 1)
+      if not http_c.write(token, sse_frame(opts, e[1], e[2])) then ended = true break end
+    end
+    if ended or not http_c.alive(token) then break end
+    waiter = { sched.current() }
+    local r = sched.park(keepalive)
+    if r == nil and not http_c.write(token, ": keep-alive\n\n") then break end
+  end
+  ended = true
+  local mt = getmetatable(source)
+  local close = type(source) == "table" and source.close or (mt and mt.__index and type(mt.__index) == "table" and mt.__index.close)
+  if close then pcall(close) end
+  http_c.finish(token)
+end
+
+-- ---- dispatch (called by host/http.c for each request) -----------------------------
+
+local function observe(route_name, status, t0)
+  local labels = { route = route_name, status = tostring(status) }
+  metrics.add("osara_http_requests_total", labels, "HTTP requests by route and status")
+  metrics.observe("osara_http_request_seconds", { route = route_name }, "HTTP request latency",
+    require("osara.timer_c").monotonic() - t0)
+end
+
+local function builtin(req, path)
+  if server and server.healthz and path == server.healthz then
+    local body = { status = "ok", generation = vm_c.stats().generation, inflight = sched.stats().inflight }
+    return 200, { ["Content-Type"] = "application/json" }, cjson.encode(body)
+  end
+  if server and server.metrics and path == server.metrics then
+    return 200, { ["Content-Type"] = "text/plain; version=0.0.4" }, metrics.render()
+  end
+end
+
+local function find(method, parts)
+  local allowed, any = {}, false
+  for _, r in ipairs(routes) do
+    local params = match(r.segs, parts)
+    if params then
+      any = true
+      if r.method == method or (method == "HEAD" and r.method == "GET") then
+        return r, params
+      end
+      allowed[r.method] = true
+    end
+  end
+  if not any then return nil end
+  local list = {}
+  for m in pairs(allowed) do list[#list + 1] = m end
+  if allowed.GET then list[#list + 1] = "HEAD" end
+  list[#list + 1] = "OPTIONS"
+  table.sort(list)
+  return nil, nil, table.concat(list, ", ")
+end
+
+local function handle(req)
+  local target = req.target
+  local path, query = target:match("^([^?]*)%??(.*)$")
+  path = unescape(path)
+  if not codec_c.utf8_valid(path) then
+    return "-", json_error(400, "invalid UTF-8 in the path")
+  end
+  req.path = path
+  req.query = parse_query(query or "")
+  local b1, b2, b3 = builtin(req, path)
+  if b1 then return path, b1, b2, b3 end
+  local parts = {}
+  for p in path:gmatch("[^/]+") do parts[#parts + 1] = p end
+  local route, params, allow = find(req.method, parts)
+  if not route then
+    if allow then
+      if req.method == "OPTIONS" then
+        return "-", 204, { Allow = allow }, ""
+      end
+      return "-", 405, { Allow = allow, ["Content-Type"] = "application/json" },
+        cjson.encode { error = "method not allowed" }
+    end
+    return "-", json_error(404, "not found")
+  end
+  req.route = route.pattern
+  if route.opts.schema then
+    local data, err = req:data()
+    if data == nil and err then return route.pattern, json_error(400, "invalid body: " .. tostring(err)) end
+    local v, errs = route.opts.schema:validate(data)
+    if v == nil then
+      local list = {}
+      for i, e in ipairs(errs) do list[i] = { path = e.path, message = e.message } end
+      return route.pattern, json_error(400, "invalid body", { errors = list })
+    end
+    req.value = v
+  end
+  local res = { pcall(route.fn, req, unpack(params)) }
+  if not res[1] then
+    log.write("error", ("http %s %s failed (request id %d, %s): %s"):format(req.method, path,
+      req.id, route.where, tostring(res[2])))
+    return route.pattern, json_error(500, "internal error", { request_id = req.id })
+  end
+  if getmetatable(res[2]) == SSE then
+    stream(req, res[2])
+    return route.pattern, "stream"
+  end
+  return route.pattern, render(req, route, res[2], res[3], res[4])
+end
+
+function M._dispatch(req)
+  setmetatable(req, Request)
+  local ok, route_name, status, headers, body = pcall(handle, req)
+  if not ok then
+    log.write("error", ("http %s %s failed (request id %d): %s"):format(req.method, req.target, req.id, tostring(route_name)))
+    route_name, status, headers, body = "-", json_error(500, "internal error", { request_id = req.id })
+  end
+  if status == "stream" then
+    observe(route_name, 200, req.t0)
+    return
+  end
+  headers["X-Request-Id"] = tostring(req.id)
+  observe(route_name, status, req.t0)
+  return status, headers, body
+end
+
+-- osara.http(opts) starts the server (also started by the first route).
+setmetatable(M, { __call = function(_, opts) return start_server(opts) end })
+
+return M

@@ -1,0 +1,65 @@
+-- HTTP helpers for integration specs: curl and a raw TCP client (bash's
+-- /dev/tcp) for pipelining, slow and malformed requests.
+local osara = require "osara"
+local H = require "spec.helpers.host"
+
+local T = {}
+
+-- A free loopback port (bound and released).
+function T.port()
+  T._next = (T._next or (20000 + math.random(0, 20000))) + 1
+  return T._next
+end
+
+-- curl ARGS... -> status, headers (lowercased), body
+function T.curl(args, timeout)
+  local argv = { "curl", "-s", "-i", "--max-time", tostring(timeout or 10) }
+  for _, a in ipairs(args) do argv[#argv + 1] = a end
+  local p = assert(osara.process.spawn { argv = argv })
+  p:wait(timeout and timeout + 5 or 15)
+  H.drain(p)
+  local out = p:output()
+  local head, body = out:match("^(.-)\r\n\r\n(.*)$")
+  head = head or out
+  local status = tonumber(head:match("^HTTP/1%.%d (%d+)"))
+  local headers = {}
+  for k, v in head:gmatch("\n([^:\r\n]+): ([^\r\n]*)") do headers[k:lower()] = v end
+  return status, headers, body or "", out
+end
+
+-- Sends raw bytes (a Lua string, may contain \r\n) on one connection after
+-- optional pauses; returns everything the server answered until it closed
+-- or `timeout` passed.
+function T.raw(port, chunks, timeout)
+  -- Read in the background: the server may answer (and close) before all
+  -- chunks were written; writes after that must not kill the script.
+  local script = { "exec 3<>/dev/tcp/127.0.0.1/" .. port, "trap '' PIPE",
+                   "timeout " .. (timeout or 2) .. " cat <&3 &" }
+  for _, c in ipairs(type(chunks) == "string" and { chunks } or chunks) do
+    if type(c) == "number" then
+      script[#script + 1] = "sleep " .. c
+    else
+      local esc = c:gsub("\\", "\\\\"):gsub("'", "'\\''"):gsub("\r", "\\r"):gsub("\n", "\\n")
+      script[#script + 1] = "printf '%b' '" .. esc .. "' >&3 2>/dev/null"
+    end
+  end
+  script[#script + 1] = "wait"
+  local p = assert(osara.process.spawn { argv = { "bash", "-c", table.concat(script, "\n") } })
+  p:wait((timeout or 2) + 10)
+  H.drain(p)
+  return p:output()
+end
+
+-- Starts an app on a port and waits until it listens.
+function T.app(dir, source, extra_args)
+  local port = T.port()
+  H.write(dir .. "/app.lua", source)
+  local args = { "run", "--http", "127.0.0.1:" .. port }
+  for _, a in ipairs(extra_args or {}) do args[#args + 1] = a end
+  args[#args + 1] = dir .. "/app.lua"
+  local p = H.osara(args)
+  H.expect(p, "http: listening on", 10)
+  return p, port
+end
+
+return T

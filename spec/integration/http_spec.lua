@@ -1,0 +1,218 @@
+-- HTTP through the real binary: curl and raw TCP as clients.
+local osara = require "osara"
+local H = require "spec.helpers.host"
+local T = require "spec.helpers.http"
+local cjson = require "cjson"
+
+local APP = [[
+local osara = require "osara"
+osara.http { max_body = 1000, max_header = 2000, request_timeout = 0.5 }
+local Item = osara.schema { name = "string", qty = osara.integer { min = 1 } }
+osara.route("GET", "/users/{id:int}", function(req, id) return { id = id, kind = math.type and "" or type(id) } end)
+osara.route("GET", "/files/*", function(req, rest) return { rest = rest } end)
+osara.route("GET", "/q", function(req) return { a = req.query.a, b = req.query.b } end)
+osara.route("POST", "/echo", function(req) return { len = #req.body, data = req:data() } end)
+osara.route("POST", "/items", function(req) return 201, { created = req.value.name } end, { schema = Item })
+osara.route("GET", "/page", function() return "<h1>hi</h1>" end, { format = "html" })
+osara.route("GET", "/multi", function() return { x = 1 } end, { format = { "json", "msgpack" } })
+osara.route("GET", "/boom", function() error("kaboom") end)
+osara.route("GET", "/slow", function() osara.sleep(0.05) return { slept = true } end)
+osara.resource("/things/{id}", {
+  get = function(req, id) return { id = id } end,
+  delete = function(req, id) return 204, "" end,
+})
+]]
+
+describe("http", function()
+  local dir, p, port
+  setup(function()
+    dir = H.tmpdir()
+    p, port = T.app(dir, APP)
+  end)
+  teardown(function()
+    p:kill("TERM")
+    H.exit_status(p, 20)
+    H.cleanup()
+  end)
+  local function url(path) return "http://127.0.0.1:" .. port .. path end
+
+  it("passes typed path parameters and a trailing wildcard", function()
+    local status, _, body = T.curl { url "/users/42" }
+    assert.are.equal(200, status)
+    assert.are.equal(42, cjson.decode(body).id)
+    assert.are.equal(404, (T.curl { url "/users/abc" }))
+    local _, _, b2 = T.curl { url "/files/a/b/c.txt" }
+    assert.are.equal("a/b/c.txt", cjson.decode(b2).rest)
+    local _, _, b3 = T.curl { url "/q?a=1&b=hello%20world" }
+    assert.are.same({ a = "1", b = "hello world" }, cjson.decode(b3))
+  end)
+
+  it("answers 404, 405 with Allow, HEAD and OPTIONS", function()
+    assert.are.equal(404, (T.curl { url "/nope" }))
+    local status, headers = T.curl { "-X", "PUT", url "/things/1" }
+    assert.are.equal(405, status)
+    assert.are.equal("DELETE, GET, HEAD, OPTIONS", headers.allow)
+    local s2, h2, b2 = T.curl { "-I", url "/things/1" }
+    assert.are.equal(200, s2)
+    assert.are.equal("", b2)
+    assert.is_truthy(h2["content-length"])
+    local s3, h3 = T.curl { "-X", "OPTIONS", url "/things/1" }
+    assert.are.equal(204, s3)
+    assert.matches("DELETE", h3.allow)
+  end)
+
+  it("encodes by the route's format and by Accept", function()
+    local _, h, body = T.curl { url "/page" }
+    assert.matches("text/html", h["content-type"])
+    assert.are.equal("<h1>hi</h1>", body)
+    local _, h2 = T.curl { "-H", "Accept: application/msgpack", url "/multi" }
+    assert.are.equal("application/msgpack", h2["content-type"])
+    local _, h3, b3 = T.curl { url "/multi" }
+    assert.are.equal("application/json", h3["content-type"])
+    assert.are.equal('{"x":1}', b3)
+  end)
+
+  it("decodes json and form bodies, including a chunked upload", function()
+    local _, _, body = T.curl { "-H", "Content-Type: application/json", "-d", '{"k":[1,2]}', url "/echo" }
+    assert.are.same({ 1, 2 }, cjson.decode(body).data.k)
+    local _, _, b2 = T.curl { "-d", "a=1&b=x+y", url "/echo" }
+    assert.are.same({ a = "1", b = "x y" }, cjson.decode(b2).data)
+    local _, _, b3 = T.curl { "-H", "Transfer-Encoding: chunked", "-H", "Content-Type: text/plain",
+                              "--data-binary", string.rep("z", 600), url "/echo" }
+    assert.are.equal(600, cjson.decode(b3).len)
+  end)
+
+  it("validates a body with a schema: 400 with the error paths", function()
+    local status, _, body = T.curl { "-H", "Content-Type: application/json", "-d", '{"name":5,"qty":0}', url "/items" }
+    assert.are.equal(400, status)
+    local errs = cjson.decode(body).errors
+    table.sort(errs, function(a, b) return a.path < b.path end)
+    assert.are.same({ { path = "/name", message = "expected string, got integer" },
+                      { path = "/qty", message = "must be >= 1, got 0" } }, errs)
+    local s2, _, b2 = T.curl { "-H", "Content-Type: application/json", "-d", '{"name":"x","qty":2}', url "/items" }
+    assert.are.equal(201, s2)
+    assert.are.equal("x", cjson.decode(b2).created)
+  end)
+
+  it("turns a handler error into a 500 naming a request id, logged with file:line", function()
+    local status, headers, body = T.curl { url "/boom" }
+    assert.are.equal(500, status)
+    local b = cjson.decode(body)
+    assert.are.equal("internal error", b.error)
+    assert.are.equal(tostring(b.request_id), headers["x-request-id"])
+    assert.is_nil(body:find("kaboom"))
+    local line = H.expect(p, "http GET /boom failed")
+    assert.matches("request id " .. b.request_id .. ", .*app.lua:11%): .*app.lua:11: kaboom", line)
+  end)
+
+  it("runs routes that yield, and serves pipelined requests in order on one connection", function()
+    local out = T.raw(port, "GET /slow HTTP/1.1\r\nHost: x\r\n\r\nGET /users/7 HTTP/1.1\r\nHost: x\r\n\r\nGET /users/8 HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n", 3)
+    local a = out:find('"slept":true', 1, true)
+    local b = out:find('"id":7', 1, true)
+    local c = out:find('"id":8', 1, true)
+    assert.is_truthy(a and b and c, out)
+    assert.is_true(a < b and b < c)
+  end)
+
+  it("answers 413, 431, 408 and 400 and closes cleanly", function()
+    local s1 = T.curl { "-d", string.rep("x", 5000), url "/echo" }
+    assert.are.equal(413, s1)
+    local s2 = T.curl { "-H", "X-Big: " .. string.rep("h", 3000), url "/users/1" }
+    assert.are.equal(431, s2)
+    local out = T.raw(port, { "GET /users/1 HTTP/1.1\r\nHo", 1.0, "st: x\r\n\r\n" }, 2)
+    assert.matches("^HTTP/1.1 408", out)
+    assert.matches("^HTTP/1.1 400", T.raw(port, "BLAH\r\n\r\n"))
+    assert.matches("^HTTP/1.1 400", T.raw(port, "GET /a b c HTTP/9.9\r\n\r\n"))
+    local s3, _, b3 = T.curl { url "/%FF%FE" }
+    assert.are.equal(400, s3)
+    assert.matches("UTF%-8", b3)
+    assert.are.equal(200, (T.curl { url "/users/1" })) -- still serving
+  end)
+
+  it("survives random bytes at the socket (bounded fuzz)", function()
+    local deadline = osara.monotonic() + 3
+    local n = 0
+    while osara.monotonic() < deadline do
+      local bytes = {}
+      for i = 1, math.random(1, 300) do bytes[i] = string.char(math.random(0, 255)) end
+      local s = table.concat(bytes)
+      if n % 2 == 0 then s = "GET /" .. s end
+      T.raw(port, s, 0.2)
+      n = n + 1
+    end
+    assert.is_true(n >= 5)
+    assert.are.equal(200, (T.curl { url "/users/1" }))
+  end)
+
+  it("exposes /healthz and Prometheus /metrics", function()
+    local status, _, body = T.curl { url "/healthz" }
+    assert.are.equal(200, status)
+    assert.are.equal("ok", cjson.decode(body).status)
+    local _, headers, text = T.curl { url "/metrics" }
+    assert.matches("text/plain", headers["content-type"])
+    -- every line is a comment or `name{labels} value`
+    for line in text:gmatch("[^\n]+") do
+      if line:sub(1, 1) ~= "#" then
+        assert.truthy(line:match('^[%a_:][%w_:]*{.*} [%d.e+%-]+$') or line:match("^[%a_:][%w_:]* [%d.e+%-]+$"), line)
+      end
+    end
+    assert.matches('osara_http_requests_total{route="/users/{id:int}",status="200"}', text)
+    assert.matches("osara_http_request_seconds_bucket", text)
+  end)
+end)
+
+describe("http server-sent events and reload", function()
+  after_each(H.cleanup)
+
+  it("streams updates and stops the stream when the client leaves", function()
+    local dir = H.tmpdir()
+    local p, port = T.app(dir, [[
+local osara = require "osara"
+local db = osara.store("state", { memory = true })
+osara.every(0.05, function() db:set("time", osara.now()) end)
+osara.route("GET", "/updates", function() return osara.sse(db:watch(""), { keepalive = 0.1 }) end)
+]])
+    local out = T.raw(port, "GET /updates HTTP/1.1\r\nHost: x\r\n\r\n", 0.5)
+    assert.matches("text/event%-stream", out)
+    local _, events = out:gsub('data: {[^\n]*"time"', "")
+    assert.is_true(events >= 3, out)
+    -- after the client left, the stream's coroutines end
+    H.eventually(function()
+      local _, _, body = T.curl { "http://127.0.0.1:" .. port .. "/healthz" }
+      return cjson.decode(body).inflight <= 1 -- only the healthz request itself
+    end, 5, "the SSE coroutines to end")
+    p:kill("TERM")
+    assert.are.equal(0, H.exit_status(p, 20))
+  end)
+
+  it("swaps routes on reload without closing keep-alive connections", function()
+    local dir = H.tmpdir()
+    local function app(v)
+      return ([[
+local osara = require "osara"
+osara.route("GET", "/v", function() return { version = %d } end)
+]]):format(v)
+    end
+    local port = T.port()
+    H.write(dir .. "/app.lua", app(1))
+    local p = H.osara { "run", "--watch", "--http", "127.0.0.1:" .. port, dir .. "/app.lua" }
+    H.expect(p, "listening")
+    local proc = assert(osara.process.spawn { argv = { "bash", "-c", ([[
+exec 3<>/dev/tcp/127.0.0.1/%d
+printf 'GET /v HTTP/1.1\r\nHost: x\r\n\r\n' >&3
+sleep 0.4
+printf 'GET /v HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n' >&3
+timeout 3 cat <&3]]):format(port) } })
+    osara.sleep(0.15)
+    H.write(dir .. "/app.lua", app(2))
+    H.expect(p, "reloaded")
+    proc:wait(10)
+    H.drain(proc)
+    local out = proc:output()
+    local a, b = out:find('"version":1', 1, true), out:find('"version":2', 1, true)
+    assert.is_truthy(a and b, out)
+    assert.is_true(a < b)
+    p:kill("TERM")
+    assert.are.equal(0, H.exit_status(p, 20))
+  end)
+end)
