@@ -506,6 +506,8 @@ static int l_vm_stats(lua_State *L)
     lua_setfield(L, -2, "reloads");
     lua_pushnumber(L, (double)vm->w->reload_failures);
     lua_setfield(L, -2, "reload_failures");
+    lua_pushboolean(L, vm->w->stopping || !vm->accepting);
+    lua_setfield(L, -2, "stopping");
     return 1;
 }
 

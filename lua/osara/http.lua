@@ -271,15 +271,24 @@ local function stream(req, sse)
     wake()
   end)
   local keepalive = opts.keepalive or 15
+  local timer_c = require "osara.timer_c"
+  local last_write = timer_c.monotonic()
+  -- Wake at least every 0.25 s: a client that left (or a host that stops)
+  -- ends the stream promptly even when the source is quiet.
   while true do
     while #queue > 0 do
       local e = table.remove(queue, 1)
       if not http_c.write(token, sse_frame(opts, e[1], e[2])) then ended = true break end
+      last_write = timer_c.monotonic()
     end
-    if ended or not http_c.alive(token) then break end
+    if ended or not http_c.alive(token) or vm_c.stats().stopping then break end
     waiter = { sched.current() }
-    local r = sched.park(keepalive)
-    if r == nil and not http_c.write(token, ": keep-alive\n\n") then break end
+    sched.park(math.min(keepalive, 0.25))
+    waiter = nil
+    if timer_c.monotonic() - last_write >= keepalive then
+      if not http_c.write(token, ": keep-alive\n\n") then break end
+      last_write = timer_c.monotonic()
+    end
   end
   ended = true
   local mt = getmetatable(source)
