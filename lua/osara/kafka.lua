@@ -10,6 +10,10 @@ local dispatch = require "osara.dispatch"
 local M = {}
 local defaults = {}
 
+-- Outputs sent by each running handler, for the exactly-once path that
+-- waits for them before committing state.
+local outputs_of = setmetatable({}, { __mode = "k" })
+
 -- osara settings that are not librdkafka properties.
 local OWN = { ["osara.brokers"] = "brokers", ["osara.partitions"] = "partitions",
               ["osara.max_per_partition"] = "max_per_partition",
@@ -197,10 +201,6 @@ local function send_reply(client, h, msg, value)
   end
   client.c:produce(to, bytes, msg.key, { [CORRELATION] = msg.headers[CORRELATION] }, nil, false)
 end
-
--- Outputs sent by each running handler, for the exactly-once path that
--- waits for them before committing state.
-local outputs_of = setmetatable({}, { __mode = "k" })
 
 -- Exactly-once state: the handler's store writes and the input's offset are
 -- committed in one LMDB transaction once its outputs were delivered; a
