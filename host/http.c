@@ -71,6 +71,9 @@ static http_parser_settings parser_settings;
 
 static int buf_add(buf_t *b, const char *p, size_t n)
 {
+    if (n > ((size_t)1 << 40)) {
+        return -1; /* a negative length cast to size_t */
+    }
     if (b->len + n + 1 > b->cap) {
         size_t cap = b->cap ? b->cap * 2 : 256;
         while (cap < b->len + n + 1) {
