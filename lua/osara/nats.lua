@@ -148,10 +148,10 @@ function Client:handle(subject, opts, fn)
   opts = opts or {}
   check_subject(subject, true, 2)
   if type(fn) ~= "function" then error("nats:handle: expected a handler function", 2) end
-  if opts.durable then
-    error("nats:handle: JetStream durable consumers are not implemented yet", 2)
-  end
   local at = where(2)
+  if opts.durable then
+    return self:_durable(subject, opts, fn, at)
+  end
   local key = subject .. (opts.queue and (" (queue " .. opts.queue .. ")") or "")
   local sig = signature { codec = type(opts.codec) == "table" and "custom" or opts.codec,
                           schema = opts.schema ~= nil, max_inflight = opts.max_inflight,
@@ -163,6 +163,63 @@ function Client:handle(subject, opts, fn)
     { client = self.c, subject = subject, queue = opts.queue, max_inflight = opts.max_inflight,
       codec = opts.codec, fn = fn },
     at, detail)
+end
+
+-- nats:stream{name=, subjects={...}, retention="limits"|"workqueue"|"interest",
+--             max_age=seconds, max_msgs=, storage="file"|"memory"}: creates
+-- the JetStream stream, or updates it (idempotent). Call at load.
+function Client:stream(cfg)
+  if type(cfg) ~= "table" or type(cfg.name) ~= "string" or type(cfg.subjects) ~= "table" then
+    error("nats:stream: expected {name=, subjects={...}}", 2)
+  end
+  if self.checking then return true end
+  local ok, err = pcall(self.c.stream, self.c, cfg)
+  if not ok then error(tostring(err):gsub("^[^:]*:%d+: ", ""), 2) end
+  return true
+end
+
+-- nats:jspublish(subject, value, {codec=}) -> handle; handle:wait() yields
+-- until the stream acknowledged: its sequence number, or nil, err.
+function Client:jspublish(subject, value, opts)
+  check_subject(subject, false, 2)
+  local bytes = encode(value, opts and opts.codec, "nats:jspublish")
+  if self.checking then
+    local testing = package.loaded["osara.testing"]
+    if testing then testing.record_send(subject, value, { jetstream = true }) end
+    return { wait = function() return 0 end }
+  end
+  return self.c:jspublish(subject, bytes)
+end
+
+-- A durable pull consumer: the runner returns "ok" (ack), "nak" (redeliver
+-- after opts.nak_delay) or "term" (undecodable or invalid: never retried).
+function Client:_durable(subject, opts, fn, at)
+  local h = dispatch.handler { kind = "nats", name = subject, codec = opts.codec,
+                               schema = opts.schema, fn = fn, where = at }
+  local runner = function(msg)
+    local ok, reason, err = h:decode(msg)
+    if not ok then
+      dispatch.bad_input("nats", subject, reason, msg.subject, err .. " (terminated)")
+      return "term"
+    end
+    msg.data = msg.value
+    local fine, ferr = pcall(fn, msg)
+    if not fine then
+      dispatch.bad_input("nats", subject, "handler", msg.subject, tostring(ferr) .. " (redelivered later)")
+      return "nak"
+    end
+    return "ok"
+  end
+  local key = ("%s (durable %s)"):format(subject, opts.durable)
+  local sig = signature { codec = type(opts.codec) == "table" and "custom" or opts.codec,
+                          schema = opts.schema ~= nil, stream = opts.stream, batch = opts.batch,
+                          max_deliver = opts.max_deliver, nak_delay = opts.nak_delay,
+                          ack_wait = opts.ack_wait }
+  vm_c.register("nats-durable", key, sig, runner,
+    { client = self.c, subject = subject, durable = opts.durable, stream = opts.stream,
+      batch = opts.batch, max_deliver = opts.max_deliver, nak_delay = opts.nak_delay,
+      ack_wait = opts.ack_wait, codec = opts.codec, fn = fn },
+    at, ("stream %s, durable %s"):format(tostring(opts.stream), opts.durable))
 end
 
 -- For tests: wait until the server processed what was sent.

@@ -223,3 +223,65 @@ nats:handle("bad subject", function() end)
     assert.matches("app.lua:3: nats: invalid subject \"bad subject\" %(whitespace", out)
   end)
 end)
+
+describe("nats JetStream", function()
+  after_each(H.cleanup)
+
+  local APP = [[
+local osara = require "osara"
+local nats = osara.nats { servers = os.getenv("NATS_URL") }
+nats:stream { name = "JOBS", subjects = { "jobs.>" } }
+local failed = {}
+nats:handle("jobs.>", { durable = "workers", stream = "JOBS", nak_delay = 0.05, batch = 8,
+                          ack_wait = 3, max_deliver = 100 }, function(msg)
+  local n = msg.data.n
+  if n % 10 == 3 and not failed[n] then failed[n] = true error("transient " .. n) end
+  osara.sleep(0.005)
+  osara.log.info("done %d", n)
+end)
+osara.after(0, function() osara.log.info("ready") end)
+]]
+
+  it("redelivers after a failure and resumes after kill -9 without losing a message", function()
+    local jsdir = H.tmpdir()
+    local server, url = N.server(nil, jsdir)
+    local dir = H.tmpdir()
+    H.write(dir .. "/app.lua", APP)
+    local env = { NATS_URL = url }
+    local p = H.osara({ "run", dir .. "/app.lua" }, env)
+    H.expect(p, "ready")
+    local nats = osara.nats { servers = url }
+    local n = 120
+    for i = 1, n do
+      local seq, err = nats:jspublish("jobs.new", { n = i }):wait()
+      assert(seq, err)
+    end
+    local seen = {}
+    local function drain(proc)
+      local l = proc:line(0.05)
+      while l do
+        local d = tonumber(l:match("done (%d+)"))
+        if d then seen[d] = true end
+        l = proc:line(0.001)
+      end
+    end
+    H.eventually(function() drain(p) local c = 0 for _ in pairs(seen) do c = c + 1 end return c >= 30 end, 20, "30 done")
+    p:kill("KILL")
+    H.exit_status(p)
+    local p2 = H.osara({ "run", dir .. "/app.lua" }, env)
+    local ok = pcall(H.eventually, function()
+      drain(p2)
+      for i = 1, n do if not seen[i] then return false end end
+      return true
+    end, 30, "every job done")
+    if not ok then
+      local missing = {}
+      for i = 1, n do if not seen[i] then missing[#missing + 1] = i end end
+      error("missing " .. table.concat(missing, ",") .. "\n" .. p2:output():sub(1, 3000))
+    end
+    assert.matches("transient", p:output() .. p2:output())
+    p2:kill("TERM")
+    assert.are.equal(0, H.exit_status(p2, 20))
+    server:kill("TERM")
+  end)
+end)
