@@ -181,6 +181,20 @@ function Topic:send(value, opts)
   return r
 end
 
+-- send without a receipt (handler outputs: the input's offset already waits
+-- for their delivery reports in C).
+function Topic:_send_fast(value, opts)
+  if self.schema or self.client.checking then return self:send(value, opts) end
+  local bytes, err = self.codec.encode(value)
+  if bytes == nil then
+    error(("kafka %s: cannot encode output: %s"):format(self.name, err), 3)
+  end
+  if opts then
+    return self.client.c:produce(self.name, bytes, opts.key, opts.headers, opts.partition, false)
+  end
+  return self.client.c:produce(self.name, bytes, nil, nil, nil, false)
+end
+
 -- Sends bytes as they are (for replies and forwarding).
 function Topic:send_raw(bytes, opts)
   opts = opts or {}
@@ -235,15 +249,41 @@ local function make_runner(client, topic, opts, fn, at)
                                schema = opts.schema, fn = fn, where = at }
   local sinks = opts.sink
   if sinks and getmetatable(sinks) == Topic then sinks = { sinks } end
+  local eo = opts.store and make_store_step(client, opts)
   local function emit(value, send_opts)
     if not sinks then error("emit: this handler has no sink (opts.sink)", 2) end
-    for _, s in ipairs(sinks) do s:send(value, send_opts) end
+    for i = 1, #sinks do
+      if eo then sinks[i]:send(value, send_opts) else sinks[i]:_send_fast(value, send_opts) end
+    end
   end
   local function place(msg)
     return ("%s[%d]@%d"):format(msg.topic, msg.partition, msg.offset)
   end
   local max_bytes = opts.max_bytes or 1048576
-  local eo = opts.store and make_store_step(client, opts)
+
+  -- The handler's results, without packing them into a table per message.
+  local function outputs(msg, key_opts, ...)
+    for i = 1, select("#", ...) do
+      local v = select(i, ...)
+      if v ~= nil then emit(v, key_opts) end
+    end
+  end
+  local function finish(msg, ok, first, ...)
+    if not ok then
+      if eo then outputs_of[coroutine.running()] = nil end
+      dispatch.bad_input("kafka", topic, "handler", place(msg), tostring(first))
+      return false
+    end
+    if first == nil and select("#", ...) == 0 then return true end
+    if msg.headers[REPLY_TO] then
+      send_reply(client, h, msg, first)
+    elseif sinks then
+      -- Outputs keep the input's key, so partitioning follows it.
+      outputs(msg, msg.key and { key = msg.key } or nil, first, ...)
+    end
+    return true
+  end
+
   return function(msg)
     if eo and eo.applied(msg) then
       return -- its state change was committed before a restart
@@ -264,23 +304,7 @@ local function make_runner(client, topic, opts, fn, at)
       receipts = {}
       outputs_of[coroutine.running()] = receipts
     end
-    local res = { pcall(fn, msg, emit) }
-    if not res[1] then
-      if eo then outputs_of[coroutine.running()] = nil end
-      dispatch.bad_input("kafka", topic, "handler", place(msg), tostring(res[2]))
-      return
-    end
-    local n = table.maxn(res)
-    if msg.headers[REPLY_TO] and n >= 2 then
-      send_reply(client, h, msg, res[2])
-    elseif sinks then
-      -- Outputs keep the input's key, so partitioning follows it.
-      local so = msg.key and { key = msg.key } or nil
-      for i = 2, n do
-        if res[i] ~= nil then emit(res[i], so) end
-      end
-    end
-    if eo then
+    if finish(msg, pcall(fn, msg, emit)) and eo then
       outputs_of[coroutine.running()] = nil
       eo.commit(msg, msg.tx, receipts) -- raises: the input stays uncommitted
     end
