@@ -58,6 +58,8 @@ struct khandler_s {
     char *topic;                   /* name, or regex when it starts with ^ */
     regex_t re;
     int is_regex;
+    char label[192];               /* "kafka handler <topic> (<where>)" for error logs */
+    osara_reg_entry_t *label_entry;
     khandler_t *next;
 };
 
@@ -312,10 +314,11 @@ static void pump(kpart_t *p)
         push_message(T, kin); /* T: [dispatch, msg] */
         update_lag(p, kin->in.offset);
         osara_co_set_user(co, kin);
-        char what[300];
-        snprintf(what, sizeof(what), "kafka handler %s [%d] @%lld (%s)", p->topic,
-                 (int)p->partition, (long long)kin->in.offset, h->entry->where);
-        osara_sched_run(co, 1, on_handler_done, kin, what);
+        if (h->label_entry != h->entry) { /* formatted once per handler, not per message */
+            snprintf(h->label, sizeof(h->label), "kafka handler %s (%s)", p->topic, h->entry->where);
+            h->label_entry = h->entry;
+        }
+        osara_sched_run(co, 1, on_handler_done, kin, h->label);
     }
 }
 

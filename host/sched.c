@@ -170,7 +170,12 @@ int osara_sched_run(osara_co_t *co, int nargs, osara_co_done_fn done,
 {
     co->done = done;
     co->done_ud = ud;
-    snprintf(co->what, sizeof(co->what), "%s", what ? what : "handler");
+    size_t n = what ? strlen(what) : 0;
+    if (n >= sizeof(co->what)) {
+        n = sizeof(co->what) - 1;
+    }
+    memcpy(co->what, what ? what : "", n); /* per entry: no printf on the hot path */
+    co->what[n] = '\0';
     co->vm->inflight++;
     count(&m_started, "osara_coroutines_started_total",
           "entries into user code");
