@@ -68,6 +68,18 @@ local function msgpack_codec()
   }
 end
 
+-- codec.avro(schema_json) -> codec: binary Avro (libavro) for that schema.
+function M.avro(schema_json)
+  local avro = require "osara.avro_c"
+  local s, err = avro.schema(schema_json)
+  if not s then error(err, 2) end
+  return {
+    name = "avro", _osara_codec = true,
+    decode = function(bytes) return avro.decode(s, bytes) end,
+    encode = function(v) return avro.encode(s, v) end,
+  }
+end
+
 function M.register(name, c)
   registry[name] = M.get(c)
   registry[name].name = name
@@ -88,6 +100,9 @@ function M.get(c)
       error(("unknown codec '%s'"):format(c), 3)
     end
     return found
+  end
+  if type(c) == "table" and c.avro then
+    return M.avro(c.avro)
   end
   if type(c) == "table" and type(c.decode) == "function" and type(c.encode) == "function" then
     if c._osara_codec then

@@ -1,5 +1,7 @@
 -- osara.http: routes, resources, formats, server-sent events and the
 -- built-in /healthz and /metrics, on host/http.c's server. See docs/http.md.
+local util = require "osara.util"
+local where, signature = util.where, util.signature
 local http_c = require "osara.http_c"
 local vm_c = require "osara.vm_c"
 local sched = require "osara.sched_c"
@@ -15,10 +17,6 @@ local server = nil         -- { listen=, addr=, healthz=, metrics= }
 local METHODS = { GET = true, POST = true, PUT = true, PATCH = true, DELETE = true,
                   HEAD = true, OPTIONS = true }
 
-local function where(level)
-  local info = debug.getinfo(level + 1, "Sl")
-  return info and ("%s:%d"):format(info.short_src, info.currentline or 0) or "?"
-end
 
 -- ---- server -------------------------------------------------------------------
 

@@ -1,6 +1,8 @@
 -- osara: the public Lua API. C gives the primitives (osara.*_c modules),
 -- this module gives the surface: defaults, names, convenience. Broker,
 -- store, HTTP and schema areas load lazily on first use (osara.kafka, ...).
+local util = require "osara.util"
+local where, signature = util.where, util.signature
 local vm_c = require "osara.vm_c"
 local sched_c = require "osara.sched_c"
 local timer_c = require "osara.timer_c"
@@ -53,14 +55,6 @@ setmetatable(osara, {
   end,
 })
 
--- "file:line" of the user code `level` frames above the caller.
-local function where(level)
-  local info = debug.getinfo(level + 1, "Sl")
-  if not info then
-    return "?"
-  end
-  return ("%s:%d"):format(info.short_src, info.currentline or 0)
-end
 osara._where = where
 
 osara.now = timer_c.now

@@ -1,6 +1,8 @@
 -- osara.kafka: Kafka clients, handlers, topics, request/reply and streams.
 -- C (host/kafka.c) owns the librdkafka handles, ordering, backpressure and
 -- offsets; this module gives the API. See docs/kafka.md.
+local util = require "osara.util"
+local where, signature = util.where, util.signature
 local kafka_c = require "osara.kafka_c"
 local vm_c = require "osara.vm_c"
 local sched = require "osara.sched_c"
@@ -29,10 +31,6 @@ local BASE = {
   ["enable.partition.eof"] = "false",
 }
 
-local function where(level)
-  local info = debug.getinfo(level + 1, "Sl")
-  return info and ("%s:%d"):format(info.short_src, info.currentline or 0) or "?"
-end
 
 -- osara.kafka.defaults(conf): merged under every client's conf (slipstream's Conf).
 function M.defaults(conf)
@@ -80,14 +78,6 @@ local function merged_conf(user)
   return lib, settings
 end
 
-local function signature(t)
-  local keys = {}
-  for k in pairs(t) do keys[#keys + 1] = k end
-  table.sort(keys)
-  local out = {}
-  for _, k in ipairs(keys) do out[#out + 1] = k .. "=" .. tostring(t[k]) end
-  return table.concat(out, ";")
-end
 
 local Client = {}
 Client.__index = Client

@@ -1,5 +1,7 @@
 -- osara.nats: NATS clients, handlers, publish, request/reply (panini's API
 -- as Lua). C (host/natsio.c) owns the connection; see docs/nats.md.
+local util = require "osara.util"
+local where, signature = util.where, util.signature
 local natsio = require "osara.natsio_c"
 local vm_c = require "osara.vm_c"
 local codec = require "osara.codec"
@@ -9,10 +11,6 @@ local M = {}
 local Client = {}
 Client.__index = Client
 
-local function where(level)
-  local info = debug.getinfo(level + 1, "Sl")
-  return info and ("%s:%d"):format(info.short_src, info.currentline or 0) or "?"
-end
 
 -- Subjects: tokens separated by dots, no whitespace, no empty token;
 -- wildcards only as whole tokens ("*" anywhere, ">" last) when allowed.
@@ -38,16 +36,6 @@ local function check_subject(subject, wildcards, level)
   end
 end
 
-local function signature(t)
-  local keys = {}
-  for k, v in pairs(t) do
-    if type(v) ~= "table" and type(v) ~= "function" then keys[#keys + 1] = k end
-  end
-  table.sort(keys)
-  local out = {}
-  for _, k in ipairs(keys) do out[#out + 1] = k .. "=" .. tostring(t[k]) end
-  return table.concat(out, ";")
-end
 
 -- osara.nats{servers=, name=, user=, password=, token=, creds=, tls=, ca=}
 local function new(conf)

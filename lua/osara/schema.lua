@@ -15,6 +15,8 @@
 -- default (deep-copied), enum, min/max, min_len/max_len, pattern (a Lua
 -- pattern), check (a function returning true, or false/nil plus a message).
 -- Unknown record fields: opts.unknown = "allow" (default) | "strip" | "reject".
+local util = require "osara.util"
+local where, signature = util.where, util.signature
 local cjson = require "cjson"
 
 local M = {}
@@ -254,10 +256,6 @@ end
 local declared = {}
 M._declared = declared
 
-local function where(level)
-  local info = debug.getinfo(level + 1, "Sl")
-  return info and ("%s:%d"):format(info.short_src, info.currentline or 0) or "?"
-end
 
 -- schema(def [, {name=, unknown=}]) -> schema
 function M.new(def, opts)

@@ -176,3 +176,56 @@ describe("codecs", function()
     assert.is_true(n > 100)
   end)
 end)
+
+describe("avro codec", function()
+  local cjson = require "cjson"
+  local SCHEMA = [[{
+    "type": "record", "name": "Order", "fields": [
+      {"name": "id", "type": "long"},
+      {"name": "user", "type": "string"},
+      {"name": "amount", "type": "double"},
+      {"name": "note", "type": ["null", "string"]},
+      {"name": "status", "type": {"type": "enum", "name": "Status", "symbols": ["NEW", "PAID"]}},
+      {"name": "tags", "type": {"type": "array", "items": "string"}},
+      {"name": "attrs", "type": {"type": "map", "values": "long"}},
+      {"name": "address", "type": {"type": "record", "name": "Address", "fields": [
+        {"name": "zip", "type": "string"}, {"name": "raw", "type": "bytes"}]}}
+    ]}]]
+
+  it("round-trips a record with a nested record, a union, an enum, arrays and maps", function()
+    local c = codec.get { avro = SCHEMA }
+    local v = { id = 7, user = "ann", amount = 12.5, note = "hi", status = "PAID",
+                tags = { "a", "b" }, attrs = { x = 1 }, address = { zip = "12345", raw = "\0\1\255" } }
+    local bytes = assert(c.encode(v))
+    assert.are.same(v, assert(c.decode(bytes)))
+    v.note = cjson.null
+    local back = assert(c.decode(assert(c.encode(v))))
+    assert.are.equal(cjson.null, back.note)
+  end)
+
+  it("returns nil, err for values that do not fit and for bad bytes", function()
+    local c = codec.get { avro = SCHEMA }
+    local v, err = c.encode({ id = "x" })
+    assert.is_nil(v)
+    assert.matches("^avro: field id: expected an integer", err)
+    v, err = c.encode({ id = 1, user = "u", amount = 1, note = 5, status = "NEW", tags = {}, attrs = {}, address = { zip = "", raw = "" } })
+    assert.matches("no union branch", err)
+    v, err = c.encode({ id = 1, user = "u", amount = 1, status = "LOST", tags = {}, attrs = {}, address = { zip = "", raw = "" } })
+    assert.matches("not a symbol of the enum: LOST", err)
+    assert.is_nil((c.decode("\255\255\255\255\255\255\255\255\255\255")))
+  end)
+
+  it("rejects an invalid schema at declaration", function()
+    assert.has_error(function() codec.avro('{"type": "nope"}') end)
+  end)
+
+  it("survives random bytes (bounded fuzz)", function()
+    local c = codec.get { avro = SCHEMA }
+    local deadline = osara.monotonic() + 1
+    while osara.monotonic() < deadline do
+      local b = {}
+      for i = 1, math.random(0, 64) do b[i] = string.char(math.random(0, 255)) end
+      assert.is_true((pcall(c.decode, table.concat(b))))
+    end
+  end)
+end)
