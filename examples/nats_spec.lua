@@ -21,6 +21,16 @@ describe("NATS examples", function()
     run("nats_request.lua", "response 10: request has been processed")
   end)
 
+  it("nats_validators.lua handles valid messages and reports the invalid one", function()
+    local dir = H.tmpdir()
+    local p = H.osara { "run", "--data", dir, "examples/nats_validators.lua" }
+    H.expect(p, "got valid message 3: value1", 15)
+    local line = H.expect(p, "schema failed", 5)
+    assert.matches("/key1: expected string, got integer", line)
+    p:kill("TERM")
+    assert.are.equal(0, H.exit_status(p, 20))
+  end)
+
   it("nats_reply_to.lua receives responses on the third subject", function()
     run("nats_reply_to.lua", "received response 10 on reply.to.subject")
   end)

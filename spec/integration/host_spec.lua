@@ -302,3 +302,22 @@ end)
     assert.is_true(require("osara").monotonic() - t0 < 2)
   end)
 end)
+
+describe("osara check with schemas", function()
+  after_each(H.cleanup)
+
+  it("prints each schema with its fields", function()
+    local dir = H.tmpdir()
+    H.write(dir .. "/app.lua", [[
+local osara = require "osara"
+local Order = osara.schema({ id = "integer", amount = osara.number { min = 0 },
+                             address = { zip = "string" } }, { name = "Order" })
+]])
+    local status, out = H.run { "check", dir .. "/app.lua" }
+    assert.are.equal(0, status)
+    assert.matches("schema Order %(.*app.lua:2%)", out)
+    assert.matches("amount: number, min 0", out)
+    assert.matches("address: record", out)
+    assert.matches("zip: string", out)
+  end)
+end)

@@ -359,3 +359,68 @@ end)
     broker:kill("TERM")
   end)
 end)
+
+describe("kafka groups and streams", function()
+  after_each(H.cleanup)
+
+  it("loses nothing when a second host joins the group (rebalance)", function()
+    local broker, boot = K.broker { "--partitions", "4", "--topic", "rb.in" }
+    local n = 300
+    local lines = {}
+    for i = 1, n do lines[i] = ('{"id":%d}'):format(i) end
+    local dir = H.tmpdir()
+    H.write(dir .. "/app.lua", [[
+local osara = require "osara"
+local kafka = osara.kafka { ["bootstrap.servers"] = os.getenv("BOOT"), ["group.id"] = "rb" }
+kafka:handle("rb.in", function(msg) osara.sleep(0.01) osara.log.info("got %d", msg.value.id) end)
+]])
+    local env = { BOOT = boot }
+    local a = H.osara({ "run", dir .. "/app.lua" }, env)
+    H.expect(a, "assigned", 20)
+    K.produce(boot, "rb.in", (function() local t = {} for i = 1, n do t[i] = "k" .. i .. "\t" .. lines[i] end return t end)())
+    H.expect(a, "got ", 20)
+    local b = H.osara({ "run", dir .. "/app.lua" }, env)
+    local seen = {}
+    H.eventually(function()
+      for _, p in ipairs { a, b } do
+        local l = p:line(0.02)
+        while l do
+          local id = tonumber(l:match("got (%d+)"))
+          if id then seen[id] = true end
+          l = p:line(0.001)
+        end
+      end
+      for i = 1, n do if not seen[i] then return false end end
+      return true
+    end, 60, "every message handled by one of the hosts")
+    assert.matches("revoked", a:output())
+    a:kill("TERM")
+    b:kill("TERM")
+    H.exit_status(a, 20)
+    H.exit_status(b, 20)
+    broker:kill("TERM")
+  end)
+
+  it("iterates a topic with kafka:stream in a task", function()
+    local dir = H.tmpdir()
+    H.write(dir .. "/app.lua", [[
+local osara = require "osara"
+local kafka = osara.kafka { ["osara.partitions"] = 1 }
+local s = kafka:stream("emoji")
+osara.after(0, function()
+  kafka:topic("emoji"):send({ key = "trophy", n = 1 })
+  kafka:topic("emoji"):send({ key = "fish", n = 2 })
+end)
+osara.spawn(function()
+  for msg in s do
+    osara.log.info("stream %s %d", msg.value.key, msg.value.n)
+  end
+end)
+]])
+    local p = H.osara { "run", dir .. "/app.lua" }
+    H.expect(p, "stream trophy 1", 15)
+    H.expect(p, "stream fish 2", 5)
+    p:kill("TERM")
+    assert.are.equal(0, H.exit_status(p, 20))
+  end)
+end)
