@@ -26,6 +26,95 @@ static int fail(aerr_t *e, const char *fmt, const char *a)
     return -1;
 }
 
+/* ---- bounds check before libavro reads ------------------------------------------
+ * libavro allocates a string's buffer from the length prefix before it knows the
+ * bytes are there, and leaks it when the read then fails: random bytes claiming
+ * a 4 GiB string cost 4 GiB of address space each. This walk checks every
+ * length, count and index against the input first and allocates nothing. */
+
+typedef struct {
+    const unsigned char *p, *end;
+    int64_t items; /* total array/map items seen: bounds zero-width element loops */
+} cursor_t;
+
+static int read_varlong(cursor_t *c, int64_t *out)
+{
+    uint64_t v = 0;
+    for (int shift = 0; shift < 64; shift += 7) {
+        if (c->p >= c->end) return -1;
+        unsigned char b = *c->p++;
+        v |= (uint64_t)(b & 0x7f) << shift;
+        if (!(b & 0x80)) {
+            *out = (int64_t)(v >> 1) ^ -(int64_t)(v & 1);
+            return 0;
+        }
+    }
+    return -1;
+}
+
+static int skip_bytes(cursor_t *c, int64_t n)
+{
+    if (n < 0 || n > c->end - c->p) return -1;
+    c->p += n;
+    return 0;
+}
+
+static int check_value(cursor_t *c, avro_schema_t s, int depth);
+
+static int check_blocks(cursor_t *c, avro_schema_t items, int is_map, int depth)
+{
+    for (;;) {
+        int64_t count, size;
+        if (read_varlong(c, &count) != 0) return -1;
+        if (count == 0) return 0;
+        if (count < 0) {
+            if (count == INT64_MIN || read_varlong(c, &size) != 0 || size < 0) return -1;
+            count = -count;
+        }
+        c->items += count;
+        if (c->items > (c->end - c->p) + 1000000) return -1;
+        for (int64_t i = 0; i < count; i++) {
+            if (is_map) {
+                int64_t klen;
+                if (read_varlong(c, &klen) != 0 || skip_bytes(c, klen) != 0) return -1;
+            }
+            if (check_value(c, items, depth + 1) != 0) return -1;
+        }
+    }
+}
+
+static int check_value(cursor_t *c, avro_schema_t s, int depth)
+{
+    int64_t n;
+    if (depth > 64) return -1;
+    switch (avro_typeof(s)) {
+    case AVRO_NULL: return 0;
+    case AVRO_BOOLEAN: return skip_bytes(c, 1);
+    case AVRO_INT32:
+    case AVRO_INT64: return read_varlong(c, &n);
+    case AVRO_FLOAT: return skip_bytes(c, 4);
+    case AVRO_DOUBLE: return skip_bytes(c, 8);
+    case AVRO_STRING:
+    case AVRO_BYTES: return read_varlong(c, &n) != 0 ? -1 : skip_bytes(c, n);
+    case AVRO_FIXED: return skip_bytes(c, avro_schema_fixed_size(s));
+    case AVRO_ENUM:
+        if (read_varlong(c, &n) != 0) return -1;
+        return n >= 0 && n < avro_schema_enum_number_of_symbols(s) ? 0 : -1;
+    case AVRO_UNION:
+        if (read_varlong(c, &n) != 0 || n < 0 || (size_t)n >= avro_schema_union_size(s)) return -1;
+        return check_value(c, avro_schema_union_branch(s, (int)n), depth + 1);
+    case AVRO_RECORD:
+        for (size_t i = 0; i < avro_schema_record_size(s); i++) {
+            if (check_value(c, avro_schema_record_field_get_by_index(s, (int)i), depth + 1) != 0) return -1;
+        }
+        return 0;
+    case AVRO_ARRAY: return check_blocks(c, avro_schema_array_items(s), 0, depth);
+    case AVRO_MAP: return check_blocks(c, avro_schema_map_values(s), 1, depth);
+    case AVRO_LINK: return check_value(c, avro_schema_link_target(s), depth + 1);
+    }
+    return -1;
+}
+
 /* ---- Avro value -> Lua ------------------------------------------------------ */
 
 static void to_lua(lua_State *L, avro_value_t *v)
@@ -318,6 +407,12 @@ static int l_avro_decode(lua_State *L)
     avro_ud_t *ud = luaL_checkudata(L, 1, AVRO_MT);
     size_t n;
     const char *bytes = luaL_checklstring(L, 2, &n);
+    cursor_t c = {(const unsigned char *)bytes, (const unsigned char *)bytes + n, 0};
+    if (check_value(&c, ud->schema, 0) != 0) {
+        lua_pushnil(L);
+        lua_pushstring(L, "avro: cannot decode: truncated or malformed data");
+        return 2;
+    }
     avro_value_reset(&ud->value);
     avro_reader_t r = avro_reader_memory(bytes, (int64_t)n);
     int rc = avro_value_read(r, &ud->value);
