@@ -511,6 +511,25 @@ static int l_vm_stats(lua_State *L)
     return 1;
 }
 
+/* environ(prefix) -> {NAME=value} of the variables starting with prefix */
+static int l_vm_environ(lua_State *L)
+{
+    extern char **environ;
+    size_t plen;
+    const char *prefix = luaL_optlstring(L, 1, "", &plen);
+    lua_newtable(L);
+    for (char **e = environ; *e; e++) {
+        const char *eq = strchr(*e, '=');
+        if (eq == NULL || strncmp(*e, prefix, plen) != 0) {
+            continue;
+        }
+        lua_pushlstring(L, *e, (size_t)(eq - *e));
+        lua_pushstring(L, eq + 1);
+        lua_rawset(L, -3);
+    }
+    return 1;
+}
+
 int osara_vm_open(lua_State *L)
 {
     static const luaL_Reg fns[] = {
@@ -518,6 +537,7 @@ int osara_vm_open(lua_State *L)
         {"loading", l_vm_loading},   {"track", l_vm_track},
         {"register", l_vm_register}, {"registered", l_vm_registered},
         {"stop", l_vm_stop},         {"stats", l_vm_stats},
+        {"environ", l_vm_environ},
         {NULL, NULL},
     };
     lua_newtable(L);

@@ -41,16 +41,16 @@ function M.defaults(conf)
   return defaults
 end
 
--- OSARA_KAFKA_BOOTSTRAP_SERVERS=... overrides bootstrap.servers, etc.
+-- OSARA_KAFKA_BOOTSTRAP_SERVERS=... overrides bootstrap.servers: any
+-- librdkafka property, upper case with dots as underscores.
+-- OSARA_KAFKA_PROPERTIES="a.b=1,c.d=2" sets several at once.
 local function env_overrides(conf)
-  for _, name in ipairs { "BOOTSTRAP_SERVERS", "GROUP_ID", "SECURITY_PROTOCOL", "SASL_MECHANISM",
-                          "SASL_USERNAME", "SASL_PASSWORD", "CLIENT_ID", "AUTO_OFFSET_RESET" } do
-    local v = os.getenv("OSARA_KAFKA_" .. name)
-    if v then
-      conf[name:lower():gsub("_", ".")] = v
-    end
+  local vars = vm_c.environ("OSARA_KAFKA_")
+  local extra = vars.OSARA_KAFKA_PROPERTIES
+  vars.OSARA_KAFKA_PROPERTIES = nil
+  for name, v in pairs(vars) do
+    conf[name:sub(#"OSARA_KAFKA_" + 1):lower():gsub("_", ".")] = v
   end
-  local extra = os.getenv("OSARA_KAFKA_PROPERTIES") -- "a.b=1,c.d=2" for anything else
   if extra then
     for k, v in extra:gmatch("([^=,]+)=([^,]*)") do
       conf[k] = v

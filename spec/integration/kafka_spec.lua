@@ -288,6 +288,14 @@ end)
     assert.matches("app.lua:2: kafka: No such configuration property: \"bootstrap.server\"", out)
   end)
 
+  it("takes any property from OSARA_KAFKA_<NAME> in the environment", function()
+    local dir = H.tmpdir()
+    H.write(dir .. "/app.lua", "local osara = require 'osara'\nlocal k = osara.kafka {}\n")
+    local status, out = H.run({ "run", dir .. "/app.lua" }, 20, { OSARA_KAFKA_FETCH_WAIT_MAX_MS = "soon" })
+    assert.are.equal(1, status)
+    assert.matches("app.lua:2: kafka: .*fetch.wait.max.ms", out)
+  end)
+
   it("keeps running and says so once when the broker is unreachable", function()
     local dir = H.tmpdir()
     H.write(dir .. "/app.lua", [[
@@ -365,35 +373,46 @@ describe("kafka groups and streams", function()
 
   it("loses nothing when a second host joins the group (rebalance)", function()
     local broker, boot = K.broker { "--partitions", "4", "--topic", "rb.in" }
-    local n = 300
-    local lines = {}
-    for i = 1, n do lines[i] = ('{"id":%d}'):format(i) end
+    local function batch(from, to)
+      local t = {}
+      for i = from, to do t[#t + 1] = ("k%d\t{\"id\":%d}"):format(i, i) end
+      return t
+    end
     local dir = H.tmpdir()
     H.write(dir .. "/app.lua", [[
 local osara = require "osara"
-local kafka = osara.kafka { ["bootstrap.servers"] = os.getenv("BOOT"), ["group.id"] = "rb" }
-kafka:handle("rb.in", function(msg) osara.sleep(0.01) osara.log.info("got %d", msg.value.id) end)
+-- the mock coordinator waits session.timeout.ms - 1 s for members to rejoin
+local kafka = osara.kafka { ["bootstrap.servers"] = os.getenv("BOOT"), ["group.id"] = "rb",
+                            ["session.timeout.ms"] = 6000, ["heartbeat.interval.ms"] = 500 }
+kafka:handle("rb.in", function(msg) osara.sleep(0.05) osara.log.info("got %d", msg.value.id) end)
 ]])
     local env = { BOOT = boot }
     local a = H.osara({ "run", dir .. "/app.lua" }, env)
     H.expect(a, "assigned", 20)
-    K.produce(boot, "rb.in", (function() local t = {} for i = 1, n do t[i] = "k" .. i .. "\t" .. lines[i] end return t end)())
+    K.produce(boot, "rb.in", batch(1, 200))
     H.expect(a, "got ", 20)
+    -- b joins while a still has messages in flight; a gives up half its partitions
     local b = H.osara({ "run", dir .. "/app.lua" }, env)
-    local seen = {}
+    H.expect(b, "assigned", 30)
+    H.expect(a, "revoked", 10)
+    K.produce(boot, "rb.in", batch(201, 400))
+    -- count from the whole output: expect() above consumed lines
+    local by_b
     H.eventually(function()
+      a:line(0.05)
+      local seen = {}
       for _, p in ipairs { a, b } do
-        local l = p:line(0.02)
-        while l do
-          local id = tonumber(l:match("got (%d+)"))
-          if id then seen[id] = true end
-          l = p:line(0.001)
-        end
+        for id in p:output():gmatch("got (%d+)") do seen[tonumber(id)] = true end
       end
-      for i = 1, n do if not seen[i] then return false end end
+      by_b = 0
+      for id in b:output():gmatch("got (%d+)") do
+        if tonumber(id) <= 200 then by_b = by_b + 1 end
+      end
+      for i = 1, 400 do if not seen[i] then return false end end
       return true
     end, 60, "every message handled by one of the hosts")
-    assert.matches("revoked", a:output())
+    -- what a had not finished when it was revoked moved to b
+    assert.is_true(by_b > 0, "the second host took over none of the first batch")
     a:kill("TERM")
     b:kill("TERM")
     H.exit_status(a, 20)
