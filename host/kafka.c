@@ -48,7 +48,9 @@ struct kpart_s {
     kinput_t *running;
     int held;                      /* consumed and not yet finished */
     int paused;
-    int revoked;
+    int revoking;                  /* revoke pending: finishing what is in flight */
+    int revoked;                   /* let go: nothing more is stored */
+    int retired;                   /* a later assignment gets a fresh kpart */
     osara_metric_t *m_lag;
 };
 
@@ -84,6 +86,10 @@ struct kclient_s {
     int embedded;
     int partitions;                /* for topics created in the mock */
     int max_per_partition, max_inflight;
+    int revoke_timeout_ms;
+    rd_kafka_topic_partition_list_t *revoking;
+    double revoke_started;
+    uv_timer_t *revoke_timer;
     int inflight;
     rd_kafka_t *producer, *consumer;
     rd_kafka_mock_cluster_t *mock;
@@ -122,7 +128,7 @@ static kpart_t *find_part(kclient_t *c, const char *topic, int32_t partition)
 {
     for (int i = 0; i < c->nparts; i++) {
         kpart_t *p = c->parts[i];
-        if (p->partition == partition && strcmp(p->topic, topic) == 0) {
+        if (!p->retired && p->partition == partition && strcmp(p->topic, topic) == 0) {
             return p;
         }
     }
@@ -204,6 +210,7 @@ static void store_offsets(kpart_t *p)
 }
 
 static void pump(kpart_t *p);
+static void finish_revoke(kclient_t *c);
 
 static void input_finished(kinput_t *kin)
 {
@@ -216,7 +223,7 @@ static void input_finished(kinput_t *kin)
         kin->rkm = NULL;
     }
     store_offsets(p);
-    if (p->paused && p->held <= c->max_per_partition / 2 &&
+    if (p->paused && !p->revoking && p->held <= c->max_per_partition / 2 &&
         c->inflight <= c->max_inflight / 2) {
         set_paused(p, 0);
     }
@@ -349,6 +356,12 @@ static void accept_message(kclient_t *c, rd_kafka_message_t *rkm)
     }
     c->last_error = 0;
     kpart_t *p = get_part(c, rkm);
+    if (p->revoking) {
+        /* fetched before the revoke: the new owner consumes it from the
+         * committed position */
+        rd_kafka_message_destroy(rkm);
+        return;
+    }
     kinput_t *kin = calloc(1, sizeof(*kin));
     kin->in.offset = rkm->offset;
     kin->in.owner = kin;
@@ -584,6 +597,9 @@ static void client_close(void *ptr)
         rd_kafka_flush(c->producer, 10000);
     }
     if (c->consumer) {
+        if (c->revoking) {
+            finish_revoke(c);
+        }
         for (int i = 0; i < c->nparts; i++) {
             store_offsets(c->parts[i]);
         }
@@ -602,6 +618,9 @@ static void client_close(void *ptr)
     }
     if (c->resub_timer) {
         uv_close((uv_handle_t *)c->resub_timer, poll_closed);
+    }
+    if (c->revoke_timer) {
+        uv_close((uv_handle_t *)c->revoke_timer, poll_closed);
     }
     if (c->pq) {
         rd_kafka_queue_destroy(c->pq);
@@ -657,31 +676,102 @@ static int start_producer(kclient_t *c, char *errstr, size_t cap)
 
 /* ---- subscriptions ------------------------------------------------------ */
 
-static void on_rebalance(rd_kafka_t *rk, rd_kafka_resp_err_t err,
-                         rd_kafka_topic_partition_list_t *parts, void *opaque)
+/* A revoked partition is busy while a handler runs or an output of a
+ * finished input waits for its delivery report. */
+static int part_busy(const kpart_t *p)
 {
-    kclient_t *c = opaque;
-    if (err == RD_KAFKA_RESP_ERR__ASSIGN_PARTITIONS) {
-        for (int i = 0; i < parts->cnt; i++) {
-            kpart_t *p = find_part(c, parts->elems[i].topic, parts->elems[i].partition);
-            if (p) {
-                p->revoked = 0;
-            }
+    for (const osara_input_t *in = p->track.head; in; in = in->next) {
+        if (!in->blocked && !osara_input_done(in)) {
+            return 1;
         }
-        OSARA_INFO("kafka: assigned %d partition(s)", parts->cnt);
-        rd_kafka_assign(rk, parts);
-        return;
     }
-    /* Revoked: what is done was stored as it finished and is committed by
-     * librdkafka now; inputs still waiting are dropped and will be consumed
-     * by the new owner from the committed position. */
+    return 0;
+}
+
+/* Lets go of the revoked partitions: stores what finished, commits and
+ * unassigns. Their kparts retire (still-running handlers finish against
+ * them, storing nothing); a later assignment gets fresh ones. */
+static void finish_revoke(kclient_t *c)
+{
+    rd_kafka_topic_partition_list_t *parts = c->revoking;
+    int busy = 0;
+    c->revoking = NULL;
+    if (c->revoke_timer) {
+        uv_timer_stop(c->revoke_timer);
+    }
     for (int i = 0; i < parts->cnt; i++) {
         kpart_t *p = find_part(c, parts->elems[i].topic, parts->elems[i].partition);
         if (p == NULL) {
             continue;
         }
         store_offsets(p);
+        busy += part_busy(p);
+        set_paused(p, 0);
+        p->revoking = 0;
         p->revoked = 1;
+        p->retired = 1;
+    }
+    if (busy) {
+        OSARA_WARN("kafka: revoked %d partition(s) after %.0f ms with %d still busy "
+                   "(over osara.revoke_timeout_ms): the new owner handles their inputs again",
+                   parts->cnt, (osara_monotonic() - c->revoke_started) * 1000, busy);
+    } else {
+        OSARA_INFO("kafka: revoked %d partition(s) after %.0f ms", parts->cnt,
+                   (osara_monotonic() - c->revoke_started) * 1000);
+    }
+    rd_kafka_topic_partition_list_destroy(parts);
+    rd_kafka_resp_err_t err = rd_kafka_commit(c->consumer, NULL, 0);
+    if (err && err != RD_KAFKA_RESP_ERR__NO_OFFSET) {
+        /* the mock coordinator refuses commits once a rebalance started */
+        OSARA_WARN("kafka: commit on revoke failed: %s (the new owner handles "
+                   "what finished since the last auto-commit again)", rd_kafka_err2str(err));
+    }
+    rd_kafka_assign(c->consumer, NULL);
+}
+
+static void check_revoke(kclient_t *c)
+{
+    if (c->revoking == NULL) {
+        return;
+    }
+    int busy = 0;
+    for (int i = 0; i < c->revoking->cnt && !busy; i++) {
+        kpart_t *p = find_part(c, c->revoking->elems[i].topic, c->revoking->elems[i].partition);
+        busy = p && part_busy(p);
+    }
+    if (!busy || osara_monotonic() - c->revoke_started > c->revoke_timeout_ms / 1000.0) {
+        finish_revoke(c);
+    }
+}
+
+static void on_revoke_tick(uv_timer_t *t)
+{
+    check_revoke(t->data);
+}
+
+static void on_rebalance(rd_kafka_t *rk, rd_kafka_resp_err_t err,
+                         rd_kafka_topic_partition_list_t *parts, void *opaque)
+{
+    kclient_t *c = opaque;
+    if (err == RD_KAFKA_RESP_ERR__ASSIGN_PARTITIONS) {
+        OSARA_INFO("kafka: assigned %d partition(s)", parts->cnt);
+        rd_kafka_assign(rk, parts);
+        return;
+    }
+    /* Revoked: inputs that had not started are dropped (the new owner
+     * consumes them from the committed position); running handlers and
+     * pending outputs get up to osara.revoke_timeout_ms to finish, so their
+     * work is committed here instead of done twice. librdkafka waits for
+     * the unassign, which finish_revoke makes from the loop. */
+    if (c->revoking) {
+        finish_revoke(c);
+    }
+    for (int i = 0; i < parts->cnt; i++) {
+        kpart_t *p = find_part(c, parts->elems[i].topic, parts->elems[i].partition);
+        if (p == NULL) {
+            continue;
+        }
+        p->revoking = 1;
         while (p->run_head) {
             kinput_t *kin = p->run_head;
             p->run_head = kin->next_run;
@@ -689,11 +779,20 @@ static void on_rebalance(rd_kafka_t *rk, rd_kafka_resp_err_t err,
             input_finished(kin);
         }
         p->run_tail = NULL;
-        set_paused(p, 0);
+        set_paused(p, 1);
     }
-    OSARA_INFO("kafka: revoked %d partition(s)", parts->cnt);
-    rd_kafka_commit(rk, NULL, 0);
-    rd_kafka_assign(rk, NULL);
+    c->revoking = rd_kafka_topic_partition_list_copy(parts);
+    c->revoke_started = osara_monotonic();
+    if (c->closing) {
+        finish_revoke(c);
+        return;
+    }
+    if (c->revoke_timer == NULL) {
+        c->revoke_timer = malloc(sizeof(*c->revoke_timer));
+        uv_timer_init(&c->w->loop, c->revoke_timer);
+        c->revoke_timer->data = c;
+    }
+    uv_timer_start(c->revoke_timer, on_revoke_tick, 0, 5);
 }
 
 static int start_consumer(kclient_t *c)
@@ -965,6 +1064,9 @@ static int l_kafka_client(lua_State *L)
         lua_getfield(L, 3, "partitions");
         lua_getfield(L, 3, "max_per_partition");
         lua_getfield(L, 3, "max_inflight");
+        lua_getfield(L, 3, "revoke_timeout_ms");
+        c->revoke_timeout_ms = (int)luaL_optinteger(L, -1, 10000);
+        lua_pop(L, 1);
         int brokers = (int)luaL_optinteger(L, -4, 1);
         c->partitions = (int)luaL_optinteger(L, -3, 4);
         c->max_per_partition = (int)luaL_optinteger(L, -2, 1000);
@@ -1167,13 +1269,15 @@ static int l_client_stats(lua_State *L)
 {
     kclient_t *c = live_client(L, 1);
     int paused = 0;
+    int live = 0;
     for (int i = 0; i < c->nparts; i++) {
         paused += c->parts[i]->paused;
+        live += !c->parts[i]->retired;
     }
     lua_createtable(L, 0, 3);
     lua_pushinteger(L, c->inflight);
     lua_setfield(L, -2, "inflight");
-    lua_pushinteger(L, c->nparts);
+    lua_pushinteger(L, live);
     lua_setfield(L, -2, "partitions");
     lua_pushinteger(L, paused);
     lua_setfield(L, -2, "paused");

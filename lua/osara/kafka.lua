@@ -19,7 +19,8 @@ local outputs_of = setmetatable({}, { __mode = "k" })
 -- osara settings that are not librdkafka properties.
 local OWN = { ["osara.brokers"] = "brokers", ["osara.partitions"] = "partitions",
               ["osara.max_per_partition"] = "max_per_partition",
-              ["osara.max_inflight"] = "max_inflight" }
+              ["osara.max_inflight"] = "max_inflight",
+              ["osara.revoke_timeout_ms"] = "revoke_timeout_ms" }
 
 -- Defaults tuned for a Lua consumer (PERF-LIMITS.md): a deep local queue so
 -- fetching never stalls on librdkafka 2.0's queued.min.messages backoff.

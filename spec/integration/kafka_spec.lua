@@ -38,10 +38,12 @@ end)
 ]])
     K.produce(boot, "rt.in", { "k1\t{\"id\":1}", "k2\t{\"id\":2}" }, { trace = "abc" })
     local p = H.osara({ "run", dir .. "/app.lua" }, { BOOT = boot })
-    local got = { H.expect(p, "got key=", 20), H.expect(p, "got key=", 20) }
-    table.sort(got)
-    assert.matches("got key=k1 id=1 trace=abc", got[1])
-    assert.matches("got key=k2 id=2 trace=abc", got[2])
+    -- at-least-once: a rebalance at start-up may hand a message over twice
+    H.eventually(function()
+      p:line(0.05)
+      local o = p:output()
+      return o:find("got key=k1 id=1 trace=abc", 1, true) and o:find("got key=k2 id=2 trace=abc", 1, true)
+    end, 20, "both messages handled with their keys and headers")
     local out = K.eventually(boot, "rt.out", function(m) return #m >= 2 end, 20, "2 outputs")
     local keys = {}
     for _, m in ipairs(out) do keys[m.key] = m.value end
@@ -413,6 +415,9 @@ kafka:handle("rb.in", function(msg) osara.sleep(0.05) osara.log.info("got %d", m
     end, 60, "every message handled by one of the hosts")
     -- what a had not finished when it was revoked moved to b
     assert.is_true(by_b > 0, "the second host took over none of the first batch")
+    -- a let its running handlers finish before letting go (duplicates stay
+    -- possible: the mock refuses the commit during the rebalance)
+    assert.matches("revoked %d partition%(s%) after %d+ ms", a:output())
     a:kill("TERM")
     b:kill("TERM")
     H.exit_status(a, 20)
