@@ -13,10 +13,12 @@
 
 /* Runs on the loop thread. */
 typedef void (*osara_inbox_fn)(void *arg);
+typedef void (*osara_inbox_fn2)(void *arg, void *arg2);
 
 typedef struct {
     osara_inbox_fn fn;
-    void *arg;
+    osara_inbox_fn2 fn2; /* set instead of fn by osara_inbox_post2 */
+    void *arg, *arg2;
 } osara_event_t;
 
 typedef struct osara_inbox_s {
@@ -38,6 +40,10 @@ int osara_inbox_init(osara_inbox_t *inbox, uv_loop_t *loop);
  * or OSARA_ECLOSED after close (the event is not queued; the caller keeps
  * ownership of arg). */
 int osara_inbox_post(osara_inbox_t *inbox, osara_inbox_fn fn, void *arg);
+
+/* Like osara_inbox_post with two arguments: a message and its destination
+ * travel without a per-event allocation. */
+int osara_inbox_post2(osara_inbox_t *inbox, osara_inbox_fn2 fn, void *arg, void *arg2);
 
 /* Runs whatever is queued now, on the loop thread (used at shutdown). */
 void osara_inbox_drain(osara_inbox_t *inbox);

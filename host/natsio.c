@@ -37,6 +37,15 @@ typedef struct nsub_s {
     natsMsg **waiting;          /* over the bound: FIFO ring */
     int wcap, whead, wcount;
     int dead;
+    /* Backpressure into nats.c: its delivery thread waits while `queued`
+     * (posted to the loop, not yet handled) is at queued_max, so messages
+     * pile up in nats.c's pending list, whose limits report a slow
+     * consumer instead of growing without bound. */
+    uv_mutex_t mu;
+    uv_cond_t room;
+    int queued, queued_max, blocked, released;
+    char label[192];            /* "nats handler <subject> (<where>)" */
+    osara_reg_entry_t *label_entry;
     struct nsub_s *next;
 } nsub_t;
 
@@ -65,13 +74,6 @@ struct nclient_s {
 };
 
 static nclient_t *closed_clients;
-
-/* A message from a nats.c thread on its way to the loop. */
-typedef struct {
-    nclient_t *client;
-    nsub_t *sub;                /* NULL: a reply to a request */
-    natsMsg *msg;
-} nevent_t;
 
 static osara_metric_t *m_received, *m_handled, *m_failed, *m_replies, *m_requests,
     *m_timeouts, *m_slow, *m_reconnects, *m_disconnects;
@@ -137,18 +139,27 @@ static void on_async_error(natsConnection *nc, natsSubscription *sub, natsStatus
 
 /* ---- delivery to the loop ----------------------------------------------- */
 
-static void deliver_event(void *arg);
+static void deliver_msg(void *sub, void *msg);
+static void deliver_response(void *client, void *msg);
 
-static void post(nclient_t *c, nsub_t *sub, natsMsg *msg)
+/* One message of sub left osara's queue (handled or dropped). */
+static void settled(nsub_t *sub)
 {
-    nevent_t *ev = malloc(sizeof(*ev));
-    ev->client = c;
-    ev->sub = sub;
-    ev->msg = msg;
-    if (osara_inbox_post(&c->w->inbox, deliver_event, ev) != 0) {
-        natsMsg_Destroy(msg);
-        free(ev);
+    uv_mutex_lock(&sub->mu);
+    sub->queued--;
+    if (sub->blocked) {
+        uv_cond_signal(&sub->room);
     }
+    uv_mutex_unlock(&sub->mu);
+}
+
+/* Lets a nats.c thread waiting in on_msg go (unsubscribe, close). */
+static void release_sub(nsub_t *sub)
+{
+    uv_mutex_lock(&sub->mu);
+    sub->released = 1;
+    uv_cond_broadcast(&sub->room);
+    uv_mutex_unlock(&sub->mu);
 }
 
 static void on_msg(natsConnection *nc, natsSubscription *s, natsMsg *msg, void *closure)
@@ -156,14 +167,28 @@ static void on_msg(natsConnection *nc, natsSubscription *s, natsMsg *msg, void *
     (void)nc;
     (void)s;
     nsub_t *sub = closure;
-    post(sub->client, sub, msg);
+    uv_mutex_lock(&sub->mu);
+    while (sub->queued >= sub->queued_max && !sub->released) {
+        sub->blocked = 1;
+        uv_cond_wait(&sub->room, &sub->mu);
+    }
+    sub->blocked = 0;
+    sub->queued++;
+    uv_mutex_unlock(&sub->mu);
+    if (osara_inbox_post2(&sub->client->w->inbox, deliver_msg, sub, msg) != 0) {
+        natsMsg_Destroy(msg);
+        settled(sub);
+    }
 }
 
 static void on_response(natsConnection *nc, natsSubscription *s, natsMsg *msg, void *closure)
 {
     (void)nc;
     (void)s;
-    post(closure, NULL, msg);
+    nclient_t *c = closure;
+    if (osara_inbox_post2(&c->w->inbox, deliver_response, c, msg) != 0) {
+        natsMsg_Destroy(msg);
+    }
 }
 
 /* Pushes {subject=, raw=, reply=, headers=} for msg on T. */
@@ -207,18 +232,11 @@ static void pump(nsub_t *sub)
     }
 }
 
-typedef struct {
-    nsub_t *sub;
-    natsMsg *msg;
-} ncall_t;
-
 static void on_handler_done(osara_co_t *co, int ok, void *ud)
 {
-    (void)co;
-    ncall_t *call = ud;
-    nsub_t *sub = call->sub;
-    natsMsg_Destroy(call->msg);
-    free(call);
+    nsub_t *sub = ud;
+    natsMsg_Destroy(osara_co_user(co));
+    settled(sub);
     sub->inflight--;
     osara_metric_add(ok ? m_handled : m_failed, 1);
     if (!sub->client->closing) {
@@ -247,6 +265,7 @@ static void dispatch_msg(nsub_t *sub, natsMsg *msg)
 {
     if (sub->dead || sub->entry == NULL) {
         natsMsg_Destroy(msg);
+        settled(sub);
         return;
     }
     if (sub->inflight >= sub->max_inflight) {
@@ -259,15 +278,16 @@ static void dispatch_msg(nsub_t *sub, natsMsg *msg)
         enqueue_waiting(sub, msg); /* VM retiring: the adopting entry pumps */
         return;
     }
-    ncall_t *call = malloc(sizeof(*call));
-    call->sub = sub;
-    call->msg = msg;
     sub->inflight++;
     lua_rawgeti(T, LUA_REGISTRYINDEX, sub->entry->fnref);
     push_msg(T, msg); /* T: [runner, msg] */
-    char what[256];
-    snprintf(what, sizeof(what), "nats handler %s (%s)", sub->subject, sub->entry->where);
-    osara_sched_run(co, 1, on_handler_done, call, what);
+    osara_co_set_user(co, msg);
+    if (sub->label_entry != sub->entry) { /* formatted once per handler, not per message */
+        snprintf(sub->label, sizeof(sub->label), "nats handler %s (%s)", sub->subject,
+                 sub->entry->where);
+        sub->label_entry = sub->entry;
+    }
+    osara_sched_run(co, 1, on_handler_done, sub, sub->label);
 }
 
 static void resolve_request(nclient_t *c, natsMsg *msg)
@@ -299,23 +319,26 @@ static void resolve_request(nclient_t *c, natsMsg *msg)
     osara_sched_resume(co, n);
 }
 
-static void deliver_event(void *arg)
+static void deliver_msg(void *arg, void *msg)
 {
-    nevent_t *ev = arg;
-    nclient_t *c = ev->client;
-    natsMsg *msg = ev->msg;
-    nsub_t *sub = ev->sub;
-    free(ev);
-    if (c->closing) {
+    nsub_t *sub = arg;
+    if (sub->client->closing) {
         natsMsg_Destroy(msg);
-        return;
-    }
-    if (sub == NULL) {
-        resolve_request(c, msg);
+        settled(sub);
         return;
     }
     osara_metric_add(m_received, 1);
     dispatch_msg(sub, msg);
+}
+
+static void deliver_response(void *arg, void *msg)
+{
+    nclient_t *c = arg;
+    if (c->closing) {
+        natsMsg_Destroy(msg);
+        return;
+    }
+    resolve_request(c, msg);
 }
 
 /* ---- embedded server ------------------------------------------------------ */
@@ -392,6 +415,9 @@ static void client_close(void *ptr)
     for (struct njs_s *j = c->jsubs; j; j = *(struct njs_s **)j) {
         njs_stop_thread(j);
     }
+    for (nsub_t *s = c->subs; s; s = s->next) {
+        release_sub(s);
+    }
     osara_inbox_drain(&c->w->inbox); /* destroys messages still queued */
     if (c->nc) {
         natsConnection_FlushTimeout(c->nc, 2000);
@@ -406,6 +432,8 @@ static void client_close(void *ptr)
             natsMsg_Destroy(s->waiting[(s->whead + i) % s->wcap]);
         }
         free(s->waiting);
+        uv_mutex_destroy(&s->mu);
+        uv_cond_destroy(&s->room);
         free(s->subject);
         free(s->queue);
         free(s);
@@ -734,19 +762,27 @@ static int kind_start(osara_reg_entry_t *e)
     lua_getfield(L, -2, "subject");
     lua_getfield(L, -3, "queue");
     lua_getfield(L, -4, "max_inflight");
+    lua_getfield(L, -5, "max_waiting");
+    lua_getfield(L, -6, "pending_msgs");
+    lua_getfield(L, -7, "pending_bytes");
     nsub_t *sub = calloc(1, sizeof(*sub));
     sub->client = c;
     sub->entry = e;
-    sub->subject = strdup(lua_tostring(L, -3));
-    sub->queue = lua_isstring(L, -2) ? strdup(lua_tostring(L, -2)) : NULL;
-    sub->max_inflight = lua_isnumber(L, -1) ? (int)lua_tointeger(L, -1) : 256;
-    lua_pop(L, 5);
+    sub->subject = strdup(lua_tostring(L, -6));
+    sub->queue = lua_isstring(L, -5) ? strdup(lua_tostring(L, -5)) : NULL;
+    sub->max_inflight = lua_isnumber(L, -4) ? (int)lua_tointeger(L, -4) : 256;
+    sub->queued_max = sub->max_inflight + (lua_isnumber(L, -3) ? (int)lua_tointeger(L, -3) : 1024);
+    int pending_msgs = lua_isnumber(L, -2) ? (int)lua_tointeger(L, -2) : 65536;
+    int pending_bytes = lua_isnumber(L, -1) ? (int)lua_tointeger(L, -1) : 64 * 1024 * 1024;
+    lua_pop(L, 8);
+    uv_mutex_init(&sub->mu);
+    uv_cond_init(&sub->room);
     natsStatus s = sub->queue
         ? natsConnection_QueueSubscribe(&sub->sub, c->nc, sub->subject, sub->queue, on_msg, sub)
         : natsConnection_Subscribe(&sub->sub, c->nc, sub->subject, on_msg, sub);
     if (s == NATS_OK) {
         /* Bounded, and reported as a slow consumer past it - never silent. */
-        natsSubscription_SetPendingLimits(sub->sub, 65536, 64 * 1024 * 1024);
+        natsSubscription_SetPendingLimits(sub->sub, pending_msgs, pending_bytes);
     }
     sub->next = c->subs;
     c->subs = sub;
@@ -777,6 +813,7 @@ static void kind_stop(osara_reg_entry_t *e)
     }
     sub->dead = 1;
     sub->entry = NULL;
+    release_sub(sub);
     if (sub->sub && !sub->client->closing) {
         natsSubscription_Unsubscribe(sub->sub);
     }

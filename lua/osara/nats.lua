@@ -130,7 +130,8 @@ local function make_runner(self, subject, opts, fn, at)
 end
 
 -- nats:handle(subject, [opts,] fn): opts.queue (queue group), codec,
--- schema, max_inflight, reply_empty, max_bytes. fn(msg) -> reply value.
+-- schema, max_inflight, max_waiting, pending_msgs, pending_bytes,
+-- reply_empty, max_bytes. fn(msg) -> reply value.
 function Client:handle(subject, opts, fn)
   if fn == nil and type(opts) == "function" then opts, fn = {}, opts end
   opts = opts or {}
@@ -143,13 +144,15 @@ function Client:handle(subject, opts, fn)
   local key = subject .. (opts.queue and (" (queue " .. opts.queue .. ")") or "")
   local sig = signature { codec = type(opts.codec) == "table" and "custom" or opts.codec,
                           schema = opts.schema ~= nil, max_inflight = opts.max_inflight,
-                          reply_empty = opts.reply_empty }
+                          max_waiting = opts.max_waiting, pending_msgs = opts.pending_msgs,
+                          pending_bytes = opts.pending_bytes, reply_empty = opts.reply_empty }
   local detail = ("%s%scodec %s%s"):format(opts.queue and ("queue " .. opts.queue) or "",
     opts.queue and ", " or "", type(opts.codec) == "table" and "custom" or tostring(opts.codec or "json"),
     opts.schema and ", schema" or "")
   vm_c.register("nats", key, sig, make_runner(self, subject, opts, fn, at),
     { client = self.c, subject = subject, queue = opts.queue, max_inflight = opts.max_inflight,
-      codec = opts.codec, fn = fn },
+      max_waiting = opts.max_waiting, pending_msgs = opts.pending_msgs,
+      pending_bytes = opts.pending_bytes, codec = opts.codec, fn = fn },
     at, detail)
 end
 
