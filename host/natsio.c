@@ -147,7 +147,10 @@ static void settled(nsub_t *sub)
 {
     uv_mutex_lock(&sub->mu);
     sub->queued--;
-    if (sub->blocked) {
+    /* Wake the delivery thread at half, not per message: one wake-up then
+     * fills half the queue instead of a thread ping-pong per message. */
+    if (sub->blocked && sub->queued <= sub->queued_max / 2) {
+        sub->blocked = 0;
         uv_cond_signal(&sub->room);
     }
     uv_mutex_unlock(&sub->mu);
@@ -172,7 +175,6 @@ static void on_msg(natsConnection *nc, natsSubscription *s, natsMsg *msg, void *
         sub->blocked = 1;
         uv_cond_wait(&sub->room, &sub->mu);
     }
-    sub->blocked = 0;
     sub->queued++;
     uv_mutex_unlock(&sub->mu);
     if (osara_inbox_post2(&sub->client->w->inbox, deliver_msg, sub, msg) != 0) {
