@@ -821,6 +821,17 @@ static void ensure_topic(kclient_t *c, const char *topic)
     }
 }
 
+static int reset_to_end(kclient_t *c)
+{
+    for (int i = 0; i < c->nconf; i++) {
+        if (strcmp(c->conf[2 * i], "auto.offset.reset") == 0) {
+            const char *v = c->conf[2 * i + 1];
+            return strcmp(v, "latest") == 0 || strcmp(v, "largest") == 0 || strcmp(v, "end") == 0;
+        }
+    }
+    return 0;
+}
+
 /* Embedded: no group join (the mock's initial rebalance takes ~3 s), so
  * assign every partition of the handled topics, resuming from committed
  * offsets. */
@@ -829,7 +840,9 @@ static void assign_embedded(kclient_t *c)
     double t0 = osara_monotonic();
     rd_kafka_topic_partition_list_t *l = rd_kafka_topic_partition_list_new(16);
     const struct rd_kafka_metadata *md = NULL;
-    if (rd_kafka_metadata(c->producer, 1, NULL, &md, 5000) == RD_KAFKA_RESP_ERR_NO_ERROR) {
+    /* Asked through the consumer: its cache then knows every leader, so the
+     * assigned partitions start fetching at once instead of on a refresh. */
+    if (rd_kafka_metadata(c->consumer, 1, NULL, &md, 5000) == RD_KAFKA_RESP_ERR_NO_ERROR) {
         for (int i = 0; i < md->topic_cnt; i++) {
             const char *t = md->topics[i].topic;
             khandler_t *h = handler_for(c, t);
@@ -842,11 +855,15 @@ static void assign_embedded(kclient_t *c)
         }
         rd_kafka_metadata_destroy(md);
     }
-    /* Offsets default to "stored": the group's committed position. */
+    /* Resume from the group's committed position. Without one, start at 0:
+     * the embedded cluster lives in this process, so every log starts at 0,
+     * and asking the broker (auto.offset.reset) costs a second at start-up
+     * while the consumer's connection comes up. */
     rd_kafka_committed(c->consumer, l, 5000);
+    int64_t start = reset_to_end(c) ? RD_KAFKA_OFFSET_END : 0;
     for (int i = 0; i < l->cnt; i++) {
         if (l->elems[i].offset < 0) {
-            l->elems[i].offset = RD_KAFKA_OFFSET_INVALID;
+            l->elems[i].offset = start;
         }
     }
     rd_kafka_assign(c->consumer, l);
