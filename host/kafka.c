@@ -223,8 +223,18 @@ static void input_finished(kinput_t *kin)
         kin->rkm = NULL;
     }
     store_offsets(p);
-    if (p->paused && !p->revoking && p->held <= c->max_per_partition / 2 &&
-        c->inflight <= c->max_inflight / 2) {
+    if (c->inflight == c->max_inflight / 2) {
+        /* Crossing the overall low mark: resume every partition that waited
+         * only for it - one whose own inputs all finished above the mark
+         * would otherwise stay paused with nothing left to resume it. */
+        for (int i = 0; i < c->nparts; i++) {
+            kpart_t *q = c->parts[i];
+            if (q->paused && !q->revoking && q->held <= c->max_per_partition / 2) {
+                set_paused(q, 0);
+            }
+        }
+    } else if (p->paused && !p->revoking && p->held <= c->max_per_partition / 2 &&
+               c->inflight <= c->max_inflight / 2) {
         set_paused(p, 0);
     }
 }

@@ -80,6 +80,35 @@ end)
     assert.are.equal(0, H.exit_status(p))
   end)
 
+  it("resumes partitions paused by the overall bound once it clears", function()
+    -- a partition paused because all partitions together were over the
+    -- bound can finish its own inputs before the total falls: it must not
+    -- stay paused with nothing left to resume it
+    local dir = H.tmpdir()
+    H.write(dir .. "/app.lua", [[
+local osara = require "osara"
+local kafka = osara.kafka { ["osara.max_per_partition"] = 50, ["osara.max_inflight"] = 8,
+                            ["osara.partitions"] = 4 }
+local t = kafka:topic("overall")
+local n = 0
+osara.after(0, function()
+  for i = 1, 200 do
+    t:send({ i = i }, { key = tostring(i) })
+    if i % 20 == 0 then osara.sleep(0.01) end
+  end
+end)
+kafka:handle("overall", function(msg)
+  osara.sleep(0.001 * (msg.partition + 1))
+  n = n + 1
+  if n == 200 then osara.log.info("done n=%d", n) end
+end)
+]])
+    local p = H.osara { "run", dir .. "/app.lua" }
+    H.expect(p, "done n=200", 30)
+    p:kill("TERM")
+    assert.are.equal(0, H.exit_status(p))
+  end)
+
   it("pauses a partition over the in-flight bound and loses nothing", function()
     local dir = H.tmpdir()
     H.write(dir .. "/app.lua", [[
