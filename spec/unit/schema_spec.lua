@@ -9,6 +9,15 @@ local function paths(errs)
   return out
 end
 
+-- Address space of this process: decoders must not reserve memory on the
+-- word of a garbage length prefix.
+local function vm_data_kb()
+  for line in io.lines("/proc/self/status") do
+    local kb = line:match("^VmData:%s+(%d+)")
+    if kb then return tonumber(kb) end
+  end
+end
+
 describe("osara.schema", function()
   local Order = osara.schema {
     id = "integer", user = "string",
@@ -177,6 +186,41 @@ describe("codecs", function()
   end)
 end)
 
+describe("msgpack codec (libmsgpack)", function()
+  local cjson = require "cjson"
+  local mp = codec.get("msgpack")
+
+  it("round-trips numbers, strings, arrays, maps, booleans and null", function()
+    local v = { n = -42, big = 2 ^ 40, f = 1.5, s = "héllo\0bin", list = { 1, "two", { 3 } },
+                map = { [1] = "x", [3] = "y" }, yes = true, no = false, none = cjson.null, empty = {} }
+    local back = assert(mp.decode(assert(mp.encode(v))))
+    assert.are.same(v, back)
+    assert.are.equal(cjson.null, back.none)
+    assert.are.equal("\147\1\2\3", mp.encode({ 1, 2, 3 })) -- fixarray, fixints
+  end)
+
+  it("refuses what it cannot encode and what is not msgpack", function()
+    local v, err = mp.encode({ f = print })
+    assert.is_nil(v)
+    assert.matches("^msgpack: cannot encode a function", err)
+    local t = {}
+    t.self = t
+    assert.matches("too deeply nested", select(2, mp.encode(t)))
+    assert.matches("trailing bytes", select(2, mp.decode("\1\2")))
+    assert.matches("truncated", select(2, mp.decode("\146\1")))
+    assert.matches("truncated", select(2, mp.decode(string.rep("\145", 200) .. "\1")))
+  end)
+
+  it("rejects a huge count before allocating anything", function()
+    local before = vm_data_kb()
+    for _ = 1, 100 do
+      assert.is_nil((mp.decode("\221\255\255\255\255\1")))   -- array32 of 4 G elements
+      assert.is_nil((mp.decode("\219\127\255\255\255abc")))   -- str32 of 2 GiB
+    end
+    assert.is_true(vm_data_kb() - before < 64 * 1024, "address space grew")
+  end)
+end)
+
 describe("avro codec", function()
   local cjson = require "cjson"
   local SCHEMA = [[{
@@ -221,12 +265,6 @@ describe("avro codec", function()
 
   -- libavro allocates a string from its length prefix before reading it and
   -- leaks it on failure; the host checks lengths first, so address space stays flat
-  local function vm_data_kb()
-    for line in io.lines("/proc/self/status") do
-      local kb = line:match("^VmData:%s+(%d+)")
-      if kb then return tonumber(kb) end
-    end
-  end
 
   it("survives random bytes without growing the address space (bounded fuzz)", function()
     local c = codec.get { avro = SCHEMA }
