@@ -10,26 +10,16 @@ local kafka = osara.kafka { ["bootstrap.servers"] = os.getenv("BENCH_BOOT"),
 local Order = osara.schema { id = "integer", user = "string", amount = "integer" }
 local out = kafka:topic("bench.out")
 
-local handled, t0 = 0, nil
-local function done()
-  handled = handled + 1
-  if handled == N then
-    local secs = osara.monotonic() - t0
-    osara.log.info("bench: rate=%.0f n=%d secs=%.3f", N / secs, N, secs)
-    osara._vm.stop(0)
-  end
-end
+local done = require("rate")(N)
 
 if MODE == "pipeline" then
   kafka:handle("bench.in", { schema = Order, sink = out }, function(msg)
-    t0 = t0 or osara.monotonic()
     local o = msg.value
     done()
     return { id = o.id, user = o.user, amount = o.amount, vip = o.amount > 500 }
   end)
 else
   kafka:handle("bench.in", function(msg)
-    t0 = t0 or osara.monotonic()
     done()
   end)
 end

@@ -7,14 +7,8 @@ local osara = require "osara"
 local N = tonumber(os.getenv("BENCH_N"))
 local kafka = osara.kafka { ["bootstrap.servers"] = os.getenv("BENCH_BOOT"),
                             ["group.id"] = "osara-mem-" .. os.time() .. "-" .. math.random(1e6) }
-local handled, t0 = 0, nil
+local done = require("rate")(N)
 kafka:handle("bench.in", function(msg)
-  t0 = t0 or osara.monotonic()
   osara.sleep(0.001)
-  handled = handled + 1
-  if handled == N then
-    local secs = osara.monotonic() - t0
-    osara.log.info("bench: rate=%.0f n=%d secs=%.3f", N / secs, N, secs)
-    osara._vm.stop(0)
-  end
+  done()
 end)
