@@ -228,7 +228,7 @@ local function make_store_step(client, opts)
       if not ok then error("an output was not delivered: " .. tostring(err), 0) end
     end
     local k = key(msg)
-    local ok, err = db:commit(tx, offsets, { { k, tostring(msg.offset + 1), 0 } })
+    local ok, err = db:commit_grouped(tx, offsets, { { k, tostring(msg.offset + 1), 0 } })
     if not ok then error("store commit failed: " .. tostring(err), 0) end
   end
   return step

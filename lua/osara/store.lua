@@ -311,6 +311,34 @@ function Store:commit(tx, db2, ops2)
   return self:_commit(ops, changes, db2, ops2)
 end
 
+-- db:commit_grouped(tx, other_store, other_ops) -> true | nil, err: like
+-- commit, but the commits queued during one loop turn share one LMDB write
+-- transaction - one fsync - and each caller is parked until it is durable.
+-- Each caller's reads saw what was committed before it (the same isolation
+-- as commit); the Kafka exactly-once path uses it, one message per
+-- partition per group.
+function Store:commit_grouped(tx, db2, ops2)
+  local ops, changes = tx:_ops()
+  local token, seq = sched.current()
+  if not token then return self:commit(tx, db2, ops2) end
+  local g = self.group
+  if g and g.db2 ~= db2 then return self:commit(tx, db2, ops2) end
+  if not g then
+    g = { ops = {}, changes = {}, ops2 = {}, db2 = db2, waiters = {} }
+    self.group = g
+    timer_c.new(0, function()
+      self.group = nil
+      local ok, err = self:_commit(g.ops, g.changes, g.db2, g.db2 and g.ops2)
+      for _, w in ipairs(g.waiters) do sched.wake(w[1], w[2], ok, err) end
+    end, false, nil, "store group commit")
+  end
+  for _, op in ipairs(ops) do g.ops[#g.ops + 1] = op end
+  for _, c in ipairs(changes) do g.changes[#g.changes + 1] = c end
+  for _, op in ipairs(ops2 or {}) do g.ops2[#g.ops2 + 1] = op end
+  g.waiters[#g.waiters + 1] = { token, seq }
+  return sched.park()
+end
+
 -- db:transaction(fn) / db:transaction(key, fn) -> fn's results | nil, err
 -- Writes are buffered and applied in one LMDB write transaction when fn
 -- returns; an error in fn rolls back (nothing is written). With a key,
