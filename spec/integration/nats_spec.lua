@@ -21,6 +21,13 @@ local function collect(p, pattern, n, timeout)
   return got, count
 end
 
+-- Stops the host (it must exit 0) and then the server.
+local function stop(p, server)
+  p:kill("TERM")
+  assert.are.equal(0, H.exit_status(p, 20))
+  server:kill("TERM")
+end
+
 describe("nats", function()
   after_each(H.cleanup)
 
@@ -50,9 +57,7 @@ osara.after(0, function() osara.log.info("app ready") end)
     local req = assert(osara.process.spawn { argv = { tool, "req", url, "interop.req", '{"n":4}' } })
     assert.are.equal(0, (req:wait(10)), req:output())
     assert.matches('{"doubled":8}', req:output())
-    p:kill("TERM")
-    assert.are.equal(0, H.exit_status(p, 20))
-    server:kill("TERM")
+    stop(p, server)
   end)
 
   it("holds a flood in nats.c's pending list and reports a slow consumer past it", function()
@@ -79,9 +84,7 @@ end)
     -- take what was in flight on the socket; the rest is reported, not silent
     assert.is_true(handled > 0 and handled < 150, "handled " .. handled)
     assert.matches("slow consumer", p:output())
-    p:kill("TERM")
-    assert.are.equal(0, H.exit_status(p, 20))
-    server:kill("TERM")
+    stop(p, server)
   end)
 
   it("does pub/sub with wildcards, concurrent requests, timeouts and no responders", function()
@@ -120,9 +123,7 @@ end)
     assert.is_nil(out:find("nobody\n"))
     H.expect(p, "slow: timeout", 5)
     H.expect(p, "nobody: no responders", 5)
-    p:kill("TERM")
-    assert.are.equal(0, H.exit_status(p, 20))
-    server:kill("TERM")
+    stop(p, server)
   end)
 
   it("sends a reply to a third subject with reply_to (panini's example)", function()
@@ -140,9 +141,7 @@ end)
     local p = H.osara({ "run", dir .. "/app.lua" }, { NATS_URL = url })
     local got = collect(p, "received response n=(%d)", 3)
     assert.are.same({ ["1"] = 1, ["2"] = 1, ["3"] = 1 }, got)
-    p:kill("TERM")
-    assert.are.equal(0, H.exit_status(p, 20))
-    server:kill("TERM")
+    stop(p, server)
   end)
 
   it("splits a queue group between two hosts with nothing lost or doubled", function()
@@ -237,9 +236,7 @@ nats:handle("flow", function(msg) osara.log.info("v%d got %%d", msg.data.id) end
     local got = collect(p, "got (%d+)", 300)
     for i = 1, 300 do assert.are.equal(1, got[tostring(i)], "message " .. i) end
     assert.matches("1 kept", p:output())
-    p:kill("TERM")
-    assert.are.equal(0, H.exit_status(p, 20))
-    server:kill("TERM")
+    stop(p, server)
   end)
 
   it("reports bad input on one line each and keeps going", function()
@@ -266,9 +263,7 @@ end)
     assert.matches("nats in: decode failed at in: json:", out)
     assert.matches("nats in: too_large failed at in: %d+ bytes over the 100%-byte limit", out)
     assert.matches("nats in: handler failed at in: .*refused", out)
-    p:kill("TERM")
-    assert.are.equal(0, H.exit_status(p, 20))
-    server:kill("TERM")
+    stop(p, server)
   end)
 
   it("rejects an invalid subject at load with file:line", function()
