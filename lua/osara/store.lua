@@ -325,12 +325,16 @@ function Store:commit_grouped(tx, db2, ops2)
   if g and g.db2 ~= db2 then return self:commit(tx, db2, ops2) end
   if not g then
     g = { ops = {}, changes = {}, ops2 = {}, db2 = db2, waiters = {} }
-    self.group = g
-    timer_c.new(0, function()
+    -- A task, not a timer: it also runs in a script version that is
+    -- retiring after a reload, whose in-flight handlers wait for it.
+    local started = sched.spawn(function()
+      sched.yield() -- the rest of this loop turn joins the group
       self.group = nil
       local ok, err = self:_commit(g.ops, g.changes, g.db2, g.db2 and g.ops2)
       for _, w in ipairs(g.waiters) do sched.wake(w[1], w[2], ok, err) end
-    end, false, nil, "store group commit")
+    end)
+    if not started then return self:commit(tx, db2, ops2) end -- shutting down
+    self.group = g
   end
   for _, op in ipairs(ops) do g.ops[#g.ops + 1] = op end
   for _, c in ipairs(changes) do g.changes[#g.changes + 1] = c end
