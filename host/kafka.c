@@ -102,6 +102,7 @@ struct kclient_s {
     kpart_t **parts;
     int nparts, cap_parts;
     kout_t *free_outs;
+    kinput_t *free_inputs;         /* recycled: no allocation per message */
     int closing;
     rd_kafka_resp_err_t last_error;
 };
@@ -189,10 +190,12 @@ static void set_paused(kpart_t *p, int pause)
 static void release_input(osara_input_t *in)
 {
     kinput_t *kin = in->owner;
+    kclient_t *c = kin->part->client;
     if (kin->rkm) {
         rd_kafka_message_destroy(kin->rkm);
     }
-    free(kin);
+    kin->next_run = c->free_inputs;
+    c->free_inputs = kin;
 }
 
 /* Stores the committable position of p (enable.auto.offset.store=false:
@@ -372,7 +375,13 @@ static void accept_message(kclient_t *c, rd_kafka_message_t *rkm)
         rd_kafka_message_destroy(rkm);
         return;
     }
-    kinput_t *kin = calloc(1, sizeof(*kin));
+    kinput_t *kin = c->free_inputs;
+    if (kin) {
+        c->free_inputs = kin->next_run;
+        memset(kin, 0, sizeof(*kin));
+    } else {
+        kin = calloc(1, sizeof(*kin));
+    }
     kin->in.offset = rkm->offset;
     kin->in.owner = kin;
     kin->rkm = rkm;
@@ -647,6 +656,11 @@ static void client_close(void *ptr)
         kout_t *o = c->free_outs;
         c->free_outs = o->next_free;
         free(o);
+    }
+    while (c->free_inputs) {
+        kinput_t *kin = c->free_inputs;
+        c->free_inputs = kin->next_run;
+        free(kin);
     }
     for (int i = 0; i < 2 * c->nconf; i++) {
         free(c->conf[i]);
