@@ -49,8 +49,8 @@ struct kpart_s {
     int held;                      /* consumed and not yet finished */
     int paused;
     int revoking;                  /* revoke pending: finishing what is in flight */
-    int revoked;                   /* let go: nothing more is stored */
-    int retired;                   /* a later assignment gets a fresh kpart */
+    int retired;                   /* let go: stores nothing more; a later
+                                    * assignment gets a fresh kpart */
     osara_metric_t *m_lag;
 };
 
@@ -202,7 +202,7 @@ static void release_input(osara_input_t *in)
  * librdkafka's auto-commit then commits what was stored). */
 static void store_offsets(kpart_t *p)
 {
-    if (!osara_offsets_advance(&p->track, release_input) || p->revoked ||
+    if (!osara_offsets_advance(&p->track, release_input) || p->retired ||
         p->client->consumer == NULL) {
         return;
     }
@@ -732,7 +732,6 @@ static void finish_revoke(kclient_t *c)
         busy += part_busy(p);
         set_paused(p, 0);
         p->revoking = 0;
-        p->revoked = 1;
         p->retired = 1;
     }
     if (busy) {

@@ -38,7 +38,7 @@ static int grow(osara_inbox_t *inbox)
     return 0;
 }
 
-static int post_event(osara_inbox_t *inbox, osara_event_t ev)
+int osara_inbox_post(osara_inbox_t *inbox, osara_inbox_fn fn, void *arg, void *arg2)
 {
     uv_mutex_lock(&inbox->mu);
     if (inbox->closed) {
@@ -49,7 +49,7 @@ static int post_event(osara_inbox_t *inbox, osara_event_t ev)
         uv_mutex_unlock(&inbox->mu);
         return -ENOMEM;
     }
-    inbox->queue[inbox->len++] = ev;
+    inbox->queue[inbox->len++] = (osara_event_t){fn, arg, arg2};
     int first = inbox->len == 1;
     uv_mutex_unlock(&inbox->mu);
     /* uv_async_send coalesces; only the first event of a batch needs it. */
@@ -57,16 +57,6 @@ static int post_event(osara_inbox_t *inbox, osara_event_t ev)
         uv_async_send(&inbox->async);
     }
     return 0;
-}
-
-int osara_inbox_post(osara_inbox_t *inbox, osara_inbox_fn fn, void *arg)
-{
-    return post_event(inbox, (osara_event_t){.fn = fn, .arg = arg});
-}
-
-int osara_inbox_post2(osara_inbox_t *inbox, osara_inbox_fn2 fn, void *arg, void *arg2)
-{
-    return post_event(inbox, (osara_event_t){.fn2 = fn, .arg = arg, .arg2 = arg2});
 }
 
 void osara_inbox_drain(osara_inbox_t *inbox)
@@ -90,11 +80,7 @@ void osara_inbox_drain(osara_inbox_t *inbox)
         inbox->drained_batches++;
         inbox->drained_events += n;
         for (size_t i = 0; i < n; i++) {
-            if (batch[i].fn2) {
-                batch[i].fn2(batch[i].arg, batch[i].arg2);
-            } else {
-                batch[i].fn(batch[i].arg);
-            }
+            batch[i].fn(batch[i].arg, batch[i].arg2);
         }
     }
 }

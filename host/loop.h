@@ -11,13 +11,12 @@
 #include <stddef.h>
 #include <uv.h>
 
-/* Runs on the loop thread. */
-typedef void (*osara_inbox_fn)(void *arg);
-typedef void (*osara_inbox_fn2)(void *arg, void *arg2);
+/* Runs on the loop thread. Two arguments, so that a message and its
+ * destination travel without a per-event allocation. */
+typedef void (*osara_inbox_fn)(void *arg, void *arg2);
 
 typedef struct {
     osara_inbox_fn fn;
-    osara_inbox_fn2 fn2; /* set instead of fn by osara_inbox_post2 */
     void *arg, *arg2;
 } osara_event_t;
 
@@ -36,14 +35,10 @@ typedef struct osara_inbox_s {
  * until osara_inbox_close. Returns 0 or a negative uv error. */
 int osara_inbox_init(osara_inbox_t *inbox, uv_loop_t *loop);
 
-/* Queues fn(arg) to run on the loop thread. Safe from any thread. Returns 0,
+/* Queues fn(arg, arg2) to run on the loop thread. Safe from any thread. Returns 0,
  * or OSARA_ECLOSED after close (the event is not queued; the caller keeps
  * ownership of arg). */
-int osara_inbox_post(osara_inbox_t *inbox, osara_inbox_fn fn, void *arg);
-
-/* Like osara_inbox_post with two arguments: a message and its destination
- * travel without a per-event allocation. */
-int osara_inbox_post2(osara_inbox_t *inbox, osara_inbox_fn2 fn, void *arg, void *arg2);
+int osara_inbox_post(osara_inbox_t *inbox, osara_inbox_fn fn, void *arg, void *arg2);
 
 /* Runs whatever is queued now, on the loop thread (used at shutdown). */
 void osara_inbox_drain(osara_inbox_t *inbox);

@@ -177,7 +177,7 @@ static void on_msg(natsConnection *nc, natsSubscription *s, natsMsg *msg, void *
     }
     sub->queued++;
     uv_mutex_unlock(&sub->mu);
-    if (osara_inbox_post2(&sub->client->w->inbox, deliver_msg, sub, msg) != 0) {
+    if (osara_inbox_post(&sub->client->w->inbox, deliver_msg, sub, msg) != 0) {
         natsMsg_Destroy(msg);
         settled(sub);
     }
@@ -188,7 +188,7 @@ static void on_response(natsConnection *nc, natsSubscription *s, natsMsg *msg, v
     (void)nc;
     (void)s;
     nclient_t *c = closure;
-    if (osara_inbox_post2(&c->w->inbox, deliver_response, c, msg) != 0) {
+    if (osara_inbox_post(&c->w->inbox, deliver_response, c, msg) != 0) {
         natsMsg_Destroy(msg);
     }
 }
@@ -926,8 +926,9 @@ static void njs_done(osara_co_t *co, int ok, void *ud)
     free(call);
 }
 
-static void njs_deliver(void *arg)
+static void njs_deliver(void *arg, void *unused)
 {
+    (void)unused;
     njs_batch_t *b = arg;
     njs_t *j = b->j;
     j->pending = b->count;
@@ -970,7 +971,7 @@ static void njs_thread(void *arg)
                 list.Msgs[i] = NULL;
             }
             natsMsgList_Destroy(&list);
-            if (osara_inbox_post(&j->client->w->inbox, njs_deliver, b) != 0) {
+            if (osara_inbox_post(&j->client->w->inbox, njs_deliver, b, NULL) != 0) {
                 for (int i = 0; i < b->count; i++) {
                     natsMsg_Destroy(b->msgs[i]);
                 }

@@ -132,7 +132,7 @@ static void finish(osara_co_t *co, int ok)
     }
 }
 
-static void on_resume_later(void *arg);
+static void on_resume_later(void *arg, void *unused);
 
 /* The one caller of lua_resume. */
 static int resume(osara_co_t *co, int nargs)
@@ -229,8 +229,9 @@ int osara_sched_resume(osara_co_t *co, int nret)
     return resume(co, nret);
 }
 
-static void on_resume_later(void *arg)
+static void on_resume_later(void *arg, void *unused)
 {
+    (void)unused;
     osara_co_t *co = arg;
     if (co->vm->closing || !co->waiting) {
         return;
@@ -244,7 +245,7 @@ void osara_sched_resume_later(osara_co_t *co, int nret)
 {
     co->pending_nret = nret;
     co->cleanup = NULL;
-    if (osara_inbox_post(&co->vm->w->inbox, on_resume_later, co) != 0) {
+    if (osara_inbox_post(&co->vm->w->inbox, on_resume_later, co, NULL) != 0) {
         lua_pop(co->thread, nret);
     }
 }

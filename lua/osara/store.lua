@@ -318,7 +318,6 @@ end
 -- as commit); the Kafka exactly-once path uses it, one message per
 -- partition per group.
 function Store:commit_grouped(tx, db2, ops2)
-  local ops, changes = tx:_ops()
   local token, seq = sched.current()
   if not token then return self:commit(tx, db2, ops2) end
   local g = self.group
@@ -336,6 +335,7 @@ function Store:commit_grouped(tx, db2, ops2)
     if not started then return self:commit(tx, db2, ops2) end -- shutting down
     self.group = g
   end
+  local ops, changes = tx:_ops()
   for _, op in ipairs(ops) do g.ops[#g.ops + 1] = op end
   for _, c in ipairs(changes) do g.changes[#g.changes + 1] = c end
   for _, op in ipairs(ops2 or {}) do g.ops2[#g.ops2 + 1] = op end

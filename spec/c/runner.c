@@ -26,8 +26,9 @@ static int failures;
 /* ---- inbox ---------------------------------------------------------------- */
 
 static int seen;
-static void count_event(void *arg)
+static void count_event(void *arg, void *unused)
 {
+    (void)unused;
     seen += (int)(intptr_t)arg;
 }
 
@@ -39,7 +40,7 @@ static void test_inbox_drains_in_batches(void)
     CHECK(osara_inbox_init(&inbox, &loop) == 0);
     seen = 0;
     for (int i = 0; i < 1000; i++) {
-        CHECK(osara_inbox_post(&inbox, count_event, (void *)(intptr_t)1) == 0);
+        CHECK(osara_inbox_post(&inbox, count_event, (void *)(intptr_t)1, NULL) == 0);
     }
     uv_run(&loop, UV_RUN_NOWAIT);
     CHECK(seen == 1000);
@@ -58,7 +59,7 @@ static void poster_main(void *arg)
 {
     poster_t *p = arg;
     for (int i = 0; i < p->n; i++) {
-        osara_inbox_post(p->inbox, count_event, (void *)(intptr_t)1);
+        osara_inbox_post(p->inbox, count_event, (void *)(intptr_t)1, NULL);
     }
 }
 
@@ -104,7 +105,7 @@ static void test_inbox_rejects_after_close(void)
     osara_inbox_t inbox;
     CHECK(osara_inbox_init(&inbox, &loop) == 0);
     osara_inbox_close(&inbox);
-    CHECK(osara_inbox_post(&inbox, count_event, NULL) == OSARA_ECLOSED);
+    CHECK(osara_inbox_post(&inbox, count_event, NULL, NULL) == OSARA_ECLOSED);
     uv_run(&loop, UV_RUN_DEFAULT);
     CHECK(uv_loop_close(&loop) == 0);
 }

@@ -15,6 +15,18 @@ local function ids_in(messages)
   return seen, dup
 end
 
+-- Sum and per-key values of the "counts" store in data, read with
+-- `osara store dump` while the host may still run.
+local function counts_in(data)
+  local _, out = H.run { "store", data, "dump", "counts" }
+  local sum, per = 0, {}
+  for k, v in out:gmatch("(k%d+)\t(%d+)") do
+    per[k] = tonumber(v)
+    sum = sum + tonumber(v)
+  end
+  return sum, per
+end
+
 local function count(set)
   local n = 0
   for _ in pairs(set) do n = n + 1 end
@@ -381,15 +393,7 @@ end)
       H.exit_status(p)
     end
     local p = H.osara({ "run", "--data", data, dir .. "/app.lua" }, env)
-    local function total()
-      local _, out = H.run { "store", data, "dump", "counts" }
-      local sum, per = 0, {}
-      for k, v in out:gmatch("(k%d+)\t(%d+)") do
-        per[k] = tonumber(v)
-        sum = sum + tonumber(v)
-      end
-      return sum, per
-    end
+    local function total() return counts_in(data) end
     H.eventually(function() return total() >= keys * per_key end, 60, "all messages applied")
     osara.sleep(0.5)
     local sum, per = total()
@@ -435,15 +439,7 @@ end)
     end
     kcat:close_stdin()
     assert.are.equal(0, kcat:wait(20))
-    local function total()
-      local _, out = H.run { "store", data, "dump", "counts" }
-      local sum, per = 0, {}
-      for k, v in out:gmatch("(k%d+)\t(%d+)") do
-        per[k] = tonumber(v)
-        sum = sum + tonumber(v)
-      end
-      return sum, per
-    end
+    local function total() return counts_in(data) end
     H.eventually(function() return total() >= n end, 30, "all messages applied")
     osara.sleep(0.3)
     local sum, per = total()
