@@ -1,3 +1,3 @@
-# nats.c (libnats-dev) for host/natsio.c
+# nats.c (libnats-dev) for host/nats/natsio.c
 pkg_check_modules(LIBNATS REQUIRED IMPORTED_TARGET libnats)
 list(APPEND OSARA_LIBS PkgConfig::LIBNATS)

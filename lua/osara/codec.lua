@@ -50,7 +50,7 @@ end
 registry.raw = identity_codec("raw")
 registry.string = identity_codec("string")
 
--- msgpack through libmsgpack (host/codec_msgpack.c): measured 5x faster
+-- msgpack through libmsgpack (host/codec/codec_msgpack.c): measured 5x faster
 -- than Debian's pure-Lua lua-messagepack (bench/RESULTS.md).
 local function msgpack_codec()
   local mp = require "osara.msgpack_c"

@@ -1,5 +1,5 @@
 -- osara.http: routes, resources, formats, server-sent events and the
--- built-in /healthz and /metrics, on host/http.c's server. See docs/http.md.
+-- built-in /healthz and /metrics, on host/http/http.c's server. See docs/http.md.
 local util = require "osara.util"
 local where, signature = util.where, util.signature
 local http_c = require "osara.http_c"
@@ -295,7 +295,7 @@ local function stream(req, sse)
   http_c.finish(token)
 end
 
--- ---- dispatch (called by host/http.c for each request) -----------------------------
+-- ---- dispatch (called by host/http/http.c for each request) -----------------------------
 
 local function observe(route_name, status, t0)
   local labels = { route = route_name, status = tostring(status) }

@@ -1,5 +1,5 @@
 -- osara.nats: NATS clients, handlers, publish, request/reply (panini's API
--- as Lua). C (host/natsio.c) owns the connection; see docs/nats.md.
+-- as Lua). C (host/nats/natsio.c) owns the connection; see docs/nats.md.
 local util = require "osara.util"
 local where, signature = util.where, util.signature
 local natsio = require "osara.natsio_c"

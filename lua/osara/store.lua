@@ -1,4 +1,4 @@
--- osara.store: durable named stores on LMDB (host/store.c), an in-memory
+-- osara.store: durable named stores on LMDB (host/store/store.c), an in-memory
 -- variant with the same API, transactions, TTL, change feeds, and the
 -- cache-aside helper osara.cached. See docs/store.md.
 local store_c = require "osara.store_c"

@@ -5,11 +5,11 @@
 #include <string.h>
 #include <uv.h>
 
-#include "err.h"
-#include "loop.h"
-#include "metrics.h"
-#include "offsets.h"
-#include "registry.h"
+#include "core/err.h"
+#include "core/loop.h"
+#include "core/metrics.h"
+#include "transport/offsets.h"
+#include "core/registry.h"
 
 static int failures;
 

@@ -1,4 +1,4 @@
-#include "offsets.h"
+#include "transport/offsets.h"
 
 #include <stddef.h>
 

@@ -1,4 +1,4 @@
-#include "natsio.h"
+#include "nats/natsio.h"
 
 #include <errno.h>
 #include <lauxlib.h>
@@ -15,13 +15,13 @@
 #include <unistd.h>
 #include <uv.h>
 
-#include "err.h"
-#include "log.h"
-#include "lvm.h"
-#include "metrics.h"
-#include "registry.h"
-#include "sched.h"
-#include "worker.h"
+#include "core/err.h"
+#include "core/log.h"
+#include "core/lvm.h"
+#include "core/metrics.h"
+#include "core/registry.h"
+#include "core/sched.h"
+#include "core/worker.h"
 
 #define CLIENT_MT "osara.nats.client"
 #define REQ_SLOTS 4096

@@ -1,4 +1,4 @@
-#include "store.h"
+#include "store/store.h"
 
 #include <errno.h>
 #include <lauxlib.h>
@@ -8,11 +8,11 @@
 #include <string.h>
 #include <sys/stat.h>
 
-#include "err.h"
-#include "log.h"
-#include "lvm.h"
-#include "metrics.h"
-#include "worker.h"
+#include "core/err.h"
+#include "core/log.h"
+#include "core/lvm.h"
+#include "core/metrics.h"
+#include "core/worker.h"
 
 #define DB_MT "osara.store.db"
 #define HDR 8                      /* value header: expiry, ms since epoch (0: none) */

@@ -1,4 +1,4 @@
-#include "process.h"
+#include "sys/process.h"
 
 #include <errno.h>
 #include <lauxlib.h>
@@ -8,10 +8,10 @@
 #include <string.h>
 #include <uv.h>
 
-#include "err.h"
-#include "lvm.h"
-#include "sched.h"
-#include "worker.h"
+#include "core/err.h"
+#include "core/lvm.h"
+#include "core/sched.h"
+#include "core/worker.h"
 
 #define PROC_MT "osara.process"
 #define MAX_LINES 20000

@@ -10,7 +10,7 @@
 #include <lua.h>
 #include <uv.h>
 
-#include "loop.h"
+#include "core/loop.h"
 
 struct osara_vm_s;
 struct osara_co_s;

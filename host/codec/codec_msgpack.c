@@ -1,4 +1,4 @@
-#include "codec_msgpack.h"
+#include "codec/codec_msgpack.h"
 
 #include <lauxlib.h>
 #include <math.h>

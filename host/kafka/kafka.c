@@ -1,4 +1,4 @@
-#include "kafka.h"
+#include "kafka/kafka.h"
 
 #include <errno.h>
 #include <lauxlib.h>
@@ -13,14 +13,14 @@
 #include <unistd.h>
 #include <uv.h>
 
-#include "err.h"
-#include "log.h"
-#include "lvm.h"
-#include "metrics.h"
-#include "offsets.h"
-#include "registry.h"
-#include "sched.h"
-#include "worker.h"
+#include "core/err.h"
+#include "core/log.h"
+#include "core/lvm.h"
+#include "core/metrics.h"
+#include "transport/offsets.h"
+#include "core/registry.h"
+#include "core/sched.h"
+#include "core/worker.h"
 
 #define CLIENT_MT "osara.kafka.client"
 #define RECEIPT_MT "osara.kafka.receipt"

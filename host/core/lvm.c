@@ -1,4 +1,4 @@
-#include "lvm.h"
+#include "core/lvm.h"
 
 #include <errno.h>
 #include <lauxlib.h>
@@ -8,20 +8,20 @@
 #include <stdlib.h>
 #include <string.h>
 
-#include "embedded.h"
-#include "err.h"
-#include "log.h"
-#include "metrics.h"
-#include "process.h"
-#include "sched.h"
-#include "timer.h"
-#include "worker.h"
+#include "core/embedded.h"
+#include "core/err.h"
+#include "core/log.h"
+#include "core/metrics.h"
+#include "sys/process.h"
+#include "core/sched.h"
+#include "sys/timer.h"
+#include "core/worker.h"
 
 /* Registry key of the VM pointer (address of this variable). */
 static const char vm_key = 0;
 
 #define OSARA_MODULE(name, fn) int fn(lua_State *L);
-#include "modules.h"
+#include "core/modules.h"
 #undef OSARA_MODULE
 
 static const struct {
@@ -29,7 +29,7 @@ static const struct {
     lua_CFunction open;
 } c_modules[] = {
 #define OSARA_MODULE(name, fn) {name, fn},
-#include "modules.h"
+#include "core/modules.h"
 #undef OSARA_MODULE
 };
 

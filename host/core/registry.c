@@ -1,4 +1,4 @@
-#include "registry.h"
+#include "core/registry.h"
 
 #include <lauxlib.h>
 #include <lua.h>
@@ -6,9 +6,9 @@
 #include <stdlib.h>
 #include <string.h>
 
-#include "err.h"
-#include "log.h"
-#include "lvm.h"
+#include "core/err.h"
+#include "core/log.h"
+#include "core/lvm.h"
 
 #define MAX_KINDS 32
 

@@ -7,12 +7,12 @@
 #include <string.h>
 #include <sys/stat.h>
 
-#include "err.h"
-#include "kafka.h"
-#include "natsio.h"
-#include "store.h"
-#include "log.h"
-#include "worker.h"
+#include "core/err.h"
+#include "kafka/kafka.h"
+#include "nats/natsio.h"
+#include "store/store.h"
+#include "core/log.h"
+#include "core/worker.h"
 
 #ifndef OSARA_VERSION
 #define OSARA_VERSION "0.0.0"

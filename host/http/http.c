@@ -1,4 +1,4 @@
-#include "http.h"
+#include "http/http.h"
 
 #include <errno.h>
 #include <http_parser.h>
@@ -10,13 +10,13 @@
 #include <string.h>
 #include <uv.h>
 
-#include "err.h"
-#include "log.h"
-#include "lvm.h"
-#include "metrics.h"
-#include "registry.h"
-#include "sched.h"
-#include "worker.h"
+#include "core/err.h"
+#include "core/log.h"
+#include "core/lvm.h"
+#include "core/metrics.h"
+#include "core/registry.h"
+#include "core/sched.h"
+#include "core/worker.h"
 
 typedef struct hserver_s hserver_t;
 typedef struct hconn_s hconn_t;

@@ -1,4 +1,4 @@
-#include "codec.h"
+#include "codec/codec.h"
 
 #include <lauxlib.h>
 

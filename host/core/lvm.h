@@ -12,7 +12,7 @@
 #include <stddef.h>
 #include <uv.h>
 
-#include "registry.h"
+#include "core/registry.h"
 
 struct osara_worker_s;
 struct osara_co_s;

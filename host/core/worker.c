@@ -1,4 +1,4 @@
-#include "worker.h"
+#include "core/worker.h"
 
 #include <errno.h>
 #include <lauxlib.h>
@@ -10,12 +10,12 @@
 #include <sys/time.h>
 #include <unistd.h>
 
-#include "err.h"
-#include "log.h"
-#include "lvm.h"
-#include "metrics.h"
-#include "registry.h"
-#include "sched.h"
+#include "core/err.h"
+#include "core/log.h"
+#include "core/lvm.h"
+#include "core/metrics.h"
+#include "core/registry.h"
+#include "core/sched.h"
 
 /* Debounce for file events: editors write in several steps. */
 #define WATCH_DEBOUNCE_MS 15

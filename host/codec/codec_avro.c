@@ -1,4 +1,4 @@
-#include "codec_avro.h"
+#include "codec/codec_avro.h"
 
 #include <avro.h>
 #include <lauxlib.h>

@@ -1,9 +1,9 @@
-#include "loop.h"
+#include "core/loop.h"
 
 #include <errno.h>
 #include <stdlib.h>
 
-#include "err.h"
+#include "core/err.h"
 
 static void on_async(uv_async_t *async)
 {

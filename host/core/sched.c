@@ -1,15 +1,15 @@
-#include "sched.h"
+#include "core/sched.h"
 
 #include <lauxlib.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
 
-#include "err.h"
-#include "log.h"
-#include "lvm.h"
-#include "metrics.h"
-#include "worker.h"
+#include "core/err.h"
+#include "core/log.h"
+#include "core/lvm.h"
+#include "core/metrics.h"
+#include "core/worker.h"
 
 struct osara_co_s {
     lua_State *thread;

@@ -1,4 +1,4 @@
-#include "timer.h"
+#include "sys/timer.h"
 
 #include <lauxlib.h>
 #include <errno.h>
@@ -7,13 +7,13 @@
 #include <string.h>
 #include <uv.h>
 
-#include "err.h"
-#include "log.h"
-#include "lvm.h"
-#include "metrics.h"
-#include "registry.h"
-#include "sched.h"
-#include "worker.h"
+#include "core/err.h"
+#include "core/log.h"
+#include "core/lvm.h"
+#include "core/metrics.h"
+#include "core/registry.h"
+#include "core/sched.h"
+#include "core/worker.h"
 
 #define TIMER_MT "osara.timer"
 
