@@ -1,0 +1,116 @@
+/* transport.h - what every broker shares: lanes of deliveries in flight.
+ *
+ * A broker (Kafka, NATS core, JetStream, later AMQP) turns what it consumes
+ * into deliveries and pushes them onto lanes. A lane is the unit of order
+ * and of flow control: a Kafka partition (ordered, one handler at a time),
+ * a NATS subscription (unordered, up to a bound at once), an AMQP consumer
+ * (prefetch). The lane does the work every broker used to repeat:
+ *
+ *   - queues deliveries and starts them in coroutines of the handler's
+ *     current VM (the registry entry it is given, which adopt() updates);
+ *   - bounds what is held: over `max_held` it asks the broker to pause,
+ *     at half it asks it to resume;
+ *   - counts outputs sent for a delivery, and settles the delivery only
+ *     when its handler finished and every output was acknowledged;
+ *   - formats the handler's label once per entry, not per message.
+ *
+ * The broker implements osara_transport_t: how to build the Lua message,
+ * how to settle (ack / retry later / give up), how to pause. Retry,
+ * dead-letter, schemas and codecs sit above, in lua/osara/dispatch.lua,
+ * written once for every broker.
+ *
+ * Everything here runs on the worker's loop thread. */
+#ifndef OSARA_TRANSPORT_H
+#define OSARA_TRANSPORT_H
+
+#include <lua.h>
+#include <stddef.h>
+
+#include "transport/offsets.h"
+
+struct osara_reg_entry_s;
+struct osara_co_s;
+
+typedef struct osara_lane_s osara_lane_t;
+typedef struct osara_delivery_s osara_delivery_t;
+
+/* How a finished delivery is settled with its broker. */
+typedef enum {
+    OSARA_SETTLE_ACK = 0,   /* handled and every output acknowledged */
+    OSARA_SETTLE_RETRY,     /* failed; the broker redelivers it later
+                             * (NATS nak, Kafka seek back, AMQP requeue) */
+    OSARA_SETTLE_CANCELLED, /* never finished (shutdown, reload grace):
+                             * not acknowledged, consumed again later */
+} osara_settle_t;
+
+/* The vtable a broker implements. Static storage, one per broker kind. */
+typedef struct osara_transport_s {
+    const char *name; /* "kafka", "nats", "jetstream", "amqp": metrics label */
+    /* Pushes the message table of d onto T (one value). */
+    void (*push_message)(lua_State *T, osara_delivery_t *d);
+    /* The delivery is over: tell the broker, release its message. d may
+     * be reused by the broker afterwards; the lane no longer holds it. */
+    void (*settle)(osara_delivery_t *d, osara_settle_t how);
+    /* Flow control toward the broker (optional: NULL when the broker's own
+     * bound does it, as nats.c's pending limits do). */
+    void (*pause)(osara_lane_t *lane, int pause);
+} osara_transport_t;
+
+/* One consumed message in flight. The broker embeds it in its own
+ * per-message struct (first member, or found with container_of). */
+struct osara_delivery_s {
+    osara_lane_t *lane;
+    osara_input_t in;       /* offsets, handler_done, outputs_pending */
+    int failed;             /* the handler raised, or an output failed */
+    int attempt;            /* 1-based */
+    osara_delivery_t *next; /* lane's run queue */
+};
+
+struct osara_lane_s {
+    const osara_transport_t *tp;
+    void *owner;                      /* the broker's partition/subscription */
+    struct osara_reg_entry_s *entry;  /* handler now; NULL: keep queued */
+    const char *name;                 /* topic or subject, for the label */
+    int ordered;                      /* 1: one handler at a time, in order */
+    int max_running;                  /* unordered lanes: handlers at once */
+    int max_held;                     /* pause above, resume at half */
+    int held;                         /* pushed and not yet settled */
+    int running;                      /* handlers running now */
+    int paused;
+    int stopped;                      /* closing: start nothing more */
+    osara_delivery_t *head, *tail;    /* waiting to start */
+    char label[192];                  /* "<tp> handler <name> (<where>)" */
+    const struct osara_reg_entry_s *label_entry;
+};
+
+/* Prepares a lane; nothing is allocated. */
+void osara_lane_init(osara_lane_t *lane, const osara_transport_t *tp,
+                     void *owner, const char *name, int ordered,
+                     int max_running, int max_held);
+
+/* Queues d (its `in.offset` set by the broker) and starts what the lane's
+ * bounds allow. Pauses the lane when it now holds max_held. */
+void osara_lane_push(osara_lane_t *lane, osara_delivery_t *d);
+
+/* Starts queued deliveries while the bounds allow: after an adopt (the
+ * new entry), after a resume, after a reload's VM swap. */
+void osara_lane_pump(osara_lane_t *lane);
+
+/* Sets the handler entry (start or adopt) and pumps. NULL stops starting
+ * new deliveries; what is queued stays queued. */
+void osara_lane_set_entry(osara_lane_t *lane, struct osara_reg_entry_s *e);
+
+/* The delivery whose handler runs in co (set by the lane for the handler's
+ * lifetime), or NULL: outputs sent from a handler count against it. */
+osara_delivery_t *osara_delivery_of(struct osara_co_s *co);
+
+/* An output was sent for d / was acknowledged (ok=1) or failed (ok=0).
+ * A failed output fails its delivery: it is settled RETRY, never ACK. */
+void osara_delivery_output_begin(osara_delivery_t *d);
+void osara_delivery_output_end(osara_delivery_t *d, int ok);
+
+/* Settles every queued (not started) delivery as CANCELLED and marks the
+ * lane stopped; running ones settle when their coroutines end. */
+void osara_lane_stop(osara_lane_t *lane);
+
+#endif
