@@ -221,7 +221,11 @@ static int union_branch(lua_State *L, int idx, avro_schema_t u)
     int t = lua_type(L, idx);
     size_t n = avro_schema_union_size(u);
     for (size_t i = 0; i < n; i++) {
-        avro_type_t bt = avro_typeof(avro_schema_union_branch(u, (int)i));
+        avro_schema_t b = avro_schema_union_branch(u, (int)i);
+        if (avro_typeof(b) == AVRO_LINK) { /* a recursive type: its record */
+            b = avro_schema_link_target(b);
+        }
+        avro_type_t bt = avro_typeof(b);
         int fits = 0;
         switch (t) {
         case LUA_TNIL: fits = bt == AVRO_NULL; break;
@@ -373,6 +377,92 @@ static int from_lua(lua_State *L, int idx, avro_value_t *v, aerr_t *e)
     }
 }
 
+/* ---- schema checks before libavro builds values ---------------------------------
+ * libavro builds a generic value eagerly for every record field and fixed: a
+ * fixed of negative size reaches memset with that size, and a record that
+ * holds itself directly recurses until the stack ends. Both are schemas no
+ * value can have, so they are refused here, naming the type. A type that
+ * refers to itself through a union, array or map is a finite recursive type
+ * (a linked list, a tree) and is kept. */
+
+#define AVRO_FIXED_MAX (16 << 20)
+#define AVRO_SCHEMA_DEPTH 64
+
+/* The records on the path from the root, each with the count of unions,
+ * arrays and maps passed before it: a link back to one of them with no
+ * such construct since is a record that holds itself. */
+typedef struct {
+    avro_schema_t record[AVRO_SCHEMA_DEPTH + 1];
+    int lazy_at[AVRO_SCHEMA_DEPTH + 1];
+    int n, lazy;
+} schema_path_t;
+
+static int check_schema(avro_schema_t s, schema_path_t *path, int depth, aerr_t *e);
+
+static int check_lazy(avro_schema_t s, schema_path_t *path, int depth, aerr_t *e)
+{
+    path->lazy++;
+    int rc = check_schema(s, path, depth + 1, e);
+    path->lazy--;
+    return rc;
+}
+
+static int check_link(avro_schema_t s, schema_path_t *path, aerr_t *e)
+{
+    avro_schema_t target = avro_schema_link_target(s);
+    for (int i = path->n - 1; i >= 0; i--) {
+        if (path->record[i] == target && path->lazy_at[i] == path->lazy) {
+            return fail(e, "record '%s' contains itself without a union, array or map "
+                           "between (no finite value has this type)",
+                        avro_schema_name(target) ? avro_schema_name(target) : "?");
+        }
+    }
+    return 0; /* the target is checked where it is defined */
+}
+
+static int check_schema(avro_schema_t s, schema_path_t *path, int depth, aerr_t *e)
+{
+    const char *name = avro_schema_name(s) ? avro_schema_name(s) : "?";
+    if (depth >= AVRO_SCHEMA_DEPTH) {
+        return fail(e, "schema nested deeper than 64 levels (at '%s')", name);
+    }
+    switch (avro_typeof(s)) {
+    case AVRO_FIXED: {
+        int64_t size = avro_schema_fixed_size(s);
+        if (size < 0 || size > AVRO_FIXED_MAX) {
+            return fail(e, "fixed '%s' needs a size from 0 to 16777216", name);
+        }
+        return 0;
+    }
+    case AVRO_LINK:
+        return check_link(s, path, e);
+    case AVRO_RECORD:
+        path->record[path->n] = s;
+        path->lazy_at[path->n++] = path->lazy;
+        for (size_t i = 0; i < avro_schema_record_size(s); i++) {
+            avro_schema_t f = avro_schema_record_field_get_by_index(s, (int)i);
+            if (check_schema(f, path, depth + 1, e) != 0) {
+                return -1;
+            }
+        }
+        path->n--;
+        return 0;
+    case AVRO_ARRAY:
+        return check_lazy(avro_schema_array_items(s), path, depth, e);
+    case AVRO_MAP:
+        return check_lazy(avro_schema_map_values(s), path, depth, e);
+    case AVRO_UNION:
+        for (size_t i = 0; i < avro_schema_union_size(s); i++) {
+            if (check_lazy(avro_schema_union_branch(s, (int)i), path, depth, e) != 0) {
+                return -1;
+            }
+        }
+        return 0;
+    default:
+        return 0;
+    }
+}
+
 /* ---- Lua binding ---------------------------------------------------------------- */
 
 /* schema(json) -> compiled schema | nil, err */
@@ -384,6 +474,14 @@ static int l_avro_schema(lua_State *L)
     if (avro_schema_from_json_length(json, n, &schema) != 0) {
         lua_pushnil(L);
         lua_pushfstring(L, "avro: invalid schema: %s", avro_strerror());
+        return 2;
+    }
+    aerr_t e;
+    schema_path_t path = {.n = 0};
+    if (check_schema(schema, &path, 0, &e) != 0) {
+        avro_schema_decref(schema);
+        lua_pushnil(L);
+        lua_pushfstring(L, "avro: invalid schema: %s", e.msg);
         return 2;
     }
     avro_ud_t *ud = lua_newuserdata(L, sizeof(*ud));

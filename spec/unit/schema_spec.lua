@@ -263,6 +263,38 @@ describe("avro codec", function()
     assert.has_error(function() codec.avro('{"type": "nope"}') end)
   end)
 
+  -- gh_13: libavro memsets a fixed's size unchecked and recurses forever on
+  -- a record that holds itself; both crashed the host at declaration
+  it("rejects a fixed of negative or huge size at declaration", function()
+    for _, size in ipairs { -1, 16 * 1024 * 1024 + 1 } do
+      local ok, err = pcall(codec.avro, ('{"type":"fixed","name":"F","size":%d}'):format(size))
+      assert.is_false(ok)
+      assert.matches("fixed 'F' needs a size from 0 to 16777216", err)
+    end
+  end)
+
+  it("rejects a record that contains itself, naming it", function()
+    for _, s in ipairs {
+      '{"type":"record","name":"R","fields":[{"name":"r","type":"R"}]}',
+      '{"type":"record","name":"A","fields":[{"name":"x","type":{"type":"record","name":"B","fields":[{"name":"a","type":"A"}]}}]}',
+    } do
+      local ok, err = pcall(codec.avro, s)
+      assert.is_false(ok)
+      assert.matches("contains itself without a union, array or map", err)
+    end
+  end)
+
+  it("accepts recursive types through a union or an array and round-trips them", function()
+    local list = codec.avro('{"type":"record","name":"Node","fields":[{"name":"v","type":"int"},' ..
+      '{"name":"next","type":["null","Node"]}]}')
+    local v = assert(list.decode(assert(list.encode { v = 1, next = { v = 2, next = { v = 3 } } })))
+    assert.same({ 1, 2, 3 }, { v.v, v.next.v, v.next.next.v })
+    local tree = codec.avro('{"type":"record","name":"T","fields":[{"name":"kids","type":{"type":"array","items":"T"}}]}')
+    local t = assert(tree.decode(assert(tree.encode { kids = { { kids = {} }, { kids = { { kids = {} } } } } })))
+    assert.equals(2, #t.kids)
+    assert.equals(1, #t.kids[2].kids)
+  end)
+
   -- libavro allocates a string from its length prefix before reading it and
   -- leaks it on failure; the host checks lengths first, so address space stays flat
 
