@@ -19,7 +19,26 @@
  * dead-letter, schemas and codecs sit above, in lua/osara/dispatch.lua,
  * written once for every broker.
  *
- * Everything here runs on the worker's loop thread. */
+ * Everything here runs on the worker's loop thread.
+ *
+ * Refinements made while implementing it (Kafka was the first user):
+ *   - `finished` in the vtable: the handler returned or failed while its
+ *     outputs may still be pending; Kafka frees the message payload there
+ *     (a held rd_kafka_message_t pins its whole fetch buffer) and counts.
+ *   - `hold` and osara_lane_requeue(): a broker that retries in process
+ *     (Kafka, until the delivery issue's policy) puts the failed delivery
+ *     back at the head and holds the lane while its backoff runs, so an
+ *     ordered lane starts nothing behind it.
+ *   - `paused` is the lane's own request (held over max_held, until half).
+ *     A broker with a further bound of its own (Kafka's per-client
+ *     max_inflight) decides in pause() whether to act on a resume.
+ *   - CANCELLED is reported when the handler's VM was closing (reload grace
+ *     or shutdown cancelled the coroutine); RETRY when it raised or an
+ *     output failed. Either way only once outputs_pending is 0, so no
+ *     acknowledgement of an earlier attempt arrives after a retry began.
+ *   - settle() is the last thing the lane does with d, and the lane itself
+ *     is still touched afterwards (pump): a broker frees lanes later, never
+ *     from inside settle(). */
 #ifndef OSARA_TRANSPORT_H
 #define OSARA_TRANSPORT_H
 
@@ -48,8 +67,12 @@ typedef struct osara_transport_s {
     const char *name; /* "kafka", "nats", "jetstream", "amqp": metrics label */
     /* Pushes the message table of d onto T (one value). */
     void (*push_message)(lua_State *T, osara_delivery_t *d);
+    /* The handler returned (ok=1) or raised / was cancelled (ok=0); its
+     * outputs may still be pending. Optional. */
+    void (*finished)(osara_delivery_t *d, int ok);
     /* The delivery is over: tell the broker, release its message. d may
-     * be reused by the broker afterwards; the lane no longer holds it. */
+     * be reused by the broker afterwards; the lane no longer holds it
+     * (unless the broker requeues it). */
     void (*settle)(osara_delivery_t *d, osara_settle_t how);
     /* Flow control toward the broker (optional: NULL when the broker's own
      * bound does it, as nats.c's pending limits do). */
@@ -62,6 +85,7 @@ struct osara_delivery_s {
     osara_lane_t *lane;
     osara_input_t in;       /* offsets, handler_done, outputs_pending */
     int failed;             /* the handler raised, or an output failed */
+    int cancelled;          /* its VM closed while the handler waited */
     int attempt;            /* 1-based */
     osara_delivery_t *next; /* lane's run queue */
 };
@@ -76,8 +100,10 @@ struct osara_lane_s {
     int max_held;                     /* pause above, resume at half */
     int held;                         /* pushed and not yet settled */
     int running;                      /* handlers running now */
-    int paused;
+    int paused;                       /* the lane asked the broker to pause */
+    int hold;                         /* broker's retry backoff: start nothing */
     int stopped;                      /* closing: start nothing more */
+    int pumping;                      /* pump() is on the stack */
     osara_delivery_t *head, *tail;    /* waiting to start */
     char label[192];                  /* "<tp> handler <name> (<where>)" */
     const struct osara_reg_entry_s *label_entry;
@@ -95,6 +121,11 @@ void osara_lane_push(osara_lane_t *lane, osara_delivery_t *d);
 /* Starts queued deliveries while the bounds allow: after an adopt (the
  * new entry), after a resume, after a reload's VM swap. */
 void osara_lane_pump(osara_lane_t *lane);
+
+/* Puts d (settled RETRY or CANCELLED a moment ago) back at the head of the
+ * queue as a new attempt: it counts as held again and starts before
+ * anything pushed after it. Does not pump (the broker may set hold). */
+void osara_lane_requeue(osara_lane_t *lane, osara_delivery_t *d);
 
 /* Sets the handler entry (start or adopt) and pumps. NULL stops starting
  * new deliveries; what is queued stays queued. */

@@ -1,5 +1,6 @@
 /* The C unit test runner: `osara_ctest NAME` runs one test (ctest runs each
  * in its own process with a timeout); `osara_ctest` alone runs them all. */
+#include <lauxlib.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
@@ -9,7 +10,11 @@
 #include "core/loop.h"
 #include "core/metrics.h"
 #include "transport/offsets.h"
+#include "core/lvm.h"
 #include "core/registry.h"
+#include "core/sched.h"
+#include "core/worker.h"
+#include "transport/transport.h"
 
 static int failures;
 
@@ -228,6 +233,255 @@ static void test_offsets_commit_contiguous_prefix(void)
     in[3].handler_done = 1;
     CHECK(osara_offsets_advance(&o, count_release) == 0);
     CHECK(o.committable == 12);
+}
+
+/* ---- transport lanes ------------------------------------------------------ */
+
+/* A real VM runs the handlers: `park(id)` parks the coroutine until the
+ * test resumes it with "ok" or "fail" (the handler then raises). */
+typedef struct {
+    osara_delivery_t d; /* first: the lane's pointer is the message's */
+    int id;
+    int settled;
+    osara_settle_t how;
+} tmsg_t;
+
+static struct {
+    osara_worker_t w;
+    osara_vm_t *vm;
+    osara_reg_entry_t entry;
+    osara_co_t *parked[16]; /* by message id */
+    int started[16], nstarted;
+    int running, max_running;
+    int pauses, resumes;
+    int settled[16], nsettled;
+} lt;
+
+static int l_park(lua_State *L)
+{
+    int id = (int)luaL_checkinteger(L, 1);
+    lt.parked[id] = osara_sched_current(L);
+    return osara_sched_wait(L, NULL, NULL);
+}
+
+static void t_push_message(lua_State *T, osara_delivery_t *d)
+{
+    tmsg_t *m = (tmsg_t *)d;
+    lua_pushinteger(T, m->id);
+    lt.started[lt.nstarted++] = m->id;
+    if (++lt.running > lt.max_running) {
+        lt.max_running = lt.running;
+    }
+}
+
+static void t_finished(osara_delivery_t *d, int ok)
+{
+    (void)d;
+    (void)ok;
+    lt.running--;
+}
+
+static void t_settle(osara_delivery_t *d, osara_settle_t how)
+{
+    tmsg_t *m = (tmsg_t *)d;
+    m->settled++;
+    m->how = how;
+    lt.settled[lt.nsettled++] = m->id;
+}
+
+static void t_pause(osara_lane_t *lane, int pause)
+{
+    (void)lane;
+    if (pause) {
+        lt.pauses++;
+    } else {
+        lt.resumes++;
+    }
+}
+
+static const osara_transport_t test_tp = {
+    .name = "test", .push_message = t_push_message, .finished = t_finished,
+    .settle = t_settle, .pause = t_pause,
+};
+
+static int lane_setup(void)
+{
+    memset(&lt, 0, sizeof(lt));
+    uv_loop_init(&lt.w.loop);
+    lt.w.script_dir = ".";
+    lt.vm = osara_vm_new(&lt.w, 1);
+    if (lt.vm == NULL) {
+        fprintf(stderr, "vm: %s\n", osara_err_msg());
+        return -1;
+    }
+    lt.w.vm = lt.vm;
+    lua_State *L = lt.vm->L;
+    if (luaL_loadstring(L, "local park = ...\n"
+                           "return function(id)\n"
+                           "  if park(id) == 'fail' then error('refused') end\n"
+                           "end") != 0) {
+        return -1;
+    }
+    lua_pushcfunction(L, l_park);
+    lua_call(L, 1, 1); /* [handler] */
+    lt.entry.vm = lt.vm;
+    lt.entry.where = "test.lua:1";
+    lt.entry.fnref = luaL_ref(L, LUA_REGISTRYINDEX);
+    return 0;
+}
+
+static void lane_teardown(void)
+{
+    osara_vm_close(lt.vm);
+    uv_loop_close(&lt.w.loop);
+}
+
+/* Ends the parked handler of message id with "ok" or "fail". */
+static void finish_msg(int id, const char *how)
+{
+    osara_co_t *co = lt.parked[id];
+    lt.parked[id] = NULL;
+    lua_pushstring(osara_co_thread(co), how);
+    osara_sched_resume(co, 1);
+}
+
+static void push_msgs(osara_lane_t *lane, tmsg_t *m, int n)
+{
+    for (int i = 0; i < n; i++) {
+        m[i].id = i + 1;
+        osara_lane_push(lane, &m[i].d);
+    }
+}
+
+static void test_lane_ordered_runs_one_at_a_time_in_order(void)
+{
+    CHECK(lane_setup() == 0);
+    osara_lane_t lane;
+    tmsg_t m[3] = {0};
+    osara_lane_init(&lane, &test_tp, NULL, "orders", 1, 8, 100);
+    push_msgs(&lane, m, 3); /* no entry yet: all stay queued */
+    CHECK(lt.nstarted == 0);
+    osara_lane_set_entry(&lane, &lt.entry);
+    CHECK(lt.nstarted == 1 && lt.parked[1] && !lt.parked[2]);
+    finish_msg(1, "ok");
+    CHECK(lt.nstarted == 2 && lt.parked[2] && !lt.parked[3]);
+    finish_msg(2, "ok");
+    finish_msg(3, "ok");
+    CHECK(lt.nstarted == 3 && lt.max_running == 1);
+    CHECK(lt.started[0] == 1 && lt.started[1] == 2 && lt.started[2] == 3);
+    CHECK(lt.nsettled == 3 && m[2].how == OSARA_SETTLE_ACK && lane.held == 0);
+    CHECK(strcmp(lane.label, "test handler orders (test.lua:1)") == 0);
+    lane_teardown();
+}
+
+static void test_lane_unordered_bounds_running(void)
+{
+    CHECK(lane_setup() == 0);
+    osara_lane_t lane;
+    tmsg_t m[5] = {0};
+    osara_lane_init(&lane, &test_tp, NULL, "subj", 0, 2, 100);
+    osara_lane_set_entry(&lane, &lt.entry);
+    push_msgs(&lane, m, 5);
+    CHECK(lt.nstarted == 2 && lane.running == 2);
+    finish_msg(2, "ok"); /* out of order is fine here */
+    CHECK(lt.nstarted == 3 && lane.running == 2);
+    finish_msg(1, "ok");
+    finish_msg(3, "ok");
+    finish_msg(4, "ok");
+    finish_msg(5, "ok");
+    CHECK(lt.max_running == 2 && lt.nsettled == 5 && lane.held == 0);
+    lane_teardown();
+}
+
+static void test_lane_pauses_at_max_held_and_resumes_at_half(void)
+{
+    CHECK(lane_setup() == 0);
+    osara_lane_t lane;
+    tmsg_t m[4] = {0};
+    osara_lane_init(&lane, &test_tp, NULL, "p", 1, 1, 4);
+    osara_lane_set_entry(&lane, &lt.entry);
+    push_msgs(&lane, m, 3);
+    CHECK(lt.pauses == 0);
+    m[3].id = 4;
+    osara_lane_push(&lane, &m[3].d);
+    CHECK(lt.pauses == 1 && lane.paused);
+    finish_msg(1, "ok"); /* held 3 */
+    CHECK(lt.resumes == 0);
+    finish_msg(2, "ok"); /* held 2: half */
+    CHECK(lt.resumes == 1 && !lane.paused && lt.pauses == 1);
+    finish_msg(3, "ok");
+    finish_msg(4, "ok");
+    CHECK(lt.resumes == 1);
+    lane_teardown();
+}
+
+static void test_lane_settles_after_handler_and_outputs(void)
+{
+    CHECK(lane_setup() == 0);
+    osara_lane_t lane;
+    tmsg_t m[1] = {0};
+    osara_lane_init(&lane, &test_tp, NULL, "o", 1, 1, 10);
+    osara_lane_set_entry(&lane, &lt.entry);
+    push_msgs(&lane, m, 1);
+    osara_delivery_t *d = osara_delivery_of(lt.parked[1]);
+    CHECK(d == &m[0].d);
+    osara_delivery_output_begin(d); /* sent while the handler runs */
+    osara_delivery_output_begin(d);
+    osara_delivery_output_end(d, 1); /* acknowledged before it returns */
+    CHECK(m[0].settled == 0);
+    finish_msg(1, "ok");
+    CHECK(m[0].settled == 0 && lane.held == 1); /* one output still pending */
+    osara_delivery_output_end(d, 1);
+    CHECK(m[0].settled == 1 && m[0].how == OSARA_SETTLE_ACK && lane.held == 0);
+    lane_teardown();
+}
+
+static void test_lane_failed_output_settles_retry(void)
+{
+    CHECK(lane_setup() == 0);
+    osara_lane_t lane;
+    tmsg_t m[2] = {0};
+    osara_lane_init(&lane, &test_tp, NULL, "r", 1, 1, 10);
+    osara_lane_set_entry(&lane, &lt.entry);
+    push_msgs(&lane, m, 2);
+    osara_delivery_t *d = osara_delivery_of(lt.parked[1]);
+    osara_delivery_output_begin(d);
+    finish_msg(1, "ok");
+    osara_delivery_output_end(d, 0);
+    CHECK(m[0].settled == 1 && m[0].how == OSARA_SETTLE_RETRY);
+    /* a raising handler settles RETRY too; the broker may requeue it,
+     * ahead of what was pushed after it */
+    lane.hold = 1;
+    finish_msg(2, "fail");
+    CHECK(m[1].settled == 1 && m[1].how == OSARA_SETTLE_RETRY);
+    osara_lane_requeue(&lane, &m[1].d);
+    osara_lane_requeue(&lane, &m[0].d);
+    CHECK(lane.held == 2 && lt.nstarted == 2); /* held back */
+    lane.hold = 0;
+    osara_lane_pump(&lane);
+    CHECK(lt.nstarted == 3 && lt.started[2] == 1 && m[0].d.attempt == 2);
+    finish_msg(1, "ok");
+    finish_msg(2, "ok");
+    CHECK(m[0].how == OSARA_SETTLE_ACK && m[1].how == OSARA_SETTLE_ACK);
+    CHECK(lane.held == 0);
+    lane_teardown();
+}
+
+static void test_lane_stop_and_vm_close_settle_cancelled(void)
+{
+    CHECK(lane_setup() == 0);
+    osara_lane_t lane;
+    tmsg_t m[3] = {0};
+    osara_lane_init(&lane, &test_tp, NULL, "s", 1, 1, 10);
+    osara_lane_set_entry(&lane, &lt.entry);
+    push_msgs(&lane, m, 3);
+    osara_lane_stop(&lane); /* the two queued ones */
+    CHECK(m[1].how == OSARA_SETTLE_CANCELLED && m[2].how == OSARA_SETTLE_CANCELLED);
+    CHECK(m[0].settled == 0);
+    osara_vm_close(lt.vm); /* the running one: cancelled, not failed */
+    CHECK(m[0].settled == 1 && m[0].how == OSARA_SETTLE_CANCELLED);
+    CHECK(lane.held == 0);
+    uv_loop_close(&lt.w.loop);
 }
 
 /* ---- runner ----------------------------------------------------------------- */
