@@ -9,7 +9,8 @@
  * pending limits report slow consumers instead of growing without bound.
  * Requests share one wildcard inbox subscription per client. With
  * servers = "embedded" (the default) a nats-server child with JetStream is
- * started on a free loopback port and stopped with the client. */
+ * started on a free loopback port and stopped with the client.
+ * The files of host/nats and what they share: natsio_int.h. */
 #ifndef OSARA_NATSIO_H
 #define OSARA_NATSIO_H
 

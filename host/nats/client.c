@@ -1,0 +1,201 @@
+/* client.c - a NATS connection: options, reconnect events, close. */
+#include <lauxlib.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+#include <unistd.h>
+
+#include "core/err.h"
+#include "core/log.h"
+#include "nats/natsio.h"
+#include "nats/natsio_int.h"
+
+static nclient_t *closed_clients;
+
+osara__nats_metrics_t osara__nats_m;
+
+void osara__nats_metrics_init(void)
+{
+    osara__nats_metrics_t *m = &osara__nats_m;
+    if (m->received) {
+        return;
+    }
+    m->received = osara_metrics_counter("osara_nats_received_total", "messages received", NULL);
+    m->handled = osara_metrics_counter("osara_nats_handled_total", "handler calls finished", NULL);
+    m->failed = osara_metrics_counter("osara_nats_failed_total", "handler calls cancelled", NULL);
+    m->replies = osara_metrics_counter("osara_nats_replies_total", "replies sent", NULL);
+    m->requests = osara_metrics_counter("osara_nats_requests_total", "requests sent", NULL);
+    m->timeouts = osara_metrics_counter("osara_nats_request_timeouts_total",
+                                        "requests that timed out", NULL);
+    m->slow = osara_metrics_counter("osara_nats_slow_consumer_total", "slow consumer events", NULL);
+    m->reconnects = osara_metrics_counter("osara_nats_reconnects_total", "reconnections", NULL);
+    m->disconnects = osara_metrics_counter("osara_nats_disconnects_total", "disconnections", NULL);
+    m->acked = osara_metrics_counter("osara_nats_js_acked_total", "JetStream messages acked", NULL);
+    m->naked = osara_metrics_counter("osara_nats_js_naked_total",
+                                     "JetStream messages naked for redelivery", NULL);
+    m->termed = osara_metrics_counter("osara_nats_js_termed_total",
+                                      "JetStream messages terminated", NULL);
+}
+
+/* ---- connection events (nats.c threads: log and count only) ------------ */
+
+static void on_disconnected(natsConnection *nc, void *closure)
+{
+    (void)nc;
+    nclient_t *c = closure;
+    if (!c->closing) {
+        osara_metric_add(osara__nats_m.disconnects, 1);
+        OSARA_WARN("nats %s: disconnected; reconnecting (publishes are buffered)", c->url);
+    }
+}
+
+static void on_reconnected(natsConnection *nc, void *closure)
+{
+    (void)nc;
+    nclient_t *c = closure;
+    osara_metric_add(osara__nats_m.reconnects, 1);
+    OSARA_INFO("nats %s: reconnected", c->url);
+}
+
+static void on_closed(natsConnection *nc, void *closure)
+{
+    (void)nc;
+    nclient_t *c = closure;
+    if (!c->closing) {
+        OSARA_WARN("nats %s: connection closed", c->url);
+    }
+}
+
+static void on_async_error(natsConnection *nc, natsSubscription *sub, natsStatus err,
+                           void *closure)
+{
+    (void)nc;
+    (void)sub;
+    (void)closure;
+    if (err == NATS_SLOW_CONSUMER) {
+        osara_metric_add(osara__nats_m.slow, 1);
+        OSARA_WARN("nats: slow consumer: messages dropped by the client's pending limit");
+    } else {
+        OSARA_WARN("nats: %s", natsStatus_GetText(err));
+    }
+}
+
+/* ---- client ------------------------------------------------------------------ */
+
+void osara__nats_client_close(void *ptr)
+{
+    nclient_t *c = ptr;
+    c->closing = 1;
+    osara__nats_js_stop_threads(c);
+    osara__nats_subs_release(c);
+    osara_inbox_drain(&c->w->inbox); /* destroys messages still queued */
+    if (c->nc) {
+        natsConnection_FlushTimeout(c->nc, 2000);
+        natsConnection_Close(c->nc);
+    }
+    osara__nats_subs_free(c);
+    if (c->resp_sub) {
+        natsSubscription_Destroy(c->resp_sub);
+    }
+    osara__nats_js_free(c);
+    if (c->js) {
+        jsCtx_Destroy(c->js);
+    }
+    if (c->nc) {
+        natsConnection_Destroy(c->nc);
+    }
+    osara__nats_requests_free(c);
+    osara_inbox_drain(&c->w->inbox);
+    osara__nats_server_stop(c);
+    /* nats.c may still run this client's connection callbacks on its own
+     * threads after Destroy: keep the struct until the library stopped. */
+    c->next_closed = closed_clients;
+    closed_clients = c;
+}
+
+void osara_natsio_shutdown(void)
+{
+    if (closed_clients == NULL) {
+        return;
+    }
+    nats_CloseAndWait(2000);
+    while (closed_clients) {
+        nclient_t *c = closed_clients;
+        closed_clients = c->next_closed;
+        free(c->url);
+        free(c);
+    }
+}
+
+static natsStatus connect_client(nclient_t *c, lua_State *L, int conf)
+{
+    natsOptions *opts = NULL;
+    natsStatus s = natsOptions_Create(&opts);
+    if (s == NATS_OK) s = natsOptions_SetServers(opts, (const char *[]){c->url}, 1);
+    lua_getfield(L, conf, "name");
+    if (s == NATS_OK && lua_isstring(L, -1)) s = natsOptions_SetName(opts, lua_tostring(L, -1));
+    lua_getfield(L, conf, "user");
+    lua_getfield(L, conf, "password");
+    if (s == NATS_OK && lua_isstring(L, -2))
+        s = natsOptions_SetUserInfo(opts, lua_tostring(L, -2), lua_tostring(L, -1));
+    lua_getfield(L, conf, "token");
+    if (s == NATS_OK && lua_isstring(L, -1)) s = natsOptions_SetToken(opts, lua_tostring(L, -1));
+    lua_getfield(L, conf, "creds");
+    if (s == NATS_OK && lua_isstring(L, -1))
+        s = natsOptions_SetUserCredentialsFromFiles(opts, lua_tostring(L, -1), NULL);
+    lua_getfield(L, conf, "tls");
+    if (s == NATS_OK && lua_toboolean(L, -1)) s = natsOptions_SetSecure(opts, true);
+    lua_getfield(L, conf, "ca");
+    if (s == NATS_OK && lua_isstring(L, -1))
+        s = natsOptions_LoadCATrustedCertificates(opts, lua_tostring(L, -1));
+    lua_pop(L, 7);
+    /* Requests and replies are latency-bound: do not wait for the flusher. */
+    if (s == NATS_OK) s = natsOptions_SetSendAsap(opts, true);
+    if (s == NATS_OK) s = natsOptions_SetMaxReconnect(opts, -1);
+    if (s == NATS_OK) s = natsOptions_SetReconnectWait(opts, 250);
+    if (s == NATS_OK) s = natsOptions_SetReconnectBufSize(opts, 8 * 1024 * 1024);
+    if (s == NATS_OK) s = natsOptions_SetDisconnectedCB(opts, on_disconnected, c);
+    if (s == NATS_OK) s = natsOptions_SetReconnectedCB(opts, on_reconnected, c);
+    if (s == NATS_OK) s = natsOptions_SetClosedCB(opts, on_closed, c);
+    if (s == NATS_OK) s = natsOptions_SetErrorHandler(opts, on_async_error, c);
+    if (s == NATS_OK) s = natsOptions_SetTimeout(opts, 2000);
+    /* The embedded server needs a moment to listen. */
+    for (int attempt = 0; s == NATS_OK && attempt < 100; attempt++) {
+        s = natsConnection_Connect(&c->nc, opts);
+        if (s != NATS_NO_SERVER || c->server_pid == 0) {
+            break;
+        }
+        s = NATS_OK;
+        usleep(50000);
+    }
+    natsOptions_Destroy(opts);
+    return s;
+}
+
+nclient_t *osara__nats_client_new(osara_worker_t *w, lua_State *L, int conf)
+{
+    nclient_t *c = calloc(1, sizeof(*c));
+    c->w = w;
+    lua_getfield(L, conf, "servers");
+    const char *servers = lua_isstring(L, -1) ? lua_tostring(L, -1) : "embedded";
+    c->url = strdup(servers);
+    lua_pop(L, 1);
+    if (strcmp(c->url, "embedded") == 0 && osara__nats_server_start(c, w->data_dir) != 0) {
+        osara__nats_client_close(c);
+        return NULL;
+    }
+    natsStatus s = connect_client(c, L, conf);
+    if (s == NATS_OK) {
+        s = osara__nats_responses_start(c);
+    }
+    if (s != NATS_OK) {
+        osara_err_set(OSARA_EBROKER, "nats: cannot connect to %s: %s", c->url,
+                      natsStatus_GetText(s));
+        osara__nats_client_close(c);
+        return NULL;
+    }
+    if (c->server_pid) {
+        OSARA_INFO("nats: embedded server (JetStream in %s/nats) at %s", w->data_dir, c->url);
+    }
+    return c;
+}

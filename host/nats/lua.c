@@ -1,0 +1,92 @@
+/* lua.c - the `osara.natsio_c` module: client(), the client userdata and
+ * its methods (each area adds its own). lua/osara/nats.lua is the public
+ * surface built on it. */
+#include <lauxlib.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+
+#include "core/err.h"
+#include "core/lvm.h"
+#include "nats/natsio.h"
+#include "nats/natsio_int.h"
+
+
+/* client(conf, key, check) -> client (unconnected when check). conf: {servers=, name=, user=, password=,
+ * token=, creds=, tls=, ca=}; servers "embedded" (default) starts a
+ * nats-server child. Raises with nats.c's message. */
+static int l_nats_client(lua_State *L)
+{
+    luaL_checktype(L, 1, LUA_TTABLE);
+    const char *key = luaL_checkstring(L, 2);
+    osara_vm_t *vm = osara_vm_from_L(L);
+    osara_worker_t *w = vm->w;
+    osara__nats_metrics_init();
+    char skey[1024];
+    snprintf(skey, sizeof(skey), "nats:%s", key);
+    int checking = w->opts.mode == OSARA_MODE_CHECK || lua_toboolean(L, 3);
+    nclient_t *c = checking ? NULL : osara_worker_shared_get(w, skey);
+    if (c == NULL && !checking) {
+        c = osara__nats_client_new(w, L, 1);
+        if (c == NULL) {
+            return luaL_error(L, "%s", osara_err_msg());
+        }
+        osara_worker_shared_put(w, skey, c, osara__nats_client_close);
+    }
+    client_ud_t *ud = lua_newuserdata(L, sizeof(*ud));
+    ud->c = c;
+    luaL_getmetatable(L, CLIENT_MT);
+    lua_setmetatable(L, -2);
+    return 1;
+}
+
+nclient_t *osara__nats_check_client(lua_State *L, int idx)
+{
+    client_ud_t *ud = luaL_checkudata(L, idx, CLIENT_MT);
+    if (ud->c == NULL) {
+        luaL_error(L, "nats: not connected (osara check mode)");
+    }
+    return ud->c;
+}
+
+/* client:flush([timeout]) -> true | nil, err (blocks up to timeout; tests) */
+static int l_client_flush(lua_State *L)
+{
+    nclient_t *c = osara__nats_check_client(L, 1);
+    natsStatus s = natsConnection_FlushTimeout(c->nc, (int64_t)(luaL_optnumber(L, 2, 2) * 1000));
+    if (s != NATS_OK) {
+        lua_pushnil(L);
+        lua_pushstring(L, natsStatus_GetText(s));
+        return 2;
+    }
+    lua_pushboolean(L, 1);
+    return 1;
+}
+
+static int l_client_url(lua_State *L)
+{
+    client_ud_t *ud = luaL_checkudata(L, 1, CLIENT_MT);
+    lua_pushstring(L, ud->c ? ud->c->url : "embedded");
+    return 1;
+}
+
+int osara_natsio_open(lua_State *L)
+{
+    static const luaL_Reg methods[] = {
+        {"flush", l_client_flush},
+        {"url", l_client_url},
+        {NULL, NULL},
+    };
+    osara__nats_subs_open();
+    luaL_newmetatable(L, CLIENT_MT);
+    lua_newtable(L); /* [mt, index] */
+    luaL_register(L, NULL, methods);
+    osara__nats_request_open(L, lua_gettop(L));
+    osara__nats_js_open(L, lua_gettop(L));
+    lua_setfield(L, -2, "__index");
+    lua_pop(L, 1);
+    lua_newtable(L);
+    lua_pushcfunction(L, l_nats_client);
+    lua_setfield(L, -2, "client");
+    return 1;
+}
