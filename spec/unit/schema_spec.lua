@@ -273,26 +273,16 @@ describe("avro codec", function()
     end
   end)
 
-  it("rejects a record that contains itself, naming it", function()
-    for _, s in ipairs {
-      '{"type":"record","name":"R","fields":[{"name":"r","type":"R"}]}',
-      '{"type":"record","name":"A","fields":[{"name":"x","type":{"type":"record","name":"B","fields":[{"name":"a","type":"A"}]}}]}',
+  it("rejects a recursive type, naming it (libavro crashes or leaks on them)", function()
+    for name, s in pairs {
+      R = '{"type":"record","name":"R","fields":[{"name":"r","type":"R"}]}',
+      A = '{"type":"record","name":"A","fields":[{"name":"x","type":{"type":"record","name":"B","fields":[{"name":"a","type":"A"}]}}]}',
+      Node = '{"type":"record","name":"Node","fields":[{"name":"v","type":"int"},{"name":"next","type":["null","Node"]}]}',
     } do
       local ok, err = pcall(codec.avro, s)
       assert.is_false(ok)
-      assert.matches("contains itself without a union, array or map", err)
+      assert.matches("type '" .. name .. "' refers to itself: recursive types are not supported", err, 1, true)
     end
-  end)
-
-  it("accepts recursive types through a union or an array and round-trips them", function()
-    local list = codec.avro('{"type":"record","name":"Node","fields":[{"name":"v","type":"int"},' ..
-      '{"name":"next","type":["null","Node"]}]}')
-    local v = assert(list.decode(assert(list.encode { v = 1, next = { v = 2, next = { v = 3 } } })))
-    assert.same({ 1, 2, 3 }, { v.v, v.next.v, v.next.next.v })
-    local tree = codec.avro('{"type":"record","name":"T","fields":[{"name":"kids","type":{"type":"array","items":"T"}}]}')
-    local t = assert(tree.decode(assert(tree.encode { kids = { { kids = {} }, { kids = { { kids = {} } } } } })))
-    assert.equals(2, #t.kids)
-    assert.equals(1, #t.kids[2].kids)
   end)
 
   -- libavro allocates a string from its length prefix before reading it and
