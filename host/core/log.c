@@ -1,5 +1,7 @@
 #include "core/log.h"
 
+#include "core/mem.h"
+
 #include <stdatomic.h>
 #include <stdio.h>
 #include <stdlib.h>
@@ -197,13 +199,7 @@ static void enqueue(const char *line, size_t n)
             while (cap < lg.len + n) {
                 cap *= 2;
             }
-            char *nb = realloc(lg.buf, cap);
-            if (nb == NULL) {
-                lg.dropped++;
-                uv_mutex_unlock(&lg.mu);
-                return;
-            }
-            lg.buf = nb;
+            lg.buf = osara_xrealloc(lg.buf, cap);
             lg.cap = cap;
         }
         memcpy(lg.buf + lg.len, line, n);

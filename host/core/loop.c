@@ -1,9 +1,9 @@
 #include "core/loop.h"
 
-#include <errno.h>
 #include <stdlib.h>
 
 #include "core/err.h"
+#include "core/mem.h"
 
 static void on_async(uv_async_t *async)
 {
@@ -26,16 +26,11 @@ int osara_inbox_init(osara_inbox_t *inbox, uv_loop_t *loop)
     return 0;
 }
 
-static int grow(osara_inbox_t *inbox)
+static void grow(osara_inbox_t *inbox)
 {
     size_t cap = inbox->cap ? inbox->cap * 2 : 256;
-    osara_event_t *q = realloc(inbox->queue, cap * sizeof(*q));
-    if (q == NULL) {
-        return -ENOMEM;
-    }
-    inbox->queue = q;
+    inbox->queue = osara_xrealloc(inbox->queue, cap * sizeof(*inbox->queue));
     inbox->cap = cap;
-    return 0;
 }
 
 int osara_inbox_post(osara_inbox_t *inbox, osara_inbox_fn fn, void *arg, void *arg2)
@@ -45,9 +40,8 @@ int osara_inbox_post(osara_inbox_t *inbox, osara_inbox_fn fn, void *arg, void *a
         uv_mutex_unlock(&inbox->mu);
         return OSARA_ECLOSED;
     }
-    if (inbox->len == inbox->cap && grow(inbox) != 0) {
-        uv_mutex_unlock(&inbox->mu);
-        return -ENOMEM;
+    if (inbox->len == inbox->cap) {
+        grow(inbox);
     }
     inbox->queue[inbox->len++] = (osara_event_t){fn, arg, arg2};
     int first = inbox->len == 1;

@@ -11,6 +11,7 @@
 #include "core/embedded.h"
 #include "core/err.h"
 #include "core/log.h"
+#include "core/mem.h"
 #include "core/metrics.h"
 #include "sys/process.h"
 #include "core/sched.h"
@@ -121,11 +122,7 @@ static void set_paths(lua_State *L, const char *dir)
 
 osara_vm_t *osara_vm_new(osara_worker_t *w, unsigned gen)
 {
-    osara_vm_t *vm = calloc(1, sizeof(*vm));
-    if (vm == NULL) {
-        osara_err_set(-ENOMEM, "out of memory");
-        return NULL;
-    }
+    osara_vm_t *vm = osara_xcalloc(1, sizeof(*vm));
     vm->w = w;
     vm->gen = gen;
     vm->accepting = 1;
@@ -224,10 +221,7 @@ int osara_vm_load_script(osara_vm_t *vm, const char *path, double timeout)
 
 osara_own_t *osara_vm_own(osara_vm_t *vm, void (*close)(void *), void *ptr)
 {
-    osara_own_t *own = calloc(1, sizeof(*own));
-    if (own == NULL) {
-        abort();
-    }
+    osara_own_t *own = osara_xcalloc(1, sizeof(*own));
     own->close = close;
     own->ptr = ptr;
     own->next = vm->owned;
@@ -320,7 +314,7 @@ void osara_vm_retire(osara_vm_t *vm, double grace)
         osara_vm_close(vm);
         return;
     }
-    vm->grace_timer = malloc(sizeof(*vm->grace_timer));
+    vm->grace_timer = osara_xmalloc(sizeof(*vm->grace_timer));
     uv_timer_init(&vm->w->loop, vm->grace_timer);
     vm->grace_timer->data = vm;
     uv_timer_start(vm->grace_timer, on_grace, (uint64_t)(grace * 1000), 0);
@@ -366,10 +360,10 @@ static void track_file(osara_vm_t *vm, const char *path)
             return;
         }
     }
-    vm->files = realloc(vm->files, sizeof(char *) * (size_t)(vm->nfiles + 1));
-    vm->file_hashes = realloc(vm->file_hashes,
+    vm->files = osara_xrealloc(vm->files, sizeof(char *) * (size_t)(vm->nfiles + 1));
+    vm->file_hashes = osara_xrealloc(vm->file_hashes,
                               sizeof(unsigned long long) * (size_t)(vm->nfiles + 1));
-    vm->files[vm->nfiles] = strdup(path);
+    vm->files[vm->nfiles] = osara_xstrdup(path);
     vm->file_hashes[vm->nfiles] = hash_file(path);
     vm->nfiles++;
 }

@@ -2,13 +2,13 @@
 
 #include <lauxlib.h>
 #include <lua.h>
-#include <errno.h>
 #include <stdlib.h>
 #include <string.h>
 
 #include "core/err.h"
 #include "core/log.h"
 #include "core/lvm.h"
+#include "core/mem.h"
 
 #define MAX_KINDS 32
 
@@ -34,7 +34,7 @@ const osara_reg_kind_t *osara_registry_find_kind(const char *name)
 
 static char *dup_or_empty(const char *s)
 {
-    return strdup(s ? s : "");
+    return osara_xstrdup(s ? s : "");
 }
 
 static osara_reg_entry_t *find(osara_registry_t *reg,
@@ -61,11 +61,7 @@ osara_reg_entry_t *osara_registry_add(osara_registry_t *reg,
                       kind->name, key, dup->where);
         return NULL;
     }
-    osara_reg_entry_t *e = calloc(1, sizeof(*e));
-    if (e == NULL) {
-        osara_err_set(-ENOMEM, "out of memory");
-        return NULL;
-    }
+    osara_reg_entry_t *e = osara_xcalloc(1, sizeof(*e));
     e->kind = kind;
     e->key = dup_or_empty(key);
     e->sig = dup_or_empty(sig);

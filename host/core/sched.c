@@ -8,6 +8,7 @@
 #include "core/err.h"
 #include "core/log.h"
 #include "core/lvm.h"
+#include "core/mem.h"
 #include "core/metrics.h"
 #include "core/worker.h"
 
@@ -20,6 +21,9 @@ struct osara_co_s {
     char what[128];
     osara_wait_cleanup_fn cleanup;
     void *wait_data;
+    int anchor_ref;          /* the object waited on, kept alive (registry) */
+    uv_timer_t *timer;       /* the wait's deadline; allocated on first use */
+    osara_push_fn on_timeout;
     unsigned seq;
     int waiting;
     int pending_nret;        /* for resume_later */
@@ -66,11 +70,9 @@ lua_State *osara_sched_acquire(osara_vm_t *vm, int force, osara_co_t **out)
             return NULL;
         }
     } else {
-        co = calloc(1, sizeof(*co));
-        if (co == NULL) {
-            return NULL;
-        }
+        co = osara_xcalloc(1, sizeof(*co));
         co->vm = vm;
+        co->anchor_ref = LUA_NOREF;
         co->next_all = vm->all;
         vm->all = co;
         if (new_thread(co) != 0) {
@@ -134,15 +136,43 @@ static void finish(osara_co_t *co, int ok)
 
 static void on_resume_later(void *arg, void *unused);
 
+static void stop_deadline(osara_co_t *co)
+{
+    if (co->timer) {
+        uv_timer_stop(co->timer);
+    }
+}
+
+/* Ends a wait: its deadline stops and the waited-on object is released. */
+static void end_wait(osara_co_t *co)
+{
+    stop_deadline(co);
+    if (co->anchor_ref != LUA_NOREF) {
+        luaL_unref(co->vm->L, LUA_REGISTRYINDEX, co->anchor_ref);
+        co->anchor_ref = LUA_NOREF;
+    }
+    co->waiting = 0;
+    co->cleanup = NULL;
+    co->wait_data = NULL;
+    co->on_timeout = NULL;
+}
+
+/* Cancels a wait: its cleanup detaches the completion, then end_wait. */
+static void cancel_wait(osara_co_t *co)
+{
+    if (co->waiting && co->cleanup) {
+        co->cleanup(co->wait_data);
+    }
+    end_wait(co);
+}
+
 /* The one caller of lua_resume. */
 static int resume(osara_co_t *co, int nargs)
 {
     osara_worker_t *w = co->vm->w;
     osara_co_t *prev = w->running;
     w->running = co;
-    co->waiting = 0;
-    co->cleanup = NULL;
-    co->wait_data = NULL;
+    end_wait(co);
     int rc = lua_resume(co->thread, nargs);
     w->running = prev;
     if (rc == LUA_YIELD) {
@@ -202,7 +232,44 @@ osara_co_t *osara_sched_current(lua_State *L)
     return co && co->thread == L ? co : NULL;
 }
 
-int osara_sched_wait(lua_State *L, osara_wait_cleanup_fn cleanup, void *data)
+static int push_timeout(lua_State *T, void *unused)
+{
+    (void)unused;
+    lua_pushnil(T);
+    lua_pushliteral(T, "timeout");
+    return 2;
+}
+
+static void on_deadline(uv_timer_t *t)
+{
+    osara_co_t *co = t->data;
+    if (!co->waiting) {
+        return;
+    }
+    osara_push_fn push = co->on_timeout ? co->on_timeout : push_timeout;
+    int n = push(co->thread, co->wait_data);
+    if (co->cleanup) {
+        co->cleanup(co->wait_data);
+        co->cleanup = NULL;
+    }
+    resume(co, n);
+}
+
+static void arm_deadline(osara_co_t *co, double timeout)
+{
+    uv_loop_t *loop = &co->vm->w->loop;
+    if (co->timer == NULL) {
+        co->timer = osara_xmalloc(sizeof(*co->timer));
+        uv_timer_init(loop, co->timer);
+        co->timer->data = co;
+    }
+    uv_update_time(loop); /* measure from now, not from the turn's start */
+    uv_timer_start(co->timer, on_deadline, (uint64_t)(timeout * 1000 + 0.5), 0);
+}
+
+int osara_sched_wait_for(lua_State *L, int anchor, double timeout,
+                         osara_wait_cleanup_fn cleanup, void *data,
+                         osara_push_fn on_timeout)
 {
     osara_co_t *co = osara_sched_current(L);
     if (co == NULL) {
@@ -213,11 +280,25 @@ int osara_sched_wait(lua_State *L, osara_wait_cleanup_fn cleanup, void *data)
                              "or task (not at load time or in a coroutine "
                              "you created)");
     }
+    if (anchor != 0) {
+        lua_pushvalue(L, anchor);
+        co->anchor_ref = luaL_ref(L, LUA_REGISTRYINDEX);
+    }
     co->cleanup = cleanup;
     co->wait_data = data;
+    co->on_timeout = on_timeout;
     co->waiting = 1;
     co->seq++;
+    if (timeout >= 0) {
+        arm_deadline(co, timeout);
+    }
     return lua_yield(L, 0);
+}
+
+int osara_sched_wait(lua_State *L, int anchor, osara_wait_cleanup_fn cleanup,
+                     void *data)
+{
+    return osara_sched_wait_for(L, anchor, -1, cleanup, data, NULL);
 }
 
 int osara_sched_resume(osara_co_t *co, int nret)
@@ -245,25 +326,111 @@ void osara_sched_resume_later(osara_co_t *co, int nret)
 {
     co->pending_nret = nret;
     co->cleanup = NULL;
+    stop_deadline(co); /* woken: the deadline must not resume it as well */
     if (osara_inbox_post(&co->vm->w->inbox, on_resume_later, co, NULL) != 0) {
         lua_pop(co->thread, nret);
     }
 }
 
+/* ---- waiters and futures ------------------------------------------------ */
+
+int osara_sched_waiter_set(osara_sched_waiter_t *wt, lua_State *L)
+{
+    osara_co_t *co = osara_sched_current(L);
+    if (co == NULL) {
+        return -1;
+    }
+    wt->co = co;
+    wt->seq = co->seq + 1; /* the seq its coming wait will have */
+    return 0;
+}
+
+osara_co_t *osara_sched_waiter_current(const osara_sched_waiter_t *wt)
+{
+    osara_co_t *co = wt->co;
+    return co && co->waiting && co->seq == wt->seq ? co : NULL;
+}
+
+void osara_sched_future_init(osara_sched_future_t *f,
+                             void (*free_fn)(osara_sched_future_t *f))
+{
+    *f = (osara_sched_future_t){.refs = 1, .free = free_fn};
+}
+
+void osara_sched_future_ref(osara_sched_future_t *f)
+{
+    f->refs++;
+}
+
+void osara_sched_future_unref(osara_sched_future_t *f)
+{
+    if (--f->refs == 0 && f->free) {
+        f->free(f);
+    }
+}
+
+/* The wait's cleanup (timeout, cancel): detach and drop the wait's ref. */
+static void future_detach(void *data)
+{
+    osara_sched_future_t *f = data;
+    f->waiter.co = NULL;
+    osara_sched_future_unref(f);
+}
+
+int osara_sched_future_wait(lua_State *L, osara_sched_future_t *f, int anchor,
+                            double timeout)
+{
+    if (f->done) {
+        return f->push(L, f->push_ud);
+    }
+    if (osara_sched_waiter_current(&f->waiter) != NULL) {
+        return luaL_error(L, "wait(): another coroutine already waits on this");
+    }
+    if (anchor < 0) {
+        anchor = lua_gettop(L) + anchor + 1;
+    }
+    osara_sched_future_ref(f); /* released by future_detach or complete */
+    if (osara_sched_waiter_set(&f->waiter, L) != 0) {
+        f->waiter.co = NULL;
+    }
+    return osara_sched_wait_for(L, anchor, timeout, future_detach, f, NULL);
+}
+
+void osara_sched_future_complete(osara_sched_future_t *f, osara_push_fn push,
+                                 void *ud)
+{
+    if (f->done) {
+        return;
+    }
+    f->done = 1;
+    f->push = push;
+    f->push_ud = ud;
+    osara_co_t *co = osara_sched_waiter_current(&f->waiter);
+    if (co == NULL) {
+        return; /* nobody waits (a detached waiter dropped its ref already) */
+    }
+    f->waiter.co = NULL;
+    int n = push(co->thread, ud);
+    co->cleanup = NULL; /* completed, not cancelled */
+    if (co->vm->w->running != NULL) {
+        osara_sched_resume_later(co, n);
+    } else {
+        resume(co, n);
+    }
+    osara_sched_future_unref(f);
+}
+
 void osara_sched_cancel_all(osara_vm_t *vm)
 {
     for (osara_co_t *co = vm->all; co; co = co->next_all) {
-        if (co->waiting && co->cleanup) {
-            co->cleanup(co->wait_data);
-        }
-        co->cleanup = NULL;
-        if (co->waiting && co->done) {
+        int was_waiting = co->waiting;
+        cancel_wait(co);
+        if (was_waiting && co->done) {
             /* Report the abandoned entry so the owner can redeliver. */
             lua_pushliteral(co->thread, "cancelled: shutting down");
             co->done(co, 0, co->done_ud);
             co->done = NULL;
         }
-        co->waiting = 0;
     }
 }
 
@@ -273,11 +440,7 @@ void osara_sched_cancel_load_tasks(osara_vm_t *vm)
         if (!co->load_task || !co->waiting) {
             continue;
         }
-        if (co->cleanup) {
-            co->cleanup(co->wait_data);
-        }
-        co->cleanup = NULL;
-        co->waiting = 0;
+        cancel_wait(co);
         co->load_task = 0;
         co->done = NULL;
         release(co, 1); /* suspended mid-function: the thread cannot be reused */
@@ -285,11 +448,19 @@ void osara_sched_cancel_load_tasks(osara_vm_t *vm)
     }
 }
 
+static void timer_closed(uv_handle_t *h)
+{
+    free(h);
+}
+
 void osara_sched_free(osara_vm_t *vm)
 {
     osara_co_t *co = vm->all;
     while (co) {
         osara_co_t *next = co->next_all;
+        if (co->timer) {
+            uv_close((uv_handle_t *)co->timer, timer_closed);
+        }
         free(co);
         co = next;
     }
@@ -369,62 +540,22 @@ static int l_sched_current(lua_State *L)
     return 2;
 }
 
-typedef struct {
-    uv_timer_t *timer;
-    osara_co_t *co;
-    unsigned seq;
-} park_t;
-
-static void park_timer_closed(uv_handle_t *h)
+/* Marks a coroutine parked by park(): wake() resumes only those. */
+static void park_cleanup(void *unused)
 {
-    free(h);
-}
-
-static void park_cleanup(void *data)
-{
-    park_t *p = data;
-    if (p->timer) {
-        uv_timer_stop(p->timer);
-        uv_close((uv_handle_t *)p->timer, park_timer_closed);
-        p->timer = NULL;
-    }
-    free(p);
-}
-
-static void on_park_timeout(uv_timer_t *t)
-{
-    park_t *p = t->data;
-    osara_co_t *co = p->co;
-    if (!co->waiting || co->seq != p->seq) {
-        return;
-    }
-    park_cleanup(p);
-    lua_pushnil(co->thread);
-    lua_pushliteral(co->thread, "timeout");
-    osara_sched_resume(co, 2);
+    (void)unused;
 }
 
 /* park([timeout]) -> ... : waits until wake(token, seq, ...) passes values,
  * or returns nil, "timeout". */
 static int l_sched_park(lua_State *L)
 {
-    osara_co_t *co = osara_sched_current(L);
-    if (co == NULL) {
-        return luaL_error(L, "cannot wait here: not inside a handler or task");
-    }
-    park_t *p = calloc(1, sizeof(*p));
-    p->co = co;
-    p->seq = co->seq + 1;
+    double timeout = -1;
     if (!lua_isnoneornil(L, 1)) {
-        double timeout = luaL_checknumber(L, 1);
-        p->timer = malloc(sizeof(*p->timer));
-        uv_timer_init(&co->vm->w->loop, p->timer);
-        p->timer->data = p;
-        uv_update_time(&co->vm->w->loop);
-        uv_timer_start(p->timer, on_park_timeout,
-                       (uint64_t)(timeout > 0 ? timeout * 1000 + 0.5 : 0), 0);
+        timeout = luaL_checknumber(L, 1);
+        timeout = timeout > 0 ? timeout : 0;
     }
-    return osara_sched_wait(L, park_cleanup, p);
+    return osara_sched_wait_for(L, 0, timeout, park_cleanup, NULL, NULL);
 }
 
 /* wake(token, seq, ...) -> boolean: resumes a parked coroutine with the
@@ -439,9 +570,6 @@ static int l_sched_wake(lua_State *L)
         lua_pushboolean(L, 0);
         return 1;
     }
-    park_cleanup(co->wait_data);
-    co->cleanup = NULL;
-    co->wait_data = NULL;
     lua_xmove(L, co->thread, n);
     osara_sched_resume_later(co, n);
     lua_pushboolean(L, 1);

@@ -49,13 +49,89 @@ int osara_sched_spawn(struct osara_vm_s *vm, int nargs, int force,
  * (the main thread, or a coroutine the user created). */
 osara_co_t *osara_sched_current(lua_State *L);
 
+/* Pushes the results of a wait onto L; returns how many it pushed. */
+typedef int (*osara_push_fn)(lua_State *L, void *ud);
+
 /* Parks the running coroutine: records cleanup/data and yields. Use as
- * `return osara_sched_wait(L, cleanup, data);` from a lua_CFunction after
- * starting the asynchronous work. Raises a Lua error if L cannot yield. */
-int osara_sched_wait(lua_State *L, osara_wait_cleanup_fn cleanup, void *data);
+ * `return osara_sched_wait(L, anchor, cleanup, data);` from a lua_CFunction
+ * after starting the asynchronous work. Raises a Lua error if L cannot
+ * yield (cleanup has run then).
+ *
+ * anchor is the stack index of the object waited on (the receipt, the
+ * process handle), or 0. lua_yield drops the C function's stack, so an
+ * object reachable only from there (`topic:send(v):wait()`) could be
+ * collected mid-wait and its __gc would detach the waiter: the coroutine
+ * holds a registry reference to the anchor until it resumes or is
+ * cancelled. */
+int osara_sched_wait(lua_State *L, int anchor, osara_wait_cleanup_fn cleanup,
+                     void *data);
+
+/* osara_sched_wait with a deadline: after `timeout` seconds (< 0: none) the
+ * cleanup runs and the coroutine resumes with what on_timeout(T, data)
+ * pushes, or with nil, "timeout" when on_timeout is NULL. The timer is the
+ * coroutine's own (one per pooled coroutine, reused). */
+int osara_sched_wait_for(lua_State *L, int anchor, double timeout,
+                         osara_wait_cleanup_fn cleanup, void *data,
+                         osara_push_fn on_timeout);
+
+/* ---- futures: one-shot completions a coroutine can wait on ---------------
+ *
+ * The completion primitive of Kafka receipts, JetStream publish acks, NATS
+ * requests: the owner embeds an osara_sched_future_t in its own struct,
+ * inits it with refs = 1 and a free function, takes a reference per holder
+ * (the Lua handle, the in-flight operation), and calls complete once from
+ * the loop thread. Waiting holds a reference of its own, so the struct
+ * lives while a coroutine waits on it. complete resumes the waiter only if
+ * it still waits for this future (same sequence number); a waiter that
+ * timed out or was cancelled is left alone.
+ *
+ * The waiter on its own (osara_sched_waiter_t) serves waits that are not
+ * one-shot, like a process's next output line: it records the running
+ * coroutine and later yields it only if it still waits with that sequence
+ * number. */
+typedef struct {
+    osara_co_t *co; /* NULL if none */
+    unsigned seq;   /* co's sequence number while it waits here */
+} osara_sched_waiter_t;
+
+/* Records the coroutine running on L as about to wait (call right before
+ * osara_sched_wait). Returns -1 if L is not a pooled coroutine. */
+int osara_sched_waiter_set(osara_sched_waiter_t *wt, lua_State *L);
+/* The recorded coroutine if it still waits as recorded, else NULL. */
+osara_co_t *osara_sched_waiter_current(const osara_sched_waiter_t *wt);
+
+typedef struct osara_sched_future_s {
+    osara_sched_waiter_t waiter;
+    int refs;
+    int done;
+    osara_push_fn push;  /* set by complete: pushes the results */
+    void *push_ud;       /* must live as long as the future */
+    void (*free)(struct osara_sched_future_s *f); /* at refs == 0 */
+} osara_sched_future_t;
+
+void osara_sched_future_init(osara_sched_future_t *f,
+                             void (*free_fn)(osara_sched_future_t *f));
+void osara_sched_future_ref(osara_sched_future_t *f);
+/* Drops a reference; the last one calls f->free (which frees the owner). */
+void osara_sched_future_unref(osara_sched_future_t *f);
+
+/* Returns the results at once when f is done; otherwise waits (as
+ * osara_sched_wait_for, anchoring the object at `anchor`) until complete or
+ * timeout (< 0: none; then nil, "timeout"). Raises when another coroutine
+ * already waits on f. Use as `return osara_sched_future_wait(...)`. */
+int osara_sched_future_wait(lua_State *L, osara_sched_future_t *f, int anchor,
+                            double timeout);
+
+/* Marks f done with results push(L, ud) and resumes its waiter if any (now
+ * when no Lua code runs, else from the next inbox drain). Loop thread only;
+ * the caller holds a reference across the call. A second call is ignored. */
+void osara_sched_future_complete(osara_sched_future_t *f, osara_push_fn push,
+                                 void *ud);
 
 /* Resumes a waiting coroutine with `nret` values already pushed onto its
- * thread (osara_co_thread). Loop thread only. */
+ * thread (osara_co_thread). Loop thread only, and not from inside running
+ * Lua code (use resume_later there). The wait's cleanup does not run: the
+ * completion detaches itself. */
 int osara_sched_resume(osara_co_t *co, int nret);
 
 /* Like osara_sched_resume but from the next drain of the worker's inbox;

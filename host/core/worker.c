@@ -13,6 +13,7 @@
 #include "core/err.h"
 #include "core/log.h"
 #include "core/lvm.h"
+#include "core/mem.h"
 #include "core/metrics.h"
 #include "core/registry.h"
 #include "core/sched.h"
@@ -54,8 +55,8 @@ void *osara_worker_shared_get(osara_worker_t *w, const char *key)
 void osara_worker_shared_put(osara_worker_t *w, const char *key, void *ptr,
                              void (*close)(void *ptr))
 {
-    osara_shared_t *s = calloc(1, sizeof(*s));
-    s->key = strdup(key);
+    osara_shared_t *s = osara_xcalloc(1, sizeof(*s));
+    s->key = osara_xstrdup(key);
     s->ptr = ptr;
     s->close = close;
     s->first_gen = s->last_gen = w->gen;
@@ -91,11 +92,11 @@ static int any(osara_shared_t *s, unsigned gen) { (void)s; (void)gen; return 1; 
 
 static char *dir_of(const char *path)
 {
-    char *copy = strdup(path);
+    char *copy = osara_xstrdup(path);
     char *slash = strrchr(copy, '/');
     if (slash == NULL) {
         free(copy);
-        return strdup(".");
+        return osara_xstrdup(".");
     }
     if (slash == copy) {
         slash[1] = '\0';
@@ -146,17 +147,17 @@ int osara_worker_init(osara_worker_t *w, const osara_worker_opts_t *opts)
         return osara_err_set(rc, "cannot start the inbox: %s", uv_strerror(rc));
     }
     if (opts->script) {
-        w->script_path = strdup(opts->script);
+        w->script_path = osara_xstrdup(opts->script);
         w->script_dir = dir_of(opts->script);
     } else {
         char cwd[PATH_MAX];
-        w->script_dir = strdup(getcwd(cwd, sizeof(cwd)) ? cwd : ".");
+        w->script_dir = osara_xstrdup(getcwd(cwd, sizeof(cwd)) ? cwd : ".");
     }
     if (opts->data_dir) {
-        w->data_dir = strdup(opts->data_dir);
+        w->data_dir = osara_xstrdup(opts->data_dir);
     } else {
         size_t n = strlen(w->script_dir) + 32;
-        w->data_dir = malloc(n);
+        w->data_dir = osara_xmalloc(n);
         snprintf(w->data_dir, n, "%s/.osara-data", w->script_dir);
     }
     uv_signal_t *sigs[] = {&w->sigint, &w->sigterm, &w->sighup};
@@ -220,7 +221,7 @@ static void watch_files(osara_worker_t *w)
     unwatch(w);
     free(old);
     old = w->watchers;
-    w->watchers = calloc((size_t)w->vm->nfiles, sizeof(uv_fs_event_t));
+    w->watchers = osara_xcalloc((size_t)w->vm->nfiles, sizeof(uv_fs_event_t));
     for (int i = 0; i < w->vm->nfiles; i++) {
         char *dir = dir_of(w->vm->files[i]);
         int seen = 0;

@@ -1290,7 +1290,7 @@ static int l_receipt_wait(lua_State *L)
     }
     o->waiter = co;
     o->waiter_seq = osara_co_seq(co) + 1;
-    return osara_sched_wait(L, receipt_wait_cleanup, o);
+    return osara_sched_wait(L, 1, receipt_wait_cleanup, o);
 }
 
 static int l_receipt_gc(lua_State *L)

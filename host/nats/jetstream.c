@@ -430,7 +430,7 @@ static int l_jspub_wait(lua_State *L)
     }
     p->waiter = co;
     p->waiter_seq = osara_co_seq(co) + 1;
-    return osara_sched_wait(L, jspub_cleanup, p);
+    return osara_sched_wait(L, 1, jspub_cleanup, p);
 }
 
 static int l_jspub_gc(lua_State *L)

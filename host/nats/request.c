@@ -197,7 +197,7 @@ static int l_client_request(lua_State *L)
     }
     uv_update_time(&c->w->loop);
     uv_timer_start(r->timer, on_request_timeout, (uint64_t)(timeout * 1000), 0);
-    return osara_sched_wait(L, request_cleanup, r);
+    return osara_sched_wait(L, 1, request_cleanup, r);
 }
 
 

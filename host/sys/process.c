@@ -10,6 +10,7 @@
 
 #include "core/err.h"
 #include "core/lvm.h"
+#include "core/mem.h"
 #include "core/sched.h"
 #include "core/worker.h"
 
@@ -33,12 +34,9 @@ typedef struct {
     size_t head, count, cap;
     char *all;             /* everything read, for :output() */
     size_t all_len, all_cap;
-    /* the one coroutine waiting on this process */
-    osara_co_t *co;
-    unsigned co_seq;
+    osara_sched_waiter_t waiter; /* the one coroutine waiting on it */
     int wait_kind;
     char *pattern;
-    uv_timer_t *timer;
     osara_own_t *own;
     osara_vm_t *vm;
     int ud_alive;          /* userdata not yet collected */
@@ -51,7 +49,7 @@ typedef struct {
 
 static void maybe_free(proc_t *p)
 {
-    if (p->open_handles == 0 && !p->ud_alive && p->timer == NULL) {
+    if (p->open_handles == 0 && !p->ud_alive) {
         for (size_t i = 0; i < p->count; i++) {
             free(p->lines[(p->head + i) % p->cap]);
         }
@@ -69,20 +67,6 @@ static void handle_closed(uv_handle_t *h)
     maybe_free(p);
 }
 
-static void timer_closed(uv_handle_t *h)
-{
-    free(h);
-}
-
-static void stop_timer(proc_t *p)
-{
-    if (p->timer) {
-        uv_timer_stop(p->timer);
-        uv_close((uv_handle_t *)p->timer, timer_closed);
-        p->timer = NULL;
-    }
-}
-
 static void push_line(proc_t *p, const char *s, size_t n)
 {
     if (p->count == MAX_LINES) { /* drop the oldest: bounded memory */
@@ -92,7 +76,7 @@ static void push_line(proc_t *p, const char *s, size_t n)
     }
     if (p->count == p->cap) {
         size_t cap = p->cap ? p->cap * 2 : 64;
-        char **nl = malloc(cap * sizeof(*nl));
+        char **nl = osara_xmalloc(cap * sizeof(*nl));
         for (size_t i = 0; i < p->count; i++) {
             nl[i] = p->lines[(p->head + i) % p->cap];
         }
@@ -101,7 +85,7 @@ static void push_line(proc_t *p, const char *s, size_t n)
         p->head = 0;
         p->cap = cap;
     }
-    char *line = malloc(n + 1);
+    char *line = osara_xmalloc(n + 1);
     memcpy(line, s, n);
     line[n] = '\0';
     p->lines[(p->head + p->count) % p->cap] = line;
@@ -127,11 +111,11 @@ static int all_eof(proc_t *p)
 /* Tries to satisfy the waiting coroutine; resumes it when it can. */
 static void serve_waiter(proc_t *p)
 {
-    if (p->co == NULL || !osara_co_waiting(p->co) ||
-        osara_co_seq(p->co) != p->co_seq) {
+    osara_co_t *co = osara_sched_waiter_current(&p->waiter);
+    if (co == NULL) {
         return;
     }
-    lua_State *T = osara_co_thread(p->co);
+    lua_State *T = osara_co_thread(co);
     int n = 0;
     if (p->wait_kind == WAIT_LINE || p->wait_kind == WAIT_EXPECT) {
         char *line;
@@ -157,10 +141,8 @@ static void serve_waiter(proc_t *p)
     if (n == 0) {
         return;
     }
-    osara_co_t *co = p->co;
-    p->co = NULL;
+    p->waiter.co = NULL;
     p->wait_kind = WAIT_NONE;
-    stop_timer(p);
     osara_sched_resume(co, n);
 }
 
@@ -171,7 +153,7 @@ static void append_all(proc_t *p, const char *s, size_t n)
         while (cap < p->all_len + n) {
             cap *= 2;
         }
-        p->all = realloc(p->all, cap);
+        p->all = osara_xrealloc(p->all, cap);
         p->all_cap = cap;
     }
     memcpy(p->all + p->all_len, s, n);
@@ -186,8 +168,8 @@ static void append_all(proc_t *p, const char *s, size_t n)
 static void on_alloc(uv_handle_t *h, size_t suggested, uv_buf_t *buf)
 {
     (void)h;
-    buf->base = malloc(suggested);
-    buf->len = buf->base ? suggested : 0;
+    buf->base = osara_xmalloc(suggested);
+    buf->len = suggested;
 }
 
 static void on_read(uv_stream_t *s, ssize_t nread, const uv_buf_t *buf)
@@ -251,8 +233,7 @@ static void proc_vm_close(void *ptr)
     if (!p->exited) {
         uv_process_kill(&p->proc, SIGKILL);
     }
-    p->co = NULL;
-    stop_timer(p);
+    p->waiter.co = NULL;
     close_handles(p);
 }
 
@@ -267,7 +248,7 @@ static int l_process_spawn(lua_State *L)
     if (argc < 1) {
         return luaL_error(L, "process.spawn: argv is empty");
     }
-    char **argv = calloc((size_t)argc + 1, sizeof(char *));
+    char **argv = osara_xcalloc((size_t)argc + 1, sizeof(char *));
     for (int i = 0; i < argc; i++) {
         lua_rawgeti(L, -1, i + 1);
         argv[i] = (char *)luaL_checkstring(L, -1);
@@ -283,12 +264,12 @@ static int l_process_spawn(lua_State *L)
         while (environ[base]) {
             base++;
         }
-        env = calloc((size_t)base + 256, sizeof(char *));
+        env = osara_xcalloc((size_t)base + 256, sizeof(char *));
         lua_pushnil(L);
         while (lua_next(L, -2) != 0 && nenv < 255) {
             const char *k = lua_tostring(L, -2), *v = lua_tostring(L, -1);
             size_t need = strlen(k) + strlen(v) + 2;
-            env[nenv] = malloc(need);
+            env[nenv] = osara_xmalloc(need);
             snprintf(env[nenv++], need, "%s=%s", k, v);
             lua_pop(L, 1);
         }
@@ -302,14 +283,14 @@ static int l_process_spawn(lua_State *L)
                 }
             }
             if (!overridden) {
-                env[nenv++] = strdup(environ[i]);
+                env[nenv++] = osara_xstrdup(environ[i]);
             }
         }
     }
     lua_getfield(L, 1, "cwd");
     const char *cwd = lua_tostring(L, -1);
 
-    proc_t *p = calloc(1, sizeof(*p));
+    proc_t *p = osara_xcalloc(1, sizeof(*p));
     p->vm = vm;
     uv_loop_t *loop = &vm->w->loop;
     uv_pipe_init(loop, &p->out, 0);
@@ -364,45 +345,23 @@ static proc_t *check_proc(lua_State *L)
 static void wait_cleanup(void *data)
 {
     proc_t *p = data;
-    p->co = NULL;
+    p->waiter.co = NULL;
     p->wait_kind = WAIT_NONE;
-    stop_timer(p);
 }
 
-static void on_wait_timeout(uv_timer_t *t)
-{
-    proc_t *p = t->data;
-    osara_co_t *co = p->co;
-    wait_cleanup(p);
-    if (co && osara_co_waiting(co)) {
-        lua_State *T = osara_co_thread(co);
-        lua_pushnil(T);
-        lua_pushliteral(T, "timeout");
-        osara_sched_resume(co, 2);
-    }
-}
-
+/* Waits for serve_waiter (or the timeout) with the handle at index 1
+ * anchored: a process waited on is never collected mid-wait. */
 static int begin_wait(lua_State *L, proc_t *p, int kind, double timeout)
 {
-    osara_co_t *co = osara_sched_current(L);
-    if (co == NULL) {
+    if (osara_sched_waiter_current(&p->waiter) != NULL) {
+        return luaL_error(L, "process: another coroutine is already waiting");
+    }
+    if (osara_sched_waiter_set(&p->waiter, L) != 0) {
         return luaL_error(L, "process: cannot wait here: only inside a "
                              "handler, timer, task or spec");
     }
-    if (p->co != NULL) {
-        return luaL_error(L, "process: another coroutine is already waiting");
-    }
-    p->co = co;
-    p->co_seq = osara_co_seq(co) + 1;
     p->wait_kind = kind;
-    if (timeout >= 0) {
-        p->timer = malloc(sizeof(*p->timer));
-        uv_timer_init(&p->vm->w->loop, p->timer);
-        p->timer->data = p;
-        uv_update_time(&p->vm->w->loop);
-        uv_timer_start(p->timer, on_wait_timeout, (uint64_t)(timeout * 1000), 0);
-    }
-    return osara_sched_wait(L, wait_cleanup, p);
+    return osara_sched_wait_for(L, 1, timeout, wait_cleanup, p, NULL);
 }
 
 /* Returns a line at once when one is queued and satisfies the wait. */
@@ -448,7 +407,7 @@ static int l_proc_expect(lua_State *L)
         return n;
     }
     free(p->pattern);
-    p->pattern = strdup(text);
+    p->pattern = osara_xstrdup(text);
     return begin_wait(L, p, WAIT_EXPECT, luaL_optnumber(L, 3, -1));
 }
 
@@ -478,8 +437,8 @@ static int l_proc_write(lua_State *L)
         lua_pushliteral(L, "stdin closed");
         return 2;
     }
-    uv_write_t *req = malloc(sizeof(*req));
-    char *copy = malloc(len ? len : 1);
+    uv_write_t *req = osara_xmalloc(sizeof(*req));
+    char *copy = osara_xmalloc(len ? len : 1);
     memcpy(copy, s, len);
     req->data = copy;
     uv_buf_t buf = uv_buf_init(copy, (unsigned)len);
@@ -512,7 +471,7 @@ static int l_proc_close_stdin(lua_State *L)
     if (uv_is_closing((uv_handle_t *)&p->in)) {
         return 0;
     }
-    uv_shutdown_t *req = malloc(sizeof(*req));
+    uv_shutdown_t *req = osara_xmalloc(sizeof(*req));
     if (uv_shutdown(req, (uv_stream_t *)&p->in, on_stdin_shutdown) != 0) {
         free(req);
         uv_close((uv_handle_t *)&p->in, handle_closed);

@@ -1,7 +1,6 @@
 #include "sys/timer.h"
 
 #include <lauxlib.h>
-#include <errno.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
@@ -10,6 +9,7 @@
 #include "core/err.h"
 #include "core/log.h"
 #include "core/lvm.h"
+#include "core/mem.h"
 #include "core/metrics.h"
 #include "core/registry.h"
 #include "core/sched.h"
@@ -96,12 +96,9 @@ static void on_tick(uv_timer_t *h)
     osara_sched_run(co, 0, tick_done, t, t->what);
 }
 
-static int timer_arm(osara_timer_t *t)
+static void timer_arm(osara_timer_t *t)
 {
-    t->handle = malloc(sizeof(*t->handle));
-    if (t->handle == NULL) {
-        return osara_err_set(-ENOMEM, "out of memory");
-    }
+    t->handle = osara_xmalloc(sizeof(*t->handle));
     uv_timer_init(&t->w->loop, t->handle);
     t->handle->data = t;
     uint64_t ms = (uint64_t)(t->interval * 1000 + 0.5);
@@ -109,7 +106,6 @@ static int timer_arm(osara_timer_t *t)
      * armed now must measure from now. */
     uv_update_time(&t->w->loop);
     uv_timer_start(t->handle, on_tick, ms, t->repeat ? (ms ? ms : 1) : 0);
-    return 0;
 }
 
 /* ---- registry kind "timer" ------------------------------------------- */
@@ -118,7 +114,8 @@ static int kind_start(osara_reg_entry_t *e)
 {
     osara_timer_t *t = e->impl;
     t->entry = e;
-    return timer_arm(t);
+    timer_arm(t);
+    return 0;
 }
 
 static void kind_adopt(osara_reg_entry_t *e, osara_reg_entry_t *old)
@@ -178,7 +175,7 @@ static int l_timer_new(lua_State *L)
         return luaL_argerror(L, 1, "seconds must be >= 0");
     }
     osara_vm_t *vm = osara_vm_from_L(L);
-    osara_timer_t *t = calloc(1, sizeof(*t));
+    osara_timer_t *t = osara_xcalloc(1, sizeof(*t));
     t->w = vm->w;
     t->interval = secs;
     t->repeat = repeat;
@@ -204,9 +201,7 @@ static int l_timer_new(lua_State *L)
         t->fnref = fnref;
         t->refs++; /* the VM's ownership */
         t->own = osara_vm_own(vm, runtime_close, t);
-        if (timer_arm(t) != 0) {
-            return luaL_error(L, "%s", osara_err_msg());
-        }
+        timer_arm(t);
     }
     timer_ud_t *ud = lua_newuserdata(L, sizeof(*ud));
     ud->t = t;
@@ -248,46 +243,23 @@ static int l_timer_gc(lua_State *L)
 
 /* ---- sleep ------------------------------------------------------------- */
 
-typedef struct {
-    uv_timer_t *timer;
-    osara_co_t *co;
-} sleep_t;
-
-static void sleep_cleanup(void *data)
+static int push_nothing(lua_State *L, void *unused)
 {
-    sleep_t *s = data;
-    uv_timer_stop(s->timer);
-    uv_close((uv_handle_t *)s->timer, handle_closed);
-    free(s);
-}
-
-static void on_sleep_done(uv_timer_t *h)
-{
-    sleep_t *s = h->data;
-    osara_co_t *co = s->co;
-    sleep_cleanup(s);
-    osara_sched_resume(co, 0);
+    (void)L;
+    (void)unused;
+    return 0;
 }
 
 /* sleep(seconds): yields the running coroutine for that long. */
 static int l_timer_sleep(lua_State *L)
 {
     double secs = luaL_checknumber(L, 1);
-    osara_co_t *co = osara_sched_current(L);
-    if (co == NULL) {
+    if (osara_sched_current(L) == NULL) {
         return luaL_error(L, "osara.sleep: cannot wait here: only inside a "
                              "handler, timer or task");
     }
-    sleep_t *s = malloc(sizeof(*s));
-    s->timer = malloc(sizeof(*s->timer));
-    s->co = co;
-    uv_loop_t *loop = &osara_vm_from_L(L)->w->loop;
-    uv_timer_init(loop, s->timer);
-    s->timer->data = s;
-    uv_update_time(loop);
-    uv_timer_start(s->timer, on_sleep_done,
-                   secs > 0 ? (uint64_t)(secs * 1000 + 0.5) : 0, 0);
-    return osara_sched_wait(L, sleep_cleanup, s);
+    return osara_sched_wait_for(L, 0, secs > 0 ? secs : 0, NULL, NULL,
+                                push_nothing);
 }
 
 static int l_timer_now(lua_State *L)
