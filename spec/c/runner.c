@@ -261,7 +261,7 @@ static int l_park(lua_State *L)
 {
     int id = (int)luaL_checkinteger(L, 1);
     lt.parked[id] = osara_sched_current(L);
-    return osara_sched_wait(L, NULL, NULL);
+    return osara_sched_wait(L, 0, NULL, NULL);
 }
 
 static void t_push_message(lua_State *T, osara_delivery_t *d)
