@@ -14,6 +14,7 @@ local cjson = require "cjson"
 local M = {}
 local routes = {}          -- this script version's routes, in registration order
 local server = nil         -- { listen=, addr=, healthz=, metrics= }
+local capturing = false    -- osara.testing is loading a script: start no server
 local METHODS = { GET = true, POST = true, PUT = true, PATCH = true, DELETE = true,
                   HEAD = true, OPTIONS = true }
 
@@ -29,6 +30,7 @@ local function start_server(opts)
   server = { listen = listen,
              healthz = opts.healthz == nil and "/healthz" or opts.healthz,
              metrics = opts.metrics == nil and "/metrics" or opts.metrics }
+  if capturing then return server end -- osara.testing: routes without a socket
   local ok, addr = pcall(http_c.listen, listen, opts)
   if not ok then error(tostring(addr):gsub("^[^:]*:%d+: ", ""), 3) end
   server.addr = addr
@@ -97,7 +99,7 @@ local function add_route(method, pattern, fn, opts, at)
   opts = opts or {}
   local r = { method = method, pattern = pattern, segs = compile(pattern), fn = fn, opts = opts, where = at }
   routes[#routes + 1] = r
-  if not server and vm_c.mode() ~= "test" then start_server() end
+  if not server and not capturing and vm_c.mode() ~= "test" then start_server() end
   local sig = ("format=%s schema=%s"):format(tostring(opts.format), tostring(opts.schema ~= nil))
   if vm_c.loading() then
     vm_c.register("route", method .. " " .. pattern, sig, fn, nil, at,
@@ -398,6 +400,16 @@ function M._dispatch(req)
   headers["X-Request-Id"] = tostring(req.id)
   observe(route_name, status, req.t0)
   return status, headers, body
+end
+
+-- osara.testing swaps this version's routes and server for its own set
+-- ({ routes =, server = }) and back; it returns the previous set. While a
+-- set is swapped in, routes and osara.http{} start no server.
+function M._capture(state)
+  local old = { routes = routes, server = server, capturing = capturing }
+  routes, server = state.routes or {}, state.server
+  capturing = state.capturing == nil or state.capturing
+  return old
 end
 
 -- osara.http(opts) starts the server (also started by the first route).

@@ -265,6 +265,7 @@ local function make_runner(client, topic, opts, fn, at)
       dispatch.bad_input("kafka", topic, "handler", place(msg), tostring(first))
       return false
     end
+    if dispatch.on_return then dispatch.on_return(first, ...) end
     if first == nil and select("#", ...) == 0 then return true end
     if msg.headers[REPLY_TO] then
       send_reply(client, h, msg, first)
@@ -277,7 +278,8 @@ local function make_runner(client, topic, opts, fn, at)
 
   return function(msg)
     if eo and eo.applied(msg) then
-      return -- its state change was committed before a restart
+      msg.skipped = "already applied" -- its state was committed before a restart
+      return
     end
     if #msg.raw > max_bytes then
       dispatch.bad_input("kafka", topic, "too_large", place(msg),

@@ -113,6 +113,7 @@ local function make_runner(self, subject, opts, fn, at)
       dispatch.bad_input("nats", subject, "handler", msg.subject, tostring(res[2]))
       return
     end
+    if dispatch.on_return then dispatch.on_return(unpack(res, 2, table.maxn(res))) end
     if msg.reply and (res[2] ~= nil or reply_empty) then
       local bytes = res[2] == nil and "" or h:encode(res[2])
       if bytes == nil then

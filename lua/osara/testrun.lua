@@ -34,6 +34,8 @@ function M.run(paths, output)
     code = 1
   end
   io.stdout:flush()
+  local testing = package.loaded["osara.testing"]
+  if testing then testing.cleanup() end -- data folders of apps not closed
   vm.stop(code == 0 and 0 or 1)
 end
 
