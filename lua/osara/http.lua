@@ -10,6 +10,7 @@ local codec_c = require "osara.codec_c"
 local metrics = require "osara.metrics_c"
 local log = require "osara.log_c"
 local cjson = require "cjson"
+local options = require "osara.options"
 
 local M = {}
 local routes = {}          -- this script version's routes, in registration order
@@ -25,14 +26,12 @@ local METHODS = { GET = true, POST = true, PUT = true, PATCH = true, DELETE = tr
 --            metrics="/metrics"|false, max_body=, max_header=,
 --            request_timeout=, idle_timeout=, max_connections=}
 local function start_server(opts)
-  opts = opts or {}
-  local listen = os.getenv("OSARA_HTTP_LISTEN") or opts.listen or "127.0.0.1:8080"
-  server = { listen = listen,
-             healthz = opts.healthz == nil and "/healthz" or opts.healthz,
-             metrics = opts.metrics == nil and "/metrics" or opts.metrics }
+  opts = options.check("osara.http", opts)
+  local listen = os.getenv("OSARA_HTTP_LISTEN") or opts.listen
+  server = { listen = listen, healthz = opts.healthz, metrics = opts.metrics }
   if capturing then return server end -- osara.testing: routes without a socket
   local ok, addr = pcall(http_c.listen, listen, opts)
-  if not ok then error(tostring(addr):gsub("^[^:]*:%d+: ", ""), 3) end
+  if not ok then options.raise(tostring(addr):gsub("^[^:]*:%d+: ", "")) end
   server.addr = addr
   if vm_c.mode() == "run" then log.write("info", "http: listening on http://" .. addr) end
   return server
@@ -53,7 +52,7 @@ local TYPES = {
 -- "/foo/{id:int}/{name}/*" -> list of segments
 local function compile(pattern)
   if type(pattern) ~= "string" or pattern:sub(1, 1) ~= "/" then
-    error("route: a pattern starts with '/', got " .. tostring(pattern), 4)
+    options.raise("route: a pattern starts with '/', got " .. tostring(pattern))
   end
   local segs = {}
   for seg in pattern:gmatch("[^/]+") do
@@ -62,7 +61,7 @@ local function compile(pattern)
       segs[#segs + 1] = { rest = true }
     elseif name then
       typ = typ ~= "" and typ or "str"
-      if not TYPES[typ] then error(("route: unknown parameter type '%s' (int, number, str)"):format(typ), 4) end
+      if not TYPES[typ] then options.raise(("route: unknown parameter type '%s' (int, number, str)"):format(typ)) end
       segs[#segs + 1] = { param = name, conv = TYPES[typ] }
     else
       segs[#segs + 1] = { lit = seg }
@@ -92,11 +91,24 @@ local function match(segs, parts)
   return params
 end
 
+local FORMATS
+
+local function check_formats(format)
+  for _, f in ipairs(type(format) == "table" and format or { format }) do
+    if not FORMATS[f] then
+      options.raise(("option 'format' in osara.route: unknown format '%s' (json, msgpack, html, text)"):format(tostring(f)))
+    end
+  end
+end
+
 local function add_route(method, pattern, fn, opts, at)
+  if type(method) ~= "string" or not METHODS[method:upper()] then
+    options.raise("route: unknown method " .. tostring(method))
+  end
   method = method:upper()
-  if not METHODS[method] then error("route: unknown method " .. method, 3) end
-  if type(fn) ~= "function" then error("route: expected a handler function", 3) end
-  opts = opts or {}
+  if type(fn) ~= "function" then options.raise("route: expected a handler function") end
+  opts = options.check("osara.route", opts)
+  check_formats(opts.format)
   local r = { method = method, pattern = pattern, segs = compile(pattern), fn = fn, opts = opts, where = at }
   routes[#routes + 1] = r
   if not server and not capturing and vm_c.mode() ~= "test" then start_server() end
@@ -110,13 +122,14 @@ end
 
 -- osara.route(method, pattern, fn [, opts]): fn(req, params...) -> response
 function M.route(method, pattern, fn, opts)
-  return add_route(method, pattern, fn, opts, where(2))
+  return add_route(method, pattern, fn, opts, options.user_where())
 end
 
 -- osara.resource(pattern, {get=, post=, put=, patch=, delete=} [, opts]):
 -- kata's Resource / aiohttp's View. Missing methods answer 405 with Allow.
 function M.resource(pattern, handlers, opts)
-  local at = where(2)
+  if type(handlers) ~= "table" then options.raise("osara.resource: expected a table of method = handler") end
+  local at = options.user_where()
   for method, fn in pairs(handlers) do
     add_route(method, pattern, fn, opts, at)
   end
@@ -168,15 +181,17 @@ local RESPONSE, SSE = {}, {}
 
 -- osara.response{status=, body=, headers=, format=}
 function M.response(t)
+  options.check("osara.response", t)
+  if t and t.format then check_formats(t.format) end
   return setmetatable(t or {}, RESPONSE)
 end
 
 -- osara.sse(iterator_or_function [, {keepalive=15, format=fn(...)}])
 function M.sse(source, opts)
-  return setmetatable({ source = source, opts = opts or {} }, SSE)
+  return setmetatable({ source = source, opts = options.check("osara.sse", opts) }, SSE)
 end
 
-local FORMATS = {
+FORMATS = {
   json = { type = "application/json", encode = function(v) return cjson.encode(v) end },
   msgpack = { type = "application/msgpack", encode = function(v) return assert(codec.get("msgpack").encode(v)) end },
   html = { type = "text/html; charset=utf-8", encode = function(v) return tostring(v) end },
@@ -270,7 +285,7 @@ local function stream(req, sse)
     ended = true
     wake()
   end)
-  local keepalive = opts.keepalive or 15
+  local keepalive = opts.keepalive
   local timer_c = require "osara.timer_c"
   local last_write = timer_c.monotonic()
   -- Wake at least every 0.25 s: a client that left (or a host that stops)

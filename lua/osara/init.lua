@@ -8,6 +8,7 @@ local sched_c = require "osara.sched_c"
 local timer_c = require "osara.timer_c"
 local log_c = require "osara.log_c"
 local metrics_c = require "osara.metrics_c"
+local options = require "osara.options"
 
 local osara = { version = "0.1.0" }
 
@@ -84,21 +85,19 @@ end
 
 local function check_timer_args(name, seconds, fn, opts)
   if type(seconds) ~= "number" or seconds ~= seconds or seconds < 0 then
-    error(("osara.%s: seconds must be a number >= 0, got %s"):format(name, tostring(seconds)), 3)
+    options.raise(("osara.%s: seconds must be a number >= 0, got %s"):format(name, tostring(seconds)))
   end
   if type(fn) ~= "function" then
-    error(("osara.%s: expected a function as argument 2, got %s"):format(name, type(fn)), 3)
+    options.raise(("osara.%s: expected a function as argument 2, got %s"):format(name, type(fn)))
   end
-  if opts ~= nil and type(opts) ~= "table" then
-    error(("osara.%s: options must be a table"):format(name), 3)
-  end
+  return options.check("osara." .. name, opts)
 end
 
 -- osara.every(seconds, fn [, {name=}]) -> handle with :cancel()
 function osara.every(seconds, fn, opts)
-  check_timer_args("every", seconds, fn, opts)
+  opts = check_timer_args("every", seconds, fn, opts)
   if seconds == 0 then
-    error("osara.every: seconds must be > 0", 2)
+    options.raise("osara.every: seconds must be > 0")
   end
   local key = vm_c.loading() and timer_key("every", seconds, opts) or nil
   return timer_c.new(seconds, fn, true, key, where(2))
@@ -106,7 +105,7 @@ end
 
 -- osara.after(seconds, fn [, {name=}]) -> handle with :cancel()
 function osara.after(seconds, fn, opts)
-  check_timer_args("after", seconds, fn, opts)
+  opts = check_timer_args("after", seconds, fn, opts)
   local key = vm_c.loading() and timer_key("after", seconds, opts) or nil
   return timer_c.new(seconds, fn, false, key, where(2))
 end

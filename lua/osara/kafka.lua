@@ -8,6 +8,7 @@ local vm_c = require "osara.vm_c"
 local sched = require "osara.sched_c"
 local codec = require "osara.codec"
 local dispatch = require "osara.dispatch"
+local options = require "osara.options"
 
 local M = {}
 local defaults = {}
@@ -35,8 +36,8 @@ local BASE = {
 
 -- osara.kafka.defaults(conf): merged under every client's conf (slipstream's Conf).
 function M.defaults(conf)
-  assert(type(conf) == "table", "osara.kafka.defaults: expected a table")
-  for k, v in pairs(conf) do
+  if type(conf) ~= "table" then options.raise("osara.kafka.defaults: expected a table") end
+  for k, v in pairs(options.check("osara.kafka.defaults", conf)) do
     defaults[k] = v
   end
   return defaults
@@ -95,15 +96,14 @@ local Topic = {}
 Topic.__index = Topic
 
 -- osara.kafka(conf) -> client. conf: librdkafka properties, unchanged.
+-- Unknown osara.* settings raise here; librdkafka checks its own
+-- properties, and its message names the property.
 local function new(user)
-  if user ~= nil and type(user) ~= "table" then
-    error("osara.kafka: expected a configuration table", 2)
-  end
-  local lib, settings = merged_conf(user)
+  local lib, settings = merged_conf(options.check("osara.kafka", user))
   settings.check = vm_c.mode() == "check"
   local ok, c = pcall(kafka_c.client, lib, signature(lib) .. "|" .. signature(settings), settings)
   if not ok then
-    error(tostring(c):gsub("^[^:]*:%d+: ", ""), 2)
+    options.raise("osara.kafka: " .. tostring(c):gsub("^[^:]*:%d+: ", ""):gsub("^kafka: ", ""))
   end
   return setmetatable({ c = c, conf = lib, group = lib["group.id"], topics = {},
                         checking = vm_c.mode() == "check",
@@ -135,9 +135,9 @@ end
 -- client:topic(name, {codec=, schema=}) -> topic handle for sending.
 function Client:topic(name, opts)
   if type(name) ~= "string" or name == "" then
-    error("kafka:topic: expected a topic name", 2)
+    options.raise("kafka:topic: expected a topic name")
   end
-  opts = opts or {}
+  opts = options.check("kafka:topic", opts)
   local t = setmetatable({ client = self, name = name, codec = codec.get(opts.codec),
                            schema = opts.schema }, Topic)
   self.c:ensure_topic(name)
@@ -159,7 +159,7 @@ function Topic:send(value, opts)
   if bytes == nil then
     error(("kafka %s: cannot encode output: %s"):format(self.name, err), 2)
   end
-  opts = opts or {}
+  opts = opts and options.check("topic:send", opts) or {}
   if self.client.checking then
     return capture(self.name, value, opts)
   end
@@ -212,7 +212,7 @@ end
 -- replayed input whose state was committed is skipped.
 local function make_store_step(client, opts)
   local db = opts.store
-  if db.memory then error("kafka:handle: opts.store must be a durable store (not memory)", 4) end
+  if db.memory then options.raise("kafka:handle: opts.store must be a durable store (not memory)") end
   local store_c = require "osara.store_c"
   local offsets = store_c.open(db.dir, "__osara_offsets")
   local function key(msg) return client.group .. "|" .. msg.topic .. "|" .. msg.partition end
@@ -243,6 +243,7 @@ local function make_runner(client, topic, opts, fn, at)
   local eo = opts.store and make_store_step(client, opts)
   local function emit(value, send_opts)
     if not sinks then error("emit: this handler has no sink (opts.sink)", 2) end
+    if send_opts then send_opts = options.check("topic:send", send_opts) end
     for i = 1, #sinks do
       if eo then sinks[i]:send(value, send_opts) else sinks[i]:_send_fast(value, send_opts) end
     end
@@ -250,7 +251,7 @@ local function make_runner(client, topic, opts, fn, at)
   local function place(msg)
     return ("%s[%d]@%d"):format(msg.topic, msg.partition, msg.offset)
   end
-  local max_bytes = opts.max_bytes or 1048576
+  local max_bytes = opts.max_bytes
 
   -- The handler's results, without packing them into a table per message.
   local function outputs(msg, key_opts, ...)
@@ -291,6 +292,7 @@ local function make_runner(client, topic, opts, fn, at)
       dispatch.bad_input("kafka", topic, reason, place(msg), err)
       return
     end
+    msg.reply = msg.headers[REPLY_TO] -- where the return value goes, as on NATS
     local receipts
     if eo then
       msg.tx = opts.store:begin()
@@ -307,18 +309,18 @@ end
 local function topics_of(spec)
   if type(spec) == "string" then return { spec } end
   if type(spec) == "table" then return spec end
-  error("kafka:handle: expected a topic name, a list of names or a '^regex'", 3)
+  options.raise("kafka:handle: expected a topic name, a list of names or a '^regex'")
 end
 
--- client:handle(topic | {topics} | "^regex", [opts,] fn)
--- opts: codec, schema, sink (a topic or a list), max_per_partition.
+-- client:handle(topic | {topics} | "^regex", [opts,] fn): fn(msg, emit).
+-- opts: the "kafka:handle" table in osara.option_tables.
 function Client:handle(spec, opts, fn)
-  if fn == nil and type(opts) == "function" then opts, fn = {}, opts end
-  opts = opts or {}
+  if fn == nil and type(opts) == "function" then opts, fn = nil, opts end
+  opts = options.check("kafka:handle", opts)
   if type(fn) ~= "function" then
-    error("kafka:handle: expected a handler function", 2)
+    options.raise("kafka:handle: expected a handler function")
   end
-  local at = where(2)
+  local at = options.user_where()
   for _, topic in ipairs(topics_of(spec)) do
     self.c:ensure_topic(topic)
     local key = ("%s (group %s)"):format(topic, self.group)
@@ -343,10 +345,10 @@ end
 -- client:replies(reply_topic): declares the topic this app's requests are
 -- answered on (consumed by this client; call at load).
 function Client:replies(reply_topic, opts)
-  opts = opts or {}
+  opts = options.check("kafka:replies", opts)
   local pending = self.pending
   self.reply_topics[reply_topic] = true
-  self:handle(reply_topic, { codec = opts.codec or "raw" }, function(msg)
+  self:handle(reply_topic, { codec = opts.codec }, function(msg)
     local id = msg.headers[CORRELATION]
     local waiter = id and pending[id]
     if waiter then
@@ -356,19 +358,19 @@ function Client:replies(reply_topic, opts)
   end)
 end
 
--- client:request(topic, value, {reply_topic=, timeout=, key=, codec=})
+-- client:request(topic, value, {reply_to=, timeout=, key=, codec=})
 -- -> reply message (msg.value decoded) | nil, "timeout"
 function Client:request(topic, value, opts)
-  opts = opts or {}
-  local reply_topic = opts.reply_topic or (topic .. ".replies")
+  opts = options.check("kafka:request", opts)
+  local reply_topic = opts.reply_to or (topic .. ".replies")
   if not self.reply_topics[reply_topic] then
-    error(("kafka:request: call kafka:replies(%q) at load so replies are consumed"):format(reply_topic), 2)
+    options.raise(("kafka:request: call kafka:replies(%q) at load so replies are consumed"):format(reply_topic))
   end
   local c = codec.get(opts.codec)
   local bytes, err = c.encode(value)
-  if bytes == nil then error("kafka:request: " .. err, 2) end
+  if bytes == nil then options.raise("kafka:request: " .. err) end
   local token, s = sched.current()
-  if not token then error("kafka:request: only inside a handler, timer or task", 2) end
+  if not token then options.raise("kafka:request: only inside a handler, timer or task") end
   local id = correlation_id()
   self.pending[id] = { token, s }
   local headers = { [REPLY_TO] = reply_topic, [CORRELATION] = id }
@@ -378,7 +380,7 @@ function Client:request(topic, value, opts)
     self.pending[id] = nil
     return nil, perr
   end
-  local msg, why = sched.park(opts.timeout or 5)
+  local msg, why = sched.park(opts.timeout)
   if msg == nil then
     self.pending[id] = nil
     return nil, why
@@ -395,7 +397,7 @@ end
 -- task (slipstream's `async for msg in topic`). Declared at load; a message
 -- is committed once the loop asks for the next one.
 function Client:stream(topic, opts)
-  opts = opts or {}
+  opts = options.check("kafka:stream", opts)
   local queue, waiting = {}, nil
   self:handle(topic, opts, function(msg)
     local token, s = sched.current()

@@ -6,6 +6,7 @@ local natsio = require "osara.natsio_c"
 local vm_c = require "osara.vm_c"
 local codec = require "osara.codec"
 local dispatch = require "osara.dispatch"
+local options = require "osara.options"
 
 local M = {}
 local Client = {}
@@ -32,22 +33,19 @@ local function check_subject(subject, wildcards, level)
     end
   end
   if bad then
-    error(("nats: invalid subject %q (%s)"):format(tostring(subject), bad), level + 1)
+    options.raise(("nats: invalid subject %q (%s)"):format(tostring(subject), bad))
   end
 end
 
 
 -- osara.nats{servers=, name=, user=, password=, token=, creds=, tls=, ca=}
 local function new(conf)
-  conf = conf or {}
-  if type(conf) ~= "table" then error("osara.nats: expected a table", 2) end
-  local c = {}
-  for k, v in pairs(conf) do c[k] = v end
+  local c = options.check("osara.nats", conf)
   if type(c.servers) == "table" then c.servers = table.concat(c.servers, ",") end
-  c.servers = os.getenv("OSARA_NATS_SERVERS") or c.servers or "embedded"
+  c.servers = os.getenv("OSARA_NATS_SERVERS") or c.servers
   local ok, client = pcall(natsio.client, c, signature(c), vm_c.mode() == "check")
   if not ok then
-    error(tostring(client):gsub("^[^:]*:%d+: ", ""), 2)
+    options.raise(tostring(client):gsub("^[^:]*:%d+: ", ""))
   end
   return setmetatable({ c = client, checking = vm_c.mode() == "check" }, Client)
 end
@@ -58,16 +56,17 @@ function Client:url()
   return self.c:url()
 end
 
+-- An encode failure is the caller's misuse: it raises at the call site.
 local function encode(value, c, what)
   local bytes, err = codec.get(c).encode(value)
-  if bytes == nil then error(what .. ": cannot encode: " .. tostring(err), 3) end
+  if bytes == nil then options.raise(what .. ": cannot encode: " .. tostring(err)) end
   return bytes
 end
 
 -- nats:publish(subject, value, {headers=, reply_to=, codec=}) -> true | nil, err
 function Client:publish(subject, value, opts)
   check_subject(subject, false, 2)
-  opts = opts or {}
+  opts = options.check("nats:publish", opts)
   local bytes = encode(value, opts.codec, "nats:publish")
   if self.checking then
     local testing = package.loaded["osara.testing"]
@@ -80,9 +79,9 @@ end
 -- msg.data is the decoded reply; err is "timeout" or "no responders".
 function Client:request(subject, value, opts)
   check_subject(subject, false, 2)
-  opts = opts or {}
+  opts = options.check("nats:request", opts)
   local c = codec.get(opts.codec)
-  local msg, err = self.c:request(subject, encode(value, c, "nats:request"), opts.timeout or 5, opts.headers)
+  local msg, err = self.c:request(subject, encode(value, c, "nats:request"), opts.timeout, opts.headers)
   if not msg then return nil, err end
   local v, derr = c.decode(msg.raw)
   if v == nil and derr then return nil, derr end
@@ -94,7 +93,7 @@ end
 local function make_runner(self, subject, opts, fn, at)
   local h = dispatch.handler { kind = "nats", name = subject, codec = opts.codec,
                                schema = opts.schema, fn = fn, where = at }
-  local max_bytes = opts.max_bytes or 1048576
+  local max_bytes = opts.max_bytes
   local reply_empty = opts.reply_empty
   return function(msg)
     if #msg.raw > max_bytes then
@@ -134,11 +133,11 @@ end
 -- schema, max_inflight, max_waiting, pending_msgs, pending_bytes,
 -- reply_empty, max_bytes. fn(msg) -> reply value.
 function Client:handle(subject, opts, fn)
-  if fn == nil and type(opts) == "function" then opts, fn = {}, opts end
-  opts = opts or {}
+  if fn == nil and type(opts) == "function" then opts, fn = nil, opts end
+  opts = options.check("nats:handle", opts)
   check_subject(subject, true, 2)
-  if type(fn) ~= "function" then error("nats:handle: expected a handler function", 2) end
-  local at = where(2)
+  if type(fn) ~= "function" then options.raise("nats:handle: expected a handler function") end
+  local at = options.user_where()
   if opts.durable then
     return self:_durable(subject, opts, fn, at)
   end
@@ -157,24 +156,26 @@ function Client:handle(subject, opts, fn)
     at, detail)
 end
 
--- nats:stream{name=, subjects={...}, retention="limits"|"workqueue"|"interest",
---             max_age=seconds, max_msgs=, storage="file"|"memory"}: creates
+-- nats:add_stream{name=, subjects={...}, retention="limits"|"workqueue"|"interest",
+--                 max_age=seconds, max_msgs=, storage="file"|"memory"}: creates
 -- the JetStream stream, or updates it (idempotent). Call at load.
-function Client:stream(cfg)
-  if type(cfg) ~= "table" or type(cfg.name) ~= "string" or type(cfg.subjects) ~= "table" then
-    error("nats:stream: expected {name=, subjects={...}}", 2)
-  end
+function Client:add_stream(cfg)
+  cfg = options.check("nats:add_stream", cfg)
+  for _, s in ipairs(cfg.subjects) do check_subject(s, true, 2) end
   if self.checking then return true end
   local ok, err = pcall(self.c.stream, self.c, cfg)
-  if not ok then error(tostring(err):gsub("^[^:]*:%d+: ", ""), 2) end
+  if not ok then options.raise(tostring(err):gsub("^[^:]*:%d+: ", "")) end
   return true
 end
+
+Client.stream = Client.add_stream
 
 -- nats:jspublish(subject, value, {codec=}) -> handle; handle:wait() yields
 -- until the stream acknowledged: its sequence number, or nil, err.
 function Client:jspublish(subject, value, opts)
   check_subject(subject, false, 2)
-  local bytes = encode(value, opts and opts.codec, "nats:jspublish")
+  opts = options.check("nats:jspublish", opts)
+  local bytes = encode(value, opts.codec, "nats:jspublish")
   if self.checking then
     local testing = package.loaded["osara.testing"]
     if testing then testing.record_send(subject, value, { jetstream = true }) end

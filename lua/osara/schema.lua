@@ -18,6 +18,7 @@
 local util = require "osara.util"
 local where, signature = util.where, util.signature
 local cjson = require "cjson"
+local options = require "osara.options"
 
 local M = {}
 local MAX_ERRORS = 20
@@ -42,45 +43,53 @@ local SCALARS = { string = true, integer = true, number = true, boolean = true, 
 local function to_spec(t, where)
   if type(t) == "string" then
     if not SCALARS[t] then
-      error(("schema: unknown type '%s'%s (string, integer, number, boolean, any)"):format(t, where or ""), 4)
+      options.raise(("schema: unknown type '%s'%s (string, integer, number, boolean, any)"):format(t, where or ""))
     end
     return spec(t)
   end
   if getmetatable(t) == Schema then return spec("record", { schema = t }) end
   if is_spec(t) then return t end
   if type(t) == "table" then return spec("record", { schema = M.new(t) }) end
-  error("schema: a field type must be a type name, a table or a schema, got " .. type(t), 4)
+  options.raise("schema: a field type must be a type name, a table or a schema, got " .. type(t))
 end
 
 -- Constructors: osara.string{...}, osara.array("string", {...}), ...
+-- Their options are checked against osara.option_tables ("osara.string", ...).
 for name in pairs(SCALARS) do
-  M[name] = function(opts) return spec(name, opts) end
+  if name ~= "any" then
+    M[name] = function(opts) return spec(name, options.check("osara." .. name, opts)) end
+  end
 end
 M.any = spec("any")
 
 function M.array(of, opts)
-  local s = spec("array", opts)
+  local s = spec("array", options.check("osara.array", opts))
   s.of = to_spec(of)
   return s
 end
 
 function M.map(of, opts)
-  local s = spec("map", opts)
+  local s = spec("map", options.check("osara.map", opts))
   s.of = to_spec(of)
   return s
 end
 
-local function with(t, key)
-  local s = to_spec(t)
-  local c = spec(s.kind, s)
+-- A copy of t's spec with the modifier `key` set and opts ({default=}, ...) applied.
+local function with(t, key, opts)
+  opts = options.check("osara." .. key, opts)
+  local c = spec(to_spec(t).kind, to_spec(t))
+  for k, v in pairs(opts) do c[k] = v end
   c[key] = true
   return c
 end
-function M.optional(t) return with(t, "optional") end
-function M.nullable(t) return with(t, "nullable") end
+function M.optional(t, opts) return with(t, "optional", opts) end
+function M.nullable(t, opts) return with(t, "nullable", opts) end
 
 function M.enum(values, opts)
-  local s = spec("any", opts)
+  if type(values) ~= "table" or #values == 0 then
+    options.raise("osara.enum: expected a non-empty list of values")
+  end
+  local s = spec("any", options.check("osara.enum", opts))
   s.enum = values
   return s
 end
@@ -88,7 +97,7 @@ end
 -- field(type, {default=, optional=, ...}): any type with modifiers.
 function M.field(t, opts)
   local s = spec(to_spec(t).kind, to_spec(t))
-  for k, v in pairs(opts or {}) do s[k] = v end
+  for k, v in pairs(options.check("osara.field", opts)) do s[k] = v end
   return s
 end
 
@@ -260,17 +269,14 @@ M._declared = declared
 -- schema(def [, {name=, unknown=}]) -> schema
 function M.new(def, opts)
   if type(def) ~= "table" then
-    error("osara.schema: expected a table of fields", 2)
+    options.raise("osara.schema: expected a table of fields")
   end
-  opts = opts or {}
-  local unknown = opts.unknown or "allow"
-  if unknown ~= "allow" and unknown ~= "strip" and unknown ~= "reject" then
-    error("osara.schema: unknown must be 'allow', 'strip' or 'reject'", 2)
-  end
+  opts = options.check("osara.schema", opts)
+  local unknown = opts.unknown
   local fields, names = {}, {}
   for name, t in pairs(def) do
     if type(name) ~= "string" then
-      error("osara.schema: field names must be strings", 2)
+      options.raise("osara.schema: field names must be strings")
     end
     names[#names + 1] = name
   end

@@ -7,21 +7,22 @@ local vm_c = require "osara.vm_c"
 local sched = require "osara.sched_c"
 local codec = require "osara.codec"
 local metrics = require "osara.metrics_c"
+local options = require "osara.options"
 
 local M = {}
 local Store = {}
 Store.__index = Store
 
 local function expiry(opts)
-  local ttl = opts and opts.ttl
+  local ttl = opts and options.check("store:set", opts).ttl
   if ttl == nil then return 0 end
-  if type(ttl) ~= "number" or ttl <= 0 then error("store: ttl must be a number of seconds > 0", 3) end
+  if ttl <= 0 then options.raise("store: ttl must be a number of seconds > 0") end
   return (timer_c.now() + ttl) * 1000
 end
 
 local function check_key(key)
   if type(key) ~= "string" or key == "" then
-    error("store: keys are non-empty strings, got " .. type(key), 3)
+    options.raise("store: keys are non-empty strings, got " .. type(key))
   end
 end
 
@@ -100,28 +101,36 @@ function Lmdb:sweep() return store_c.sweep(self.db) end
 -- ---- opening -----------------------------------------------------------------
 
 local memories = {} -- memory stores by name, shared within this script version
+local sweepers = {} -- one sweep timer per store (per data folder and name)
+
+-- Background sweep of expired keys (they are already invisible to reads):
+-- one timer per store, however often it is opened (a handler may open it
+-- for every message), at the first opening's interval.
+local function start_sweeper(key, backend, seconds, name)
+  if sweepers[key] then return end
+  sweepers[key] = timer_c.new(seconds, function() backend:sweep() end, true, nil, "store " .. name .. " sweep")
+end
 
 -- osara.store(name, {codec=, memory=, sweep=, dir=}) -> store
 -- dir: another data folder than --data (tests).
 local function open(name, opts)
   if type(name) ~= "string" or not name:match("^[%w_.%-]+$") then
-    error("osara.store: name must be letters, digits, '_', '.', '-'", 2)
+    options.raise("osara.store: name must be letters, digits, '_', '.', '-'")
   end
-  opts = opts or {}
+  opts = options.check("osara.store", opts)
+  local dir = opts.dir or vm_c.paths().data_dir
   local backend
   if opts.memory then
     backend = memories[name] or setmetatable({ data = {} }, Memory)
     memories[name] = backend
   else
-    local ok, db = pcall(store_c.open, opts.dir or vm_c.paths().data_dir, name)
-    if not ok then error(tostring(db):gsub("^[^:]*:%d+: ", ""), 2) end
+    local ok, db = pcall(store_c.open, dir, name)
+    if not ok then options.raise(tostring(db):gsub("^[^:]*:%d+: ", "")) end
     backend = setmetatable({ db = db }, Lmdb)
   end
-  local s = setmetatable({ name = name, b = backend, codec = codec.get(opts.codec or "msgpack"),
-                           watchers = {}, locks = {}, memory = opts.memory,
-                           dir = opts.dir or vm_c.paths().data_dir }, Store)
-  -- Background sweep of expired keys (they are already invisible to reads).
-  timer_c.new(opts.sweep or 5, function() s.b:sweep() end, true, nil, "store " .. name .. " sweep")
+  local s = setmetatable({ name = name, b = backend, codec = codec.get(opts.codec),
+                           watchers = {}, locks = {}, memory = opts.memory, dir = dir }, Store)
+  start_sweeper((opts.memory and "memory" or dir) .. "|" .. name, backend, opts.sweep, name)
   return s
 end
 
@@ -199,7 +208,7 @@ end
 function Store:pairs(prefix, opts)
   prefix = prefix or ""
   local batch, i, after, done = {}, 0, nil, false
-  local keys_only = opts and opts.keys_only
+  local keys_only = opts and options.check("store:pairs", opts).keys_only
   return function()
     i = i + 2
     if batch[i - 1] == nil then
@@ -395,7 +404,7 @@ end
 -- (value nil for a delete), after it is durable. Keeps at most opts.limit
 -- (1000) undelivered changes, dropping the oldest. w:close() stops it.
 function Store:watch(prefix, opts)
-  local w = { prefix = prefix or "", queue = {}, limit = (opts and opts.limit) or 1000 }
+  local w = { prefix = prefix or "", queue = {}, limit = options.check("store:watch", opts).limit }
   self.watchers[w] = true
   local store = self
   local iter = setmetatable({}, {
@@ -432,10 +441,12 @@ Cached.__index = Cached
 
 -- osara.cached{store = db | "memory", key = fn(...) -> key, ttl = s, pull = fn(...) -> value}
 function M.cached(opts)
-  assert(type(opts) == "table" and type(opts.pull) == "function", "osara.cached: pull function required")
+  opts = options.check("osara.cached", opts)
   local s = opts.store
-  if s == nil or s == "memory" then
-    s = open("cached_" .. tostring(opts.name or "default"), { memory = true })
+  if s == "memory" then
+    s = open("cached_" .. opts.name, { memory = true })
+  elseif type(s) == "string" then
+    options.raise("option 'store' in osara.cached must be an osara.store or \"memory\", got \"" .. s .. "\"")
   end
   return setmetatable({ store = s, key = opts.key or tostring, ttl = opts.ttl, pull = opts.pull,
                         pulls = 0 }, Cached)

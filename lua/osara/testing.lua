@@ -76,7 +76,7 @@ App.__index = App
 -- Loads `path` with registrations captured instead of started. Options:
 -- env = { NAME = value } values visible through os.getenv while loading.
 function M.load(path, opts)
-  opts = opts or {}
+  opts = require("osara.options").check("osara.testing.load", opts)
   local captured = {}
   local app = setmetatable({ path = path, registrations = captured, timers = {}, tasks = {},
                              offsets = {}, data_dir = opts.data_dir or fresh_folder() }, App)
@@ -242,7 +242,7 @@ local request_id = 0
 -- (decoded by its content type: JSON and msgpack to tables), raw = }.
 -- Server-sent-event routes need a connection: test their source instead.
 function App:request(method, target, o)
-  o = o or {}
+  o = require("osara.options").check("app:request", o)
   local headers = {}
   for k, v in pairs(o.headers or {}) do headers[k:lower()] = v end
   local body = o.body

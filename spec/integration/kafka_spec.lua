@@ -330,7 +330,7 @@ end)
     H.write(dir .. "/app.lua", "local osara = require 'osara'\nlocal k = osara.kafka { ['bootstrap.server'] = 'x' }\n")
     local status, out = H.run { "run", dir .. "/app.lua" }
     assert.are.equal(1, status)
-    assert.matches("app.lua:2: kafka: No such configuration property: \"bootstrap.server\"", out)
+    assert.matches("app.lua:2: osara.kafka: No such configuration property: \"bootstrap.server\"", out)
   end)
 
   it("takes any property from OSARA_KAFKA_<NAME> in the environment", function()
@@ -338,7 +338,7 @@ end)
     H.write(dir .. "/app.lua", "local osara = require 'osara'\nlocal k = osara.kafka {}\n")
     local status, out = H.run({ "run", dir .. "/app.lua" }, 20, { OSARA_KAFKA_FETCH_WAIT_MAX_MS = "soon" })
     assert.are.equal(1, status)
-    assert.matches("app.lua:2: kafka: .*fetch.wait.max.ms", out)
+    assert.matches("app.lua:2: osara.kafka: .*fetch.wait.max.ms", out)
   end)
 
   it("keeps running and says so once when the broker is unreachable", function()

@@ -14,6 +14,20 @@ for _, kind in ipairs { "lmdb", "memory" } do
       return open(name, { memory = kind == "memory" })
     end
 
+    it("gh_12: keeps one sweep timer per store however often it is opened", function()
+      local timer_c = require "osara.timer_c"
+      local real, made = timer_c.new, 0
+      timer_c.new = function(...) made = made + 1 return real(...) end
+      local dir = H.tmpdir() .. "/data"
+      local ok, err = pcall(function()
+        for _ = 1, 50 do osara.store("swept", { memory = kind == "memory", dir = dir }) end
+        osara.store("swept-other", { memory = kind == "memory", dir = dir })
+      end)
+      timer_c.new = real
+      assert(ok, err)
+      assert.are.equal(2, made)
+    end)
+
     it("sets, gets, deletes and checks keys", function()
       local db = mk("crud")
       assert.is_nil(db:get("a"))

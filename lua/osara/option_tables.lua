@@ -1,0 +1,267 @@
+-- osara.option_tables: the options of every builder of the public API, as
+-- data: { name, type, default, doc } plus, when needed,
+--   required = true       the option must be given
+--   values = {a=true,...} the only values allowed
+--   shown = "text"        the default as docs show it (computed defaults)
+--   unsupported = "why"   raises "not supported yet: why" when given
+--   renamed = "new"       a deprecated spelling of `new` (warns once)
+-- Read by osara.options (checking, defaults) and rendered into docs/*.md.
+-- A type is one of osara.options' names, alternatives joined with "|".
+local M = { by_call = {}, order = {} }
+
+local function define(call, list, extra)
+  local spec = { call = call, list = list, by_name = {} }
+  for k, v in pairs(extra or {}) do spec[k] = v end
+  for _, e in ipairs(list) do spec.by_name[e[1]] = e end
+  M.by_call[call] = spec
+  M.order[#M.order + 1] = call
+  return list
+end
+
+local function set(...)
+  local s = {}
+  for _, v in ipairs { ... } do s[v] = true end
+  return s
+end
+
+local ISSUE_13 = "retry and dead-letter policies come with the delivery work (issue 13); "
+  .. "today a failing input is logged, counted and skipped (nak'ed on JetStream)"
+
+-- ---- core ---------------------------------------------------------------------------
+
+local timer = {
+  { "name", "string", nil, "stable key across reloads (instead of the interval and order)" },
+}
+define("osara.every", timer)
+define("osara.after", timer)
+
+-- ---- Kafka --------------------------------------------------------------------------
+
+-- librdkafka's properties pass through (librdkafka checks them itself);
+-- only osara's own "osara." settings are listed here.
+local kafka_client = {
+  { "osara.max_per_partition", "integer", 1000, "inputs held per partition (waiting, running, or waiting for their outputs) before the partition is paused" },
+  { "osara.max_inflight", "integer", 10000, "the same bound over all partitions of the client" },
+  { "osara.partitions", "integer", 4, "partitions of topics the embedded broker creates" },
+  { "osara.brokers", "integer", 1, "brokers in the embedded cluster" },
+  { "osara.revoke_timeout_ms", "integer", 10000, "on a rebalance, how long running handlers and pending outputs of revoked partitions get to finish before the partitions are let go" },
+}
+local function librdkafka_property(k)
+  return type(k) == "string" and k:sub(1, 6) ~= "osara."
+end
+-- Defaults are not filled in here: they apply in C, under
+-- osara.kafka.defaults() and the environment (docs/kafka.md gives the order).
+local kafka_client_extra = { passthrough = librdkafka_property, passthrough_type = "scalar",
+                             keep_defaults = false }
+define("osara.kafka", kafka_client, kafka_client_extra)
+define("osara.kafka.defaults", kafka_client, kafka_client_extra)
+
+define("kafka:topic", {
+  { "codec", "codec", "json", "`\"json\"`, `\"msgpack\"`, `\"raw\"`, `\"string\"`, `{avro=}` or a custom `{encode=, decode=}`" },
+  { "schema", "schema", nil, "values are validated before they are sent: an invalid value raises at the call site" },
+})
+
+local kafka_handler = {
+  { "codec", "codec", "json", "how `msg.raw` is decoded into `msg.value`" },
+  { "schema", "schema", nil, "the decoded value must satisfy it; otherwise bad input ([schemas.md](schemas.md))" },
+  { "sink", "topic", nil, "a topic (or a list): the handler's return values and `emit(v)` are sent there, keyed like the input" },
+  { "store", "store", nil, "a durable `osara.store`: `msg.tx` writes and the offset commit in one transaction (exactly-once state)" },
+  { "max_bytes", "integer", 1048576, "larger payloads are bad input" },
+  { "max_per_partition", "integer", nil, "",
+    unsupported = "it is a client setting: osara.kafka{[\"osara.max_per_partition\"] = n}" },
+  { "retry", "any", nil, "", unsupported = ISSUE_13 },
+  { "dlq", "any", nil, "", unsupported = ISSUE_13 },
+}
+define("kafka:handle", kafka_handler)
+define("kafka:stream", kafka_handler)
+
+define("kafka:replies", {
+  { "codec", "codec", "raw", "codec of the replies (each request decodes with its own `codec`)" },
+})
+
+define("kafka:request", {
+  { "reply_to", "string", nil, "topic the reply comes back on (declared with `kafka:replies`)", shown = "`<topic>.replies`" },
+  { "timeout", "number", 5, "seconds to wait for the reply; then `nil, \"timeout\"`" },
+  { "key", "string", nil, "message key of the request" },
+  { "headers", "table", nil, "extra headers" },
+  { "codec", "codec", "json", "encodes the request and decodes the reply" },
+  { "reply_topic", "string", nil, "", renamed = "reply_to" },
+})
+
+define("topic:send", {
+  { "key", "string", nil, "message key (partitioning)" },
+  { "headers", "table", nil, "header name → string value" },
+  { "partition", "integer", nil, "explicit partition (default: by key)" },
+})
+
+-- ---- NATS ---------------------------------------------------------------------------
+
+define("osara.nats", {
+  { "servers", "string|list", "embedded", "a URL or a list of URLs; `\"embedded\"` starts a nats-server child (`OSARA_NATS_SERVERS` overrides)" },
+  { "name", "string", nil, "connection name shown by the server" },
+  { "user", "string", nil, "user name (with `password`)" },
+  { "password", "string", nil, "password (with `user`)" },
+  { "token", "string", nil, "authentication token" },
+  { "creds", "string", nil, "a credentials file (JWT and NKey)" },
+  { "tls", "boolean", false, "require TLS" },
+  { "ca", "string", nil, "a file of trusted CA certificates" },
+})
+
+local nats_handler = {
+  { "queue", "string", nil, "queue group: instances with the same group share the messages (panini's load balancing)" },
+  { "codec", "codec", "json", "how `msg.raw` is decoded into `msg.value`, and the reply encoded" },
+  { "schema", "schema", nil, "the decoded value must satisfy it; otherwise bad input ([schemas.md](schemas.md))" },
+  { "max_inflight", "integer", 256, "handler calls running at once for this subscription; more wait in a queue" },
+  { "max_waiting", "integer", 1024, "messages waiting in osara's queue beyond `max_inflight`; past it nats.c's delivery thread waits and messages stay in nats.c's pending list" },
+  { "pending_msgs", "integer", 65536, "nats.c's pending message limit for the subscription (`-1`: unlimited)" },
+  { "pending_bytes", "integer", 67108864, "nats.c's pending byte limit for the subscription (`-1`: unlimited)" },
+  { "reply_empty", "boolean", false, "send an empty reply when the handler returns nothing" },
+  { "max_bytes", "integer", 1048576, "larger payloads are bad input" },
+  { "durable", "string", nil, "JetStream: the durable pull consumer's name (makes this a JetStream handler)" },
+  { "stream", "string", nil, "JetStream: the stream the durable consumer reads" },
+  { "batch", "integer", 64, "JetStream: messages pulled per fetch (bounds what is in flight)" },
+  { "max_deliver", "integer", 5, "JetStream: deliveries before a failing message is terminated" },
+  { "nak_delay", "number", 1, "JetStream: seconds before a nak'ed message is redelivered" },
+  { "ack_wait", "number", 30, "JetStream: seconds before an unacknowledged message is redelivered" },
+  { "retry", "any", nil, "", unsupported = ISSUE_13 },
+  { "dlq", "any", nil, "", unsupported = ISSUE_13 },
+}
+define("nats:handle", nats_handler)
+
+define("nats:publish", {
+  { "headers", "table", nil, "header name → string value" },
+  { "reply_to", "string", nil, "the subject replies go to (panini's reply_to)" },
+  { "codec", "codec", "json", "encodes the value" },
+})
+
+define("nats:request", {
+  { "timeout", "number", 5, "seconds to wait for the reply; then `nil, \"timeout\"`" },
+  { "headers", "table", nil, "header name → string value" },
+  { "codec", "codec", "json", "encodes the request and decodes the reply" },
+})
+
+define("nats:jspublish", {
+  { "codec", "codec", "json", "encodes the value" },
+})
+
+define("nats:add_stream", {
+  { "name", "string", nil, "the stream's name", required = true },
+  { "subjects", "list", nil, "the subjects it stores (at most 64)", required = true },
+  { "retention", "string", "limits", "`\"limits\"`, `\"workqueue\"` or `\"interest\"`",
+    values = set("limits", "workqueue", "interest") },
+  { "max_age", "number", 0, "seconds a message is kept (0: no limit)" },
+  { "max_msgs", "integer", -1, "messages kept (-1: no limit)" },
+  { "storage", "string", "file", "`\"file\"` or `\"memory\"`", values = set("file", "memory") },
+})
+
+-- ---- HTTP ---------------------------------------------------------------------------
+
+define("osara.http", {
+  { "listen", "string", "127.0.0.1:8080", "address to listen on (`--http` and `OSARA_HTTP_LISTEN` override)" },
+  { "healthz", "string|boolean", "/healthz", "path of the health check, or `false`" },
+  { "metrics", "string|boolean", "/metrics", "path of the Prometheus metrics, or `false`" },
+  { "max_body", "integer", 1048576, "larger request bodies answer 413" },
+  { "max_header", "integer", 16384, "larger request heads answer 431" },
+  { "request_timeout", "number", 10, "seconds to receive a whole request" },
+  { "idle_timeout", "number", 60, "seconds an idle keep-alive connection stays open" },
+  { "max_connections", "integer", 1024, "connections at once; more are refused" },
+})
+
+define("osara.route", {
+  { "format", "string|list", nil, "response format: `\"json\"`, `\"msgpack\"`, `\"html\"`, `\"text\"`, or a list negotiated with Accept", shown = "`\"json\"`" },
+  { "schema", "schema", nil, "the request body must satisfy it (else 400); the validated body is `req.value`" },
+})
+
+define("osara.response", {
+  { "status", "integer", 200, "HTTP status" },
+  { "body", "any", nil, "a string, or a table encoded with `format`" },
+  { "headers", "table", nil, "response headers" },
+  { "format", "string", nil, "encoding of a table body (as the route's `format`)" },
+})
+
+define("osara.sse", {
+  { "keepalive", "number", 15, "seconds between keep-alive comments while the source is quiet" },
+  { "format", "function", nil, "`format(a, b) -> frame text` instead of the default `data:` framing" },
+})
+
+-- ---- store ----------------------------------------------------------------------------
+
+define("osara.store", {
+  { "codec", "codec", "msgpack", "how values are stored" },
+  { "memory", "boolean", false, "in memory, shared by this script version, gone on restart" },
+  { "sweep", "number", 5, "seconds between sweeps of expired keys (one timer per store)" },
+  { "dir", "string", nil, "another data folder than `--data` (tests)", shown = "`--data`" },
+})
+
+define("store:set", {
+  { "ttl", "number", nil, "seconds until the key expires" },
+})
+
+define("store:pairs", {
+  { "keys_only", "boolean", false, "iterate keys without reading values" },
+})
+
+define("store:watch", {
+  { "limit", "integer", 1000, "undelivered changes kept for a slow watcher (the oldest are dropped)" },
+})
+
+define("osara.cached", {
+  { "pull", "function", nil, "`pull(...) -> value` on a miss", required = true },
+  { "store", "store|string", "memory", "an `osara.store` or `\"memory\"`" },
+  { "key", "function", nil, "`key(...) -> string`", shown = "`tostring`" },
+  { "ttl", "number", nil, "seconds a cached value lives" },
+  { "name", "string", "default", "name of the memory store" },
+})
+
+-- ---- schemas --------------------------------------------------------------------------
+
+define("osara.schema", {
+  { "name", "string", nil, "the name `osara check` prints" },
+  { "unknown", "string", "allow", "fields the schema does not name: `\"allow\"`, `\"strip\"` or `\"reject\"`",
+    values = set("allow", "strip", "reject") },
+})
+
+local function field_options(...)
+  local list = {
+    -- no applied defaults here: osara.field(T, opts) must not reset T's own
+    { "optional", "boolean", nil, "may be absent", shown = "`false`" },
+    { "nullable", "boolean", nil, "may be JSON `null`", shown = "`false`" },
+    { "default", "any", nil, "used when absent (tables are deep-copied)" },
+    { "enum", "list", nil, "the only values allowed" },
+    { "check", "function", nil, "`check(v) -> ok, message`" },
+  }
+  local extra = {
+    min = { "min", "number", nil, "smallest number allowed" },
+    max = { "max", "number", nil, "largest number allowed" },
+    min_len = { "min_len", "integer", nil, "shortest length allowed" },
+    max_len = { "max_len", "integer", nil, "longest length allowed" },
+    pattern = { "pattern", "string", nil, "a Lua pattern the string must match" },
+  }
+  for _, name in ipairs { ... } do list[#list + 1] = extra[name] end
+  return list
+end
+
+define("osara.string", field_options("min_len", "max_len", "pattern"))
+define("osara.number", field_options("min", "max"))
+define("osara.integer", field_options("min", "max"))
+define("osara.boolean", field_options())
+define("osara.array", field_options("min_len", "max_len"))
+define("osara.map", field_options())
+define("osara.optional", field_options("min", "max", "min_len", "max_len", "pattern"))
+define("osara.nullable", field_options("min", "max", "min_len", "max_len", "pattern"))
+define("osara.enum", field_options())
+define("osara.field", field_options("min", "max", "min_len", "max_len", "pattern"))
+
+-- ---- testing ------------------------------------------------------------------------
+
+define("osara.testing.load", {
+  { "env", "table", nil, "values `os.getenv` returns while the script loads" },
+  { "data_dir", "string", nil, "the data folder the app sees", shown = "a fresh folder" },
+})
+
+define("app:request", {
+  { "body", "string|table", nil, "request body; a table is sent as JSON" },
+  { "headers", "table", nil, "request headers" },
+})
+
+return M
