@@ -3,14 +3,11 @@
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
-#include <unistd.h>
 
 #include "core/err.h"
 #include "core/log.h"
 #include "nats/natsio.h"
 #include "nats/natsio_int.h"
-
-static nclient_t *closed_clients;
 
 osara__nats_metrics_t osara__nats_m;
 
@@ -57,6 +54,14 @@ static void on_reconnected(natsConnection *nc, void *closure)
     OSARA_INFO("nats %s: reconnected", c->url);
 }
 
+static void on_connected(natsConnection *nc, void *closure)
+{
+    (void)nc;
+    nclient_t *c = closure;
+    OSARA_INFO("nats %s: connected", c->url);
+}
+
+/* The last callback nats.c makes for the connection. */
 static void on_closed(natsConnection *nc, void *closure)
 {
     (void)nc;
@@ -64,6 +69,7 @@ static void on_closed(natsConnection *nc, void *closure)
     if (!c->closing) {
         OSARA_WARN("nats %s: connection closed", c->url);
     }
+    osara__nats_client_unref(c);
 }
 
 static void on_async_error(natsConnection *nc, natsSubscription *sub, natsStatus err,
@@ -82,49 +88,99 @@ static void on_async_error(natsConnection *nc, natsSubscription *sub, natsStatus
 
 /* ---- client ------------------------------------------------------------------ */
 
+void osara__nats_client_ref(nclient_t *c)
+{
+    atomic_fetch_add(&c->refs, 1);
+}
+
+void osara__nats_client_unref(nclient_t *c)
+{
+    if (atomic_fetch_sub(&c->refs, 1) == 1) {
+        free(c->url);
+        free(c);
+    }
+}
+
+int osara__nats_push_closed(lua_State *L, const char *what)
+{
+    lua_pushnil(L);
+    lua_pushfstring(L, "nats: %s: the client is closed (the script's configuration changed)",
+                    what);
+    return 2;
+}
+
+/* Thread pool: what may wait (fetch threads ending, the last flush). */
+static void teardown_work(uv_work_t *work)
+{
+    nclient_t *c = work->data;
+    if (c->nc) {
+        natsConnection_FlushTimeout(c->nc, 2000); /* buffered publishes reach the server */
+        natsConnection_Close(c->nc);
+    }
+}
+
+static void teardown_after(uv_work_t *work, int status)
+{
+    (void)status;
+    nclient_t *c = work->data;
+    free(work);
+    if (c->resp_sub) {
+        natsSubscription_Destroy(c->resp_sub);
+        c->resp_sub = NULL;
+    }
+    if (c->js) {
+        jsCtx_Destroy(c->js);
+        c->js = NULL;
+    }
+    if (c->nc) {
+        natsConnection_Destroy(c->nc);
+        c->nc = NULL;
+    }
+    osara__nats_server_stop(c);
+    osara__nats_client_unref(c); /* the worker's */
+}
+
+/* Starts the teardown once closing and no thread-pool job uses nc. */
+static void maybe_teardown(nclient_t *c)
+{
+    if (!c->closing || c->jobs > 0 || c->torn_down) {
+        return;
+    }
+    c->torn_down = 1;
+    uv_work_t *work = calloc(1, sizeof(*work));
+    work->data = c;
+    if (uv_queue_work(&c->w->loop, work, teardown_work, teardown_after) != 0) {
+        teardown_work(work);
+        teardown_after(work, 0);
+    }
+}
+
+void osara__nats_job_begin(nclient_t *c)
+{
+    c->jobs++;
+}
+
+void osara__nats_job_end(nclient_t *c)
+{
+    c->jobs--;
+    maybe_teardown(c);
+}
+
 void osara__nats_client_close(void *ptr)
 {
     nclient_t *c = ptr;
     c->closing = 1;
-    osara__nats_js_stop_threads(c);
-    osara__nats_subs_release(c);
-    osara_inbox_drain(&c->w->inbox); /* destroys messages still queued */
-    if (c->nc) {
-        natsConnection_FlushTimeout(c->nc, 2000);
-        natsConnection_Close(c->nc);
-    }
-    osara__nats_subs_free(c);
-    if (c->resp_sub) {
-        natsSubscription_Destroy(c->resp_sub);
-    }
-    osara__nats_js_free(c);
-    if (c->js) {
-        jsCtx_Destroy(c->js);
-    }
-    if (c->nc) {
-        natsConnection_Destroy(c->nc);
-    }
-    osara__nats_requests_free(c);
-    osara_inbox_drain(&c->w->inbox);
-    osara__nats_server_stop(c);
-    /* nats.c may still run this client's connection callbacks on its own
-     * threads after Destroy: keep the struct until the library stopped. */
-    c->next_closed = closed_clients;
-    closed_clients = c;
+    osara__nats_subs_close(c);
+    osara__nats_js_stop(c);
+    osara__nats_requests_close(c);
+    maybe_teardown(c);
 }
 
 void osara_natsio_shutdown(void)
 {
-    if (closed_clients == NULL) {
-        return;
-    }
+    /* Waits for nats.c's threads: the last callbacks of closed connections
+     * free their clients. */
     nats_CloseAndWait(2000);
-    while (closed_clients) {
-        nclient_t *c = closed_clients;
-        closed_clients = c->next_closed;
-        free(c->url);
-        free(c);
-    }
 }
 
 static natsStatus connect_client(nclient_t *c, lua_State *L, int conf)
@@ -159,14 +215,22 @@ static natsStatus connect_client(nclient_t *c, lua_State *L, int conf)
     if (s == NATS_OK) s = natsOptions_SetClosedCB(opts, on_closed, c);
     if (s == NATS_OK) s = natsOptions_SetErrorHandler(opts, on_async_error, c);
     if (s == NATS_OK) s = natsOptions_SetTimeout(opts, 2000);
-    /* The embedded server needs a moment to listen. */
-    for (int attempt = 0; s == NATS_OK && attempt < 100; attempt++) {
+    /* The embedded server needs a moment to listen: connect in the
+     * background instead of waiting on the loop; what is sent meanwhile is
+     * buffered. A remote server must answer now (a wrong address fails the
+     * load). */
+    if (s == NATS_OK && c->server_pid) {
+        s = natsOptions_SetRetryOnFailedConnect(opts, true, on_connected, c);
+        if (s == NATS_OK) s = natsOptions_SetReconnectWait(opts, 20);
+    }
+    if (s == NATS_OK) {
         s = natsConnection_Connect(&c->nc, opts);
-        if (s != NATS_NO_SERVER || c->server_pid == 0) {
-            break;
+        if (s == NATS_NOT_YET_CONNECTED) {
+            s = NATS_OK;
         }
-        s = NATS_OK;
-        usleep(50000);
+    }
+    if (c->nc) {
+        osara__nats_client_ref(c); /* nats.c's, until on_closed */
     }
     natsOptions_Destroy(opts);
     return s;
@@ -176,6 +240,7 @@ nclient_t *osara__nats_client_new(osara_worker_t *w, lua_State *L, int conf)
 {
     nclient_t *c = calloc(1, sizeof(*c));
     c->w = w;
+    atomic_init(&c->refs, 1);
     lua_getfield(L, conf, "servers");
     const char *servers = lua_isstring(L, -1) ? lua_tostring(L, -1) : "embedded";
     c->url = strdup(servers);

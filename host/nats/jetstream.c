@@ -11,28 +11,42 @@
 #include "core/lvm.h"
 #include "nats/natsio_int.h"
 
-/* ---- JetStream ------------------------------------------------------------ *
- * Durable pull consumers: a fetch thread per subscription pulls a batch
- * (natsSubscription_Fetch blocks, so it never runs on the loop), hands it to
- * the loop through the inbox, and waits until the batch was handled before
- * pulling the next: in flight is bounded by the batch size. The handler's
- * outcome decides ack, nak with delay (retried) or term (never retried). */
+/* ---- durable pull consumers ------------------------------------------------ *
+ * A fetch thread per consumer pulls a batch (natsSubscription_Fetch blocks,
+ * so it never runs on the loop) and posts it to the loop, which pushes its
+ * messages onto the consumer's unordered lane; the thread pulls the next
+ * batch once every message of this one settled: in flight is bounded by
+ * the batch size. The handler's outcome decides the settle: ack, nak with
+ * delay (retried) or term (never retried). A consumer is freed with its
+ * last reference: the registry entry, the fetch thread (until joined, in the
+ * thread pool) and each message on the lane. */
 
 typedef struct njs_s {
     struct njs_s *next;
     nclient_t *client;
-    osara_reg_entry_t *entry;
     natsSubscription *sub;
     char *subject, *durable, *stream;
     int batch;
     int64_t max_deliver;
     double nak_delay, ack_wait;
+    osara_lane_t lane;
     uv_thread_t thread;
-    int thread_started;
     uv_sem_t go;
-    volatile int stop;
+    atomic_int stop;
+    int joining;                /* the join job was queued */
     int pending;                /* messages of the current batch not yet settled */
+    int refs;                   /* loop thread only */
 } njs_t;
+
+typedef enum { JS_ACK, JS_NAK, JS_TERM } njs_outcome_t;
+
+/* A JetStream message on a lane. */
+typedef struct {
+    osara_delivery_t d; /* first: the lane hands it back */
+    natsMsg *msg;
+    lua_State *T;       /* the handler's thread: its result names the outcome */
+    njs_outcome_t outcome;
+} njsmsg_t;
 
 typedef struct {
     njs_t *j;
@@ -40,126 +54,8 @@ typedef struct {
     int count;
 } njs_batch_t;
 
-typedef struct {
-    njs_t *j;
-    natsMsg *msg;
-} njs_call_t;
-
-static void njs_settled(njs_t *j)
-{
-    if (--j->pending == 0) {
-        uv_sem_post(&j->go); /* the fetch thread may pull the next batch */
-    }
-}
-
-static void njs_settle(njs_t *j, natsMsg *msg, const char *outcome)
-{
-    if (strcmp(outcome, "ok") == 0) {
-        natsMsg_Ack(msg, NULL);
-        osara_metric_add(osara__nats_m.acked, 1);
-    } else {
-        jsMsgMetaData *meta = NULL;
-        uint64_t delivered = 0;
-        if (natsMsg_GetMetaData(&meta, msg) == NATS_OK) {
-            delivered = meta->NumDelivered;
-            jsMsgMetaData_Destroy(meta);
-        }
-        if (strcmp(outcome, "term") == 0 || (j->max_deliver > 0 && (int64_t)delivered >= j->max_deliver)) {
-            natsMsg_Term(msg, NULL);
-            osara_metric_add(osara__nats_m.termed, 1);
-            OSARA_WARN("nats %s (durable %s): message terminated after %llu deliveries (%s)",
-                       j->subject, j->durable, (unsigned long long)delivered, outcome);
-        } else {
-            natsMsg_NakWithDelay(msg, (int64_t)(j->nak_delay * 1000), NULL);
-            osara_metric_add(osara__nats_m.naked, 1);
-        }
-    }
-    natsMsg_Destroy(msg);
-    njs_settled(j);
-}
-
-static void njs_done(osara_co_t *co, int ok, void *ud)
-{
-    njs_call_t *call = ud;
-    lua_State *T = osara_co_thread(co);
-    const char *outcome = ok && lua_isstring(T, 1) ? lua_tostring(T, 1) : "nak";
-    njs_settle(call->j, call->msg, outcome);
-    free(call);
-}
-
-static void njs_deliver(void *arg, void *unused)
-{
-    (void)unused;
-    njs_batch_t *b = arg;
-    njs_t *j = b->j;
-    j->pending = b->count;
-    for (int i = 0; i < b->count; i++) {
-        natsMsg *msg = b->msgs[i];
-        osara_co_t *co;
-        lua_State *T = (j->stop || j->entry == NULL || j->client->closing)
-                           ? NULL : osara_sched_acquire(j->entry->vm, 0, &co);
-        if (T == NULL) {
-            njs_settle(j, msg, "nak"); /* redelivered later, never lost */
-            continue;
-        }
-        njs_call_t *call = malloc(sizeof(*call));
-        call->j = j;
-        call->msg = msg;
-        osara_metric_add(osara__nats_m.received, 1);
-        lua_rawgeti(T, LUA_REGISTRYINDEX, j->entry->fnref);
-        osara__nats_push_msg(T, msg);
-        char what[256];
-        snprintf(what, sizeof(what), "nats durable %s (%s)", j->durable, j->entry->where);
-        osara_sched_run(co, 1, njs_done, call, what);
-    }
-    free(b->msgs);
-    free(b);
-}
-
-static void njs_thread(void *arg)
-{
-    njs_t *j = arg;
-    while (!j->stop) {
-        natsMsgList list = {0};
-        natsStatus s = natsSubscription_Fetch(&list, j->sub, j->batch, 500, NULL);
-        if (s == NATS_OK && list.Count > 0) {
-            njs_batch_t *b = malloc(sizeof(*b));
-            b->j = j;
-            b->count = list.Count;
-            b->msgs = malloc(sizeof(natsMsg *) * (size_t)list.Count);
-            for (int i = 0; i < list.Count; i++) {
-                b->msgs[i] = list.Msgs[i];
-                list.Msgs[i] = NULL;
-            }
-            natsMsgList_Destroy(&list);
-            if (osara_inbox_post(&j->client->w->inbox, njs_deliver, b, NULL) != 0) {
-                for (int i = 0; i < b->count; i++) {
-                    natsMsg_Destroy(b->msgs[i]);
-                }
-                free(b->msgs);
-                free(b);
-                break;
-            }
-            uv_sem_wait(&j->go);
-        } else if (s != NATS_TIMEOUT && !j->stop) {
-            usleep(100000); /* disconnected: nats.c reconnects meanwhile */
-        }
-    }
-}
-
-static void njs_stop_thread(njs_t *j)
-{
-    if (j->thread_started) {
-        j->stop = 1;
-        uv_sem_post(&j->go);
-        uv_thread_join(&j->thread);
-        j->thread_started = 0;
-    }
-}
-
 static void njs_free(njs_t *j)
 {
-    njs_stop_thread(j);
     if (j->sub) {
         natsSubscription_Destroy(j->sub);
     }
@@ -167,7 +63,207 @@ static void njs_free(njs_t *j)
     free(j->subject);
     free(j->durable);
     free(j->stream);
+    osara__nats_client_unref(j->client);
     free(j);
+}
+
+static void on_njs_unused(void *arg, void *unused)
+{
+    (void)unused;
+    njs_free(arg);
+}
+
+/* Drops a reference; inside settle the free waits for the inbox (the lane
+ * is still touched afterwards). */
+static void njs_unref(njs_t *j, int inline_free)
+{
+    if (--j->refs > 0) {
+        return;
+    }
+    if (inline_free || osara_inbox_post(&j->client->w->inbox, on_njs_unused, j, NULL) != 0) {
+        njs_free(j);
+    }
+}
+
+static uint64_t num_delivered(natsMsg *msg)
+{
+    jsMsgMetaData *meta = NULL;
+    uint64_t delivered = 0;
+    if (natsMsg_GetMetaData(&meta, msg) == NATS_OK) {
+        delivered = meta->NumDelivered;
+        jsMsgMetaData_Destroy(meta);
+    }
+    return delivered;
+}
+
+/* Tells the server; a failed ack/nak/term is logged: the server then
+ * redelivers the message after ack_wait. */
+static void njs_tell(njs_t *j, natsMsg *msg, njs_outcome_t outcome)
+{
+    natsStatus s;
+    const char *verb;
+    uint64_t delivered = outcome == JS_ACK ? 0 : num_delivered(msg);
+    if (outcome == JS_NAK && j->max_deliver > 0 && (int64_t)delivered >= j->max_deliver) {
+        outcome = JS_TERM;
+    }
+    if (outcome == JS_ACK) {
+        verb = "ack";
+        s = natsMsg_Ack(msg, NULL);
+        osara_metric_add(osara__nats_m.acked, 1);
+    } else if (outcome == JS_TERM) {
+        verb = "term";
+        s = natsMsg_Term(msg, NULL);
+        osara_metric_add(osara__nats_m.termed, 1);
+        OSARA_WARN("nats %s (durable %s): message terminated after %llu deliveries",
+                   j->subject, j->durable, (unsigned long long)delivered);
+    } else {
+        verb = "nak";
+        s = natsMsg_NakWithDelay(msg, (int64_t)(j->nak_delay * 1000), NULL);
+        osara_metric_add(osara__nats_m.naked, 1);
+    }
+    if (s != NATS_OK) {
+        OSARA_WARN("nats %s (durable %s): %s failed: %s (redelivered after ack_wait)",
+                   j->subject, j->durable, verb, natsStatus_GetText(s));
+    }
+}
+
+static void njs_tp_push(lua_State *T, osara_delivery_t *d)
+{
+    njsmsg_t *m = (njsmsg_t *)d;
+    m->T = T;
+    osara__nats_push_msg(T, m->msg);
+}
+
+/* The runner returns "ok", "nak" or "term" (lua/osara/nats.lua). */
+static void njs_tp_finished(osara_delivery_t *d, int ok)
+{
+    njsmsg_t *m = (njsmsg_t *)d;
+    const char *r = ok && lua_isstring(m->T, 1) ? lua_tostring(m->T, 1) : "nak";
+    m->outcome = strcmp(r, "ok") == 0 ? JS_ACK : strcmp(r, "term") == 0 ? JS_TERM : JS_NAK;
+    m->T = NULL;
+}
+
+static void njs_tp_settle(osara_delivery_t *d, osara_settle_t how)
+{
+    njsmsg_t *m = (njsmsg_t *)d;
+    njs_t *j = d->lane->owner;
+    /* A failed output, a cancelled handler: consumed again later. */
+    njs_tell(j, m->msg, how == OSARA_SETTLE_ACK ? m->outcome : JS_NAK);
+    natsMsg_Destroy(m->msg);
+    free(m);
+    if (--j->pending == 0) {
+        uv_sem_post(&j->go); /* the fetch thread may pull the next batch */
+    }
+    njs_unref(j, 0);
+}
+
+static const osara_transport_t js_transport = {
+    .name = "nats",
+    .push_message = njs_tp_push,
+    .finished = njs_tp_finished,
+    .settle = njs_tp_settle,
+};
+
+static void njs_deliver(void *arg, void *unused)
+{
+    (void)unused;
+    njs_batch_t *b = arg;
+    njs_t *j = b->j;
+    j->pending = b->count;
+    j->refs += b->count;
+    for (int i = 0; i < b->count; i++) {
+        njsmsg_t *m = calloc(1, sizeof(*m));
+        m->msg = b->msgs[i];
+        osara_metric_add(osara__nats_m.received, 1);
+        /* A stopped lane settles it at once (nak: redelivered later). */
+        osara_lane_push(&j->lane, &m->d);
+    }
+    free(b->msgs);
+    free(b);
+    if (j->lane.stopped) {
+        osara_lane_stop(&j->lane);
+    }
+}
+
+static int njs_post_batch(njs_t *j, natsMsgList *list)
+{
+    njs_batch_t *b = malloc(sizeof(*b));
+    b->j = j;
+    b->count = list->Count;
+    b->msgs = list->Msgs;
+    list->Msgs = NULL;
+    list->Count = 0;
+    if (osara_inbox_post(&j->client->w->inbox, njs_deliver, b, NULL) != 0) {
+        for (int i = 0; i < b->count; i++) {
+            natsMsg_Destroy(b->msgs[i]);
+        }
+        free(b->msgs);
+        free(b);
+        return -1;
+    }
+    return 0;
+}
+
+static void njs_thread(void *arg)
+{
+    njs_t *j = arg;
+    while (!atomic_load(&j->stop)) {
+        natsMsgList list = {0};
+        natsStatus s = natsSubscription_Fetch(&list, j->sub, j->batch, 500, NULL);
+        if (s == NATS_OK && list.Count > 0) {
+            if (njs_post_batch(j, &list) != 0) {
+                break;
+            }
+            uv_sem_wait(&j->go);
+        } else {
+            natsMsgList_Destroy(&list);
+            if (s != NATS_TIMEOUT && !atomic_load(&j->stop)) {
+                usleep(100000); /* disconnected: nats.c reconnects meanwhile */
+            }
+        }
+    }
+}
+
+typedef struct {
+    uv_work_t work;
+    njs_t *j;
+} njs_join_t;
+
+static void njs_join_work(uv_work_t *work)
+{
+    uv_thread_join(&((njs_join_t *)work->data)->j->thread);
+}
+
+static void njs_join_after(uv_work_t *work, int status)
+{
+    (void)status;
+    njs_join_t *jw = work->data;
+    njs_t *j = jw->j;
+    free(jw);
+    osara__nats_job_end(j->client); /* j holds the client */
+    njs_unref(j, 1);                /* the thread's */
+}
+
+/* Stops delivering and lets the fetch thread end; it is joined in the
+ * thread pool (a fetch may wait up to 500 ms). */
+static void njs_stop(njs_t *j)
+{
+    if (j->joining) {
+        return;
+    }
+    j->joining = 1;
+    osara_lane_set_entry(&j->lane, NULL);
+    osara_lane_stop(&j->lane);
+    atomic_store(&j->stop, 1);
+    uv_sem_post(&j->go);
+    njs_join_t *jw = calloc(1, sizeof(*jw));
+    jw->j = j;
+    jw->work.data = jw;
+    osara__nats_job_begin(j->client);
+    if (uv_queue_work(&j->client->w->loop, &jw->work, njs_join_work, njs_join_after) != 0) {
+        njs_join_work(&jw->work);
+        njs_join_after(&jw->work, 0);
+    }
 }
 
 static natsStatus ensure_js(nclient_t *c)
@@ -178,40 +274,39 @@ static natsStatus ensure_js(nclient_t *c)
     return natsConnection_JetStream(&c->js, c->nc, NULL);
 }
 
-static int js_start(osara_reg_entry_t *e)
+static njs_t *njs_new(nclient_t *c, lua_State *L, int opts)
 {
-    lua_State *L = e->vm->L;
-    lua_rawgeti(L, LUA_REGISTRYINDEX, e->optsref); /* [opts] */
-    lua_getfield(L, -1, "client");
-    client_ud_t *ud = luaL_checkudata(L, -1, CLIENT_MT);
-    nclient_t *c = ud->c;
     njs_t *j = calloc(1, sizeof(*j));
     j->client = c;
-    j->entry = e;
-    lua_getfield(L, -2, "subject");
-    j->subject = strdup(lua_tostring(L, -1));
-    lua_getfield(L, -3, "durable");
-    j->durable = strdup(lua_tostring(L, -1));
-    lua_getfield(L, -4, "stream");
+    osara__nats_client_ref(c);
+    lua_getfield(L, opts, "subject");
+    lua_getfield(L, opts, "durable");
+    lua_getfield(L, opts, "stream"); /* [subject, durable, stream] */
+    j->subject = strdup(lua_tostring(L, -3));
+    j->durable = strdup(lua_tostring(L, -2));
     j->stream = lua_isstring(L, -1) ? strdup(lua_tostring(L, -1)) : NULL;
-    lua_getfield(L, -5, "batch");
-    lua_getfield(L, -6, "max_deliver");
-    lua_getfield(L, -7, "nak_delay");
-    lua_getfield(L, -8, "ack_wait");
+    lua_getfield(L, opts, "batch");
+    lua_getfield(L, opts, "max_deliver");
+    lua_getfield(L, opts, "nak_delay");
+    lua_getfield(L, opts, "ack_wait");
     j->batch = lua_isnumber(L, -4) ? (int)lua_tointeger(L, -4) : 64;
     j->max_deliver = lua_isnumber(L, -3) ? (int64_t)lua_tointeger(L, -3) : 5;
     j->nak_delay = lua_isnumber(L, -2) ? lua_tonumber(L, -2) : 1.0;
     j->ack_wait = lua_isnumber(L, -1) ? lua_tonumber(L, -1) : 30.0;
-    lua_pop(L, 10);
+    lua_pop(L, 7);
+    osara_lane_init(&j->lane, &js_transport, j, j->subject, 0, j->batch, j->batch);
     uv_sem_init(&j->go, 0);
-    j->next = c->jsubs;
-    c->jsubs = j;
-    e->impl = j;
-    jsErrCode jerr = 0;
+    j->refs = 1; /* the registry entry's */
+    return j;
+}
+
+/* Creates the durable explicitly: bound to an existing consumer, the
+ * subscription never deletes it, so a restart resumes where it was. */
+static natsStatus njs_subscribe(njs_t *j, jsErrCode *jerr)
+{
+    nclient_t *c = j->client;
     natsStatus s = ensure_js(c);
     if (s == NATS_OK) {
-        /* Create the durable explicitly: bound to an existing consumer, the
-         * subscription never deletes it, so a restart resumes where it was. */
         jsConsumerConfig cc;
         jsConsumerConfig_Init(&cc);
         cc.Durable = j->durable;
@@ -221,11 +316,13 @@ static int js_start(osara_reg_entry_t *e)
         /* A message delivered to an instance that died is redelivered after this. */
         cc.AckWait = (int64_t)(j->ack_wait * 1e9);
         jsConsumerInfo *ci = NULL;
-        s = js_AddConsumer(&ci, c->js, j->stream, &cc, NULL, &jerr);
+        s = js_AddConsumer(&ci, c->js, j->stream, &cc, NULL, jerr);
         if (ci) {
             jsConsumerInfo_Destroy(ci);
+            ci = NULL;
         }
-        if (s != NATS_OK && js_GetConsumerInfo(&ci, c->js, j->stream, j->durable, NULL, NULL) == NATS_OK) {
+        if (s != NATS_OK &&
+            js_GetConsumerInfo(&ci, c->js, j->stream, j->durable, NULL, NULL) == NATS_OK) {
             jsConsumerInfo_Destroy(ci);
             s = NATS_OK; /* it exists from a previous run */
         }
@@ -236,15 +333,44 @@ static int js_start(osara_reg_entry_t *e)
         so.Stream = j->stream;
         so.Consumer = j->durable;
         so.ManualAck = true;
-        s = js_PullSubscribe(&j->sub, c->js, j->subject, j->durable, NULL, &so, &jerr);
+        s = js_PullSubscribe(&j->sub, c->js, j->subject, j->durable, NULL, &so, jerr);
     }
+    return s;
+}
+
+static int js_start(osara_reg_entry_t *e)
+{
+    lua_State *L = e->vm->L;
+    lua_rawgeti(L, LUA_REGISTRYINDEX, e->optsref);
+    lua_getfield(L, -1, "client"); /* [opts, client] */
+    client_ud_t *ud = lua_touserdata(L, -1);
+    lua_pop(L, 1);
+    if (ud == NULL || ud->c == NULL || ud->c->closing) {
+        lua_pop(L, 1);
+        return osara_err_set(OSARA_EBROKER, "nats: the client of this handler is closed");
+    }
+    njs_t *j = njs_new(ud->c, L, lua_gettop(L));
+    lua_pop(L, 1);
+    jsErrCode jerr = 0;
+    natsStatus s = njs_subscribe(j, &jerr);
     if (s != NATS_OK) {
-        return osara_err_set(OSARA_EBROKER, "nats: durable %s on %s: %s (JetStream error %d)",
-                             j->durable, j->subject, natsStatus_GetText(s), (int)jerr);
+        osara_err_set(OSARA_EBROKER, "nats: durable %s on %s: %s (JetStream error %d)",
+                      j->durable, j->subject, natsStatus_GetText(s), (int)jerr);
+        njs_unref(j, 1);
+        return OSARA_EBROKER;
     }
-    if (uv_thread_create(&j->thread, njs_thread, j) == 0) {
-        j->thread_started = 1;
+    int rc = uv_thread_create(&j->thread, njs_thread, j);
+    if (rc != 0) {
+        osara_err_set(OSARA_EBROKER, "nats: durable %s: cannot start its fetch thread: %s",
+                      j->durable, uv_strerror(rc));
+        njs_unref(j, 1);
+        return OSARA_EBROKER;
     }
+    j->refs++; /* the thread's, until joined */
+    j->next = ud->c->jsubs;
+    ud->c->jsubs = j;
+    e->impl = j;
+    osara_lane_set_entry(&j->lane, e);
     return 0;
 }
 
@@ -252,18 +378,32 @@ static void js_adopt(osara_reg_entry_t *e, osara_reg_entry_t *old)
 {
     njs_t *j = old->impl;
     old->impl = NULL;
-    j->entry = e;
     e->impl = j;
+    if (j) {
+        osara_lane_set_entry(&j->lane, e);
+    }
+}
+
+static void njs_unlink(njs_t *j)
+{
+    for (njs_t **p = &j->client->jsubs; *p; p = &(*p)->next) {
+        if (*p == j) {
+            *p = j->next;
+            return;
+        }
+    }
 }
 
 static void js_stop(osara_reg_entry_t *e)
 {
     njs_t *j = e->impl;
-    if (j) {
-        j->entry = NULL;
-        njs_stop_thread(j);
-        e->impl = NULL;
+    if (j == NULL) {
+        return;
     }
+    e->impl = NULL;
+    njs_stop(j);
+    njs_unlink(j);
+    njs_unref(j, 1);
 }
 
 static const osara_reg_kind_t natsjs_kind = {
@@ -276,6 +416,9 @@ static int l_client_stream(lua_State *L)
 {
     nclient_t *c = osara__nats_check_client(L, 1);
     luaL_checktype(L, 2, LUA_TTABLE);
+    if (c->closing) {
+        return luaL_error(L, "nats: stream: the client is closed");
+    }
     jsStreamConfig sc;
     jsStreamConfig_Init(&sc);
     lua_getfield(L, 2, "name");
@@ -283,14 +426,18 @@ static int l_client_stream(lua_State *L)
     lua_getfield(L, 2, "subjects");
     luaL_checktype(L, -1, LUA_TTABLE);
     int n = (int)lua_objlen(L, -1);
-    const char *subjects[64];
-    for (int i = 0; i < n && i < 64; i++) {
-        lua_rawgeti(L, -1, i + 1);
-        subjects[i] = lua_tostring(L, -1);
-        lua_pop(L, 1);
+    /* A userdata, so a raise below frees it with the rest of the stack. */
+    const char **subjects = lua_newuserdata(L, sizeof(*subjects) * (size_t)(n ? n : 1));
+    for (int i = 0; i < n; i++) {
+        lua_rawgeti(L, -2, i + 1);
+        subjects[i] = lua_type(L, -1) == LUA_TSTRING ? lua_tostring(L, -1) : NULL;
+        if (subjects[i] == NULL) {
+            return luaL_error(L, "nats: stream %s: subjects[%d] is not a string", sc.Name, i + 1);
+        }
+        lua_pop(L, 1); /* the subjects table keeps the string alive */
     }
     sc.Subjects = subjects;
-    sc.SubjectsLen = n < 64 ? n : 64;
+    sc.SubjectsLen = n;
     lua_getfield(L, 2, "retention");
     const char *ret = luaL_optstring(L, -1, "limits");
     sc.Retention = strcmp(ret, "workqueue") == 0 ? js_WorkQueuePolicy
@@ -382,6 +529,7 @@ static void jspub_after(uv_work_t *w, int status)
         p->waiter = NULL;
         osara_sched_resume(co, jspub_push(osara_co_thread(co), p));
     }
+    osara__nats_job_end(p->c);
     jspub_unref(p);
 }
 
@@ -393,18 +541,30 @@ static int l_client_jspublish(lua_State *L)
     const char *subject = luaL_checkstring(L, 2);
     size_t len;
     const char *data = luaL_checklstring(L, 3, &len);
-    if (ensure_js(c) != NATS_OK) {
+    if (!c->closing && ensure_js(c) != NATS_OK) {
         return luaL_error(L, "nats: JetStream is not available");
     }
     jspub_t *p = calloc(1, sizeof(*p));
     p->c = c;
-    p->subject = strdup(subject);
-    p->data = malloc(len ? len : 1);
-    memcpy(p->data, data, len);
-    p->len = (int)len;
-    p->refs = 2;
-    p->work.data = p;
-    uv_queue_work(&c->w->loop, &p->work, jspub_work, jspub_after);
+    p->refs = 1; /* the handle's */
+    if (c->closing) {
+        p->done = 1; /* :wait() returns nil, "Connection Closed ..." */
+        p->status = NATS_CONNECTION_CLOSED;
+    } else {
+        p->subject = strdup(subject);
+        p->data = malloc(len ? len : 1);
+        memcpy(p->data, data, len);
+        p->len = (int)len;
+        p->work.data = p;
+        osara__nats_job_begin(c);
+        if (uv_queue_work(&c->w->loop, &p->work, jspub_work, jspub_after) == 0) {
+            p->refs++; /* the job's */
+        } else {
+            osara__nats_job_end(c);
+            p->done = 1;
+            p->status = NATS_ERR;
+        }
+    }
     jspub_ud_t *ud = lua_newuserdata(L, sizeof(*ud));
     ud->p = p;
     luaL_getmetatable(L, JSPUB_MT);
@@ -444,19 +604,10 @@ static int l_jspub_gc(lua_State *L)
     return 0;
 }
 
-void osara__nats_js_stop_threads(nclient_t *c)
+void osara__nats_js_stop(nclient_t *c)
 {
     for (njs_t *j = c->jsubs; j; j = j->next) {
-        njs_stop_thread(j);
-    }
-}
-
-void osara__nats_js_free(nclient_t *c)
-{
-    while (c->jsubs) {
-        njs_t *j = c->jsubs;
-        c->jsubs = j->next;
-        njs_free(j);
+        njs_stop(j);
     }
 }
 

@@ -35,6 +35,9 @@ static int l_nats_client(lua_State *L)
     }
     client_ud_t *ud = lua_newuserdata(L, sizeof(*ud));
     ud->c = c;
+    if (c) {
+        osara__nats_client_ref(c); /* the userdata's, until __gc */
+    }
     luaL_getmetatable(L, CLIENT_MT);
     lua_setmetatable(L, -2);
     return 1;
@@ -49,18 +52,85 @@ nclient_t *osara__nats_check_client(lua_State *L, int idx)
     return ud->c;
 }
 
-/* client:flush([timeout]) -> true | nil, err (blocks up to timeout; tests) */
+typedef struct {
+    uv_work_t work;
+    nclient_t *c;
+    int64_t ms;
+    natsStatus status;
+    osara_co_t *co; /* the waiter; NULL once cancelled */
+    unsigned seq;
+} nflush_wait_t;
+
+static void flush_wait_work(uv_work_t *work)
+{
+    nflush_wait_t *f = work->data;
+    f->status = natsConnection_FlushTimeout(f->c->nc, f->ms);
+}
+
+static int push_flush_result(lua_State *T, natsStatus s)
+{
+    if (s != NATS_OK) {
+        lua_pushnil(T);
+        lua_pushstring(T, natsStatus_GetText(s));
+        return 2;
+    }
+    lua_pushboolean(T, 1);
+    return 1;
+}
+
+static void flush_wait_after(uv_work_t *work, int status)
+{
+    (void)status;
+    nflush_wait_t *f = work->data;
+    if (f->co && osara_co_waiting(f->co) && osara_co_seq(f->co) == f->seq) {
+        osara_sched_resume(f->co, push_flush_result(osara_co_thread(f->co), f->status));
+    }
+    osara__nats_job_end(f->c);
+    free(f);
+}
+
+static void flush_wait_cleanup(void *data)
+{
+    ((nflush_wait_t *)data)->co = NULL;
+}
+
+/* client:flush([timeout]) -> true | nil, err: waits until the server
+ * processed what was sent (a PING/PONG round trip in the thread pool). At
+ * load time, outside any coroutine, it blocks instead. */
 static int l_client_flush(lua_State *L)
 {
     nclient_t *c = osara__nats_check_client(L, 1);
-    natsStatus s = natsConnection_FlushTimeout(c->nc, (int64_t)(luaL_optnumber(L, 2, 2) * 1000));
-    if (s != NATS_OK) {
-        lua_pushnil(L);
-        lua_pushstring(L, natsStatus_GetText(s));
-        return 2;
+    int64_t ms = (int64_t)(luaL_optnumber(L, 2, 2) * 1000);
+    if (c->closing) {
+        return osara__nats_push_closed(L, "flush");
     }
-    lua_pushboolean(L, 1);
-    return 1;
+    osara_co_t *co = osara_sched_current(L);
+    if (co == NULL) {
+        return push_flush_result(L, natsConnection_FlushTimeout(c->nc, ms));
+    }
+    nflush_wait_t *f = calloc(1, sizeof(*f));
+    f->c = c;
+    f->ms = ms;
+    f->co = co;
+    f->seq = osara_co_seq(co) + 1;
+    f->work.data = f;
+    osara__nats_job_begin(c);
+    if (uv_queue_work(&c->w->loop, &f->work, flush_wait_work, flush_wait_after) != 0) {
+        osara__nats_job_end(c);
+        free(f);
+        return luaL_error(L, "nats:flush: cannot queue the flush");
+    }
+    return osara_sched_wait(L, flush_wait_cleanup, f);
+}
+
+static int l_client_gc(lua_State *L)
+{
+    client_ud_t *ud = luaL_checkudata(L, 1, CLIENT_MT);
+    if (ud->c) {
+        osara__nats_client_unref(ud->c);
+        ud->c = NULL;
+    }
+    return 0;
 }
 
 static int l_client_url(lua_State *L)
@@ -79,6 +149,8 @@ int osara_natsio_open(lua_State *L)
     };
     osara__nats_subs_open();
     luaL_newmetatable(L, CLIENT_MT);
+    lua_pushcfunction(L, l_client_gc);
+    lua_setfield(L, -2, "__gc");
     lua_newtable(L); /* [mt, index] */
     luaL_register(L, NULL, methods);
     osara__nats_request_open(L, lua_gettop(L));

@@ -15,12 +15,14 @@
 #include <lua.h>
 #include <nats/nats.h>
 #include <sys/types.h>
+#include <stdatomic.h>
 #include <uv.h>
 
 #include "core/metrics.h"
 #include "core/registry.h"
 #include "core/sched.h"
 #include "core/worker.h"
+#include "transport/transport.h"
 
 #define CLIENT_MT "osara.nats.client"
 #define REQ_SLOTS 4096
@@ -28,24 +30,24 @@
 typedef struct nclient_s nclient_t;
 struct njs_s;
 
+/* A core subscription. Its lifetime is counted in `refs` (under mu): one
+ * for the registry entry serving it (dropped at stop or client close), one
+ * for nats.c (dropped by the on-complete callback, after which nats.c
+ * never calls on_msg again) and one per message posted to the loop and not
+ * yet settled. The last one frees it, so neither a retiring script
+ * version's handler nor a late nats.c callback touches freed memory. */
 typedef struct nsub_s {
-    nclient_t *client;
-    osara_reg_entry_t *entry;
+    nclient_t *client;          /* NULL once the client closed */
     natsSubscription *sub;
     char *subject, *queue;
-    int max_inflight, inflight;
-    natsMsg **waiting;          /* over the bound: FIFO ring */
-    int wcap, whead, wcount;
-    int dead;
-    /* Backpressure into nats.c: its delivery thread waits while `queued`
-     * (posted to the loop, not yet handled) is at queued_max, so messages
-     * pile up in nats.c's pending list, whose limits report a slow
-     * consumer instead of growing without bound. */
-    uv_mutex_t mu;
+    osara_lane_t lane;          /* unordered: max_inflight handlers at once */
+    osara_inbox_t *inbox;       /* the worker's */
+    uv_mutex_t mu;              /* with nats.c's delivery thread: */
     uv_cond_t room;
-    int queued, queued_max, blocked, released;
-    char label[192];            /* "nats handler <subject> (<where>)" */
-    osara_reg_entry_t *label_entry;
+    int queued, queued_max;     /* posted and not yet settled; its bound */
+    int blocked, released;      /* on_msg waits for room / must not wait */
+    int refs;
+    int stopped;                /* loop only: deliver nothing more */
     struct nsub_s *next;
 } nsub_t;
 
@@ -57,6 +59,12 @@ typedef struct {
     nclient_t *client;
 } nreq_t;
 
+/* A connection. Freed when its last reference goes (any thread): the
+ * worker's shared resource, each client userdata of any script version,
+ * each subscription, nats.c's connection (until the closed callback) and
+ * reply inbox (until its on-complete callback), each posted event. Closing
+ * (osara__nats_client_close) stops it at once; what still holds it sees
+ * `closing` and fails softly ("client closed"). */
 struct nclient_s {
     osara_worker_t *w;
     natsConnection *nc;
@@ -69,8 +77,10 @@ struct nclient_s {
     nsub_t *subs;
     jsCtx *js;
     struct njs_s *jsubs;
+    int jobs;                   /* thread-pool jobs using nc or js now */
     volatile int closing;
-    struct nclient_s *next_closed;
+    int torn_down;              /* the teardown job was queued */
+    atomic_int refs;
 };
 
 /* The client userdata (CLIENT_MT); c is NULL in `osara check`. */
@@ -90,10 +100,21 @@ extern osara__nats_metrics_t osara__nats_m;
 void osara__nats_metrics_init(void);
 /* Starts the embedded server when servers is "embedded", connects with the
  * options of the table at `conf` and subscribes the reply inbox. Returns
- * the client or NULL (osara_err_set). */
+ * the client (one reference, the caller's) or NULL (osara_err_set). */
 nclient_t *osara__nats_client_new(osara_worker_t *w, lua_State *L, int conf);
-/* Closes and frees what the client holds (the shared resource's close). */
+/* Stops the client (the shared resource's close) and drops its reference:
+ * subscriptions stop, pending requests fail, and a thread-pool job
+ * flushes and closes the connection off the loop. */
 void osara__nats_client_close(void *ptr);
+void osara__nats_client_ref(nclient_t *c);
+/* Any thread. Frees the client when it was the last reference. */
+void osara__nats_client_unref(nclient_t *c);
+/* A thread-pool job will use c->nc / c->js (begin) or is done (end, loop
+ * thread): the connection is closed only when none runs. */
+void osara__nats_job_begin(nclient_t *c);
+void osara__nats_job_end(nclient_t *c);
+/* The Lua result for a call on a closed client: pushes nil, msg; 2. */
+int osara__nats_push_closed(lua_State *L, const char *what);
 
 /* server.c: the nats-server child; start sets c->url and c->server_pid. */
 int osara__nats_server_start(nclient_t *c, const char *data_dir);
@@ -102,21 +123,22 @@ void osara__nats_server_stop(nclient_t *c);
 /* subs.c */
 /* Pushes {subject=, raw=, reply=, headers=} for msg on T. */
 void osara__nats_push_msg(lua_State *T, natsMsg *msg);
-/* Lets nats.c threads blocked on a full subscription go (client close). */
-void osara__nats_subs_release(nclient_t *c);
-/* Destroys the client's subscriptions and the messages they hold. */
-void osara__nats_subs_free(nclient_t *c);
+/* Stops the client's subscriptions (client close): queued messages are
+ * dropped, running handlers finish, each is freed with its last reference. */
+void osara__nats_subs_close(nclient_t *c);
 void osara__nats_subs_open(void);
 
 /* request.c */
 natsStatus osara__nats_responses_start(nclient_t *c);
-void osara__nats_requests_free(nclient_t *c);
+/* Fails the requests still waiting ("client closed"), closes their timers. */
+void osara__nats_requests_close(nclient_t *c);
 /* Adds publish, reply and request to the method table at idx. */
 void osara__nats_request_open(lua_State *L, int idx);
 
 /* jetstream.c */
-void osara__nats_js_stop_threads(nclient_t *c);
-void osara__nats_js_free(nclient_t *c);
+/* Client close: consumers stop delivering; their fetch threads are joined
+ * in the thread pool (client jobs, so the teardown waits for them). */
+void osara__nats_js_stop(nclient_t *c);
 /* Adds stream and jspublish to the method table at idx. */
 void osara__nats_js_open(lua_State *L, int idx);
 

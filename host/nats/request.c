@@ -15,9 +15,17 @@ static void on_response(natsConnection *nc, natsSubscription *s, natsMsg *msg, v
     (void)nc;
     (void)s;
     nclient_t *c = closure;
+    osara__nats_client_ref(c); /* the event's */
     if (osara_inbox_post(&c->w->inbox, deliver_response, c, msg) != 0) {
         natsMsg_Destroy(msg);
+        osara__nats_client_unref(c);
     }
+}
+
+/* nats.c's delivery thread, after the reply inbox's last on_response. */
+static void on_responses_complete(void *closure)
+{
+    osara__nats_client_unref(closure);
 }
 
 static void resolve_request(nclient_t *c, natsMsg *msg)
@@ -54,9 +62,10 @@ static void deliver_response(void *arg, void *msg)
     nclient_t *c = arg;
     if (c->closing) {
         natsMsg_Destroy(msg);
-        return;
+    } else {
+        resolve_request(c, msg);
     }
-    resolve_request(c, msg);
+    osara__nats_client_unref(c);
 }
 
 natsStatus osara__nats_responses_start(nclient_t *c)
@@ -70,7 +79,15 @@ natsStatus osara__nats_responses_start(nclient_t *c)
     natsInbox_Destroy((natsInbox *)nuid);
     char wildcard[80];
     snprintf(wildcard, sizeof(wildcard), "%s*", c->inbox);
-    return natsConnection_Subscribe(&c->resp_sub, c->nc, wildcard, on_response, c);
+    s = natsConnection_Subscribe(&c->resp_sub, c->nc, wildcard, on_response, c);
+    if (s == NATS_OK) {
+        osara__nats_client_ref(c); /* nats.c's, until on_responses_complete */
+        s = natsSubscription_SetOnCompleteCB(c->resp_sub, on_responses_complete, c);
+        if (s != NATS_OK) {
+            osara__nats_client_unref(c);
+        }
+    }
+    return s;
 }
 
 static natsStatus add_headers(lua_State *L, int idx, natsMsg *m)
@@ -95,6 +112,9 @@ static int l_client_publish(lua_State *L)
     size_t len;
     const char *data = luaL_checklstring(L, 3, &len);
     const char *reply = luaL_optstring(L, 4, NULL);
+    if (c->closing) {
+        return osara__nats_push_closed(L, "publish");
+    }
     natsStatus s;
     if (lua_istable(L, 5)) {
         natsMsg *m = NULL;
@@ -161,6 +181,9 @@ static int l_client_request(lua_State *L)
     if (co == NULL) {
         return luaL_error(L, "nats:request: only inside a handler, timer or task");
     }
+    if (c->closing) {
+        return osara__nats_push_closed(L, "request");
+    }
     uint64_t token = ++c->next_token;
     nreq_t *r = &c->reqs[token % REQ_SLOTS];
     if (r->co != NULL) {
@@ -200,12 +223,19 @@ static int l_client_request(lua_State *L)
     return osara_sched_wait(L, 1, request_cleanup, r);
 }
 
-
-void osara__nats_requests_free(nclient_t *c)
+void osara__nats_requests_close(nclient_t *c)
 {
     for (int i = 0; i < REQ_SLOTS; i++) {
-        if (c->reqs[i].timer) {
-            uv_close((uv_handle_t *)c->reqs[i].timer, (uv_close_cb)free);
+        nreq_t *r = &c->reqs[i];
+        if (r->co && osara_co_waiting(r->co) && osara_co_seq(r->co) == r->seq) {
+            /* From the inbox: the close may run inside other Lua code. */
+            lua_State *T = osara_co_thread(r->co);
+            osara_sched_resume_later(r->co, osara__nats_push_closed(T, "request"));
+        }
+        r->co = NULL;
+        if (r->timer) {
+            uv_close((uv_handle_t *)r->timer, (uv_close_cb)free);
+            r->timer = NULL;
         }
     }
 }

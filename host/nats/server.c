@@ -13,7 +13,14 @@
 #include <unistd.h>
 
 #include "core/err.h"
+#include "core/log.h"
 #include "nats/natsio_int.h"
+
+/* Reaping: the child is polled (never waited for on the loop); SIGKILL
+ * after this long. */
+#define STOP_POLL_MS 20
+#define STOP_KILL_AFTER_MS 5000
+
 static int free_port(void)
 {
     int fd = socket(AF_INET, SOCK_STREAM, 0);
@@ -65,11 +72,45 @@ int osara__nats_server_start(nclient_t *c, const char *data_dir)
     return 0;
 }
 
+typedef struct {
+    uv_timer_t timer;
+    pid_t pid;
+    int waited_ms;
+} nserver_stop_t;
+
+static void on_stop_closed(uv_handle_t *h)
+{
+    free(h->data);
+}
+
+static void on_stop_poll(uv_timer_t *t)
+{
+    nserver_stop_t *st = t->data;
+    pid_t r = waitpid(st->pid, NULL, WNOHANG);
+    if (r == st->pid || (r < 0 && errno == ECHILD)) {
+        uv_close((uv_handle_t *)t, on_stop_closed);
+        return;
+    }
+    st->waited_ms += STOP_POLL_MS;
+    if (st->waited_ms == STOP_KILL_AFTER_MS) {
+        OSARA_WARN("nats: the embedded server (pid %d) ignored SIGTERM; killing it", (int)st->pid);
+        kill(st->pid, SIGKILL);
+    }
+}
+
+/* Sends SIGTERM and reaps the child from a timer: the loop (and so the
+ * host's exit) waits for it without blocking, so a restart never finds the
+ * JetStream store still held. */
 void osara__nats_server_stop(nclient_t *c)
 {
-    if (c->server_pid > 0) {
-        kill(c->server_pid, SIGTERM);
-        waitpid(c->server_pid, NULL, 0);
-        c->server_pid = 0;
+    if (c->server_pid <= 0) {
+        return;
     }
+    kill(c->server_pid, SIGTERM);
+    nserver_stop_t *st = calloc(1, sizeof(*st));
+    st->pid = c->server_pid;
+    c->server_pid = 0;
+    uv_timer_init(&c->w->loop, &st->timer);
+    st->timer.data = st;
+    uv_timer_start(&st->timer, on_stop_poll, STOP_POLL_MS, STOP_POLL_MS);
 }

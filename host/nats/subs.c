@@ -1,20 +1,59 @@
-/* subs.c - core NATS subscriptions (registry kind "nats") and their
- * delivery: nats.c's thread posts each message to the worker's inbox; the
- * loop runs it in a pooled coroutine, up to max_inflight at once. */
-#include <lauxlib.h>
+/* subs.c - core NATS subscriptions (registry kind "nats") on transport
+ * lanes. nats.c's delivery thread posts each message to the worker's
+ * inbox; the loop pushes it onto the subscription's unordered lane, which
+ * runs up to max_inflight handlers at once. Over max_inflight + max_waiting
+ * messages in osara, the delivery thread waits, so messages pile up in
+ * nats.c's pending list, whose limits report a slow consumer instead of
+ * growing without bound. */
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
 
 #include "core/err.h"
+#include "core/log.h"
 #include "core/lvm.h"
 #include "nats/natsio_int.h"
 
-static void deliver_msg(void *sub, void *msg);
+/* A message on a lane. */
+typedef struct {
+    osara_delivery_t d; /* first: the lane hands it back */
+    natsMsg *msg;
+} nmsg_t;
 
+static void sub_free(nsub_t *sub)
+{
+    uv_mutex_destroy(&sub->mu);
+    uv_cond_destroy(&sub->room);
+    free(sub->subject);
+    free(sub->queue);
+    free(sub);
+}
 
-/* One message of sub left osara's queue (handled or dropped). */
-static void settled(nsub_t *sub)
+static void on_sub_unused(void *arg, void *unused)
+{
+    (void)unused;
+    sub_free(arg);
+}
+
+/* Drops one reference. `inline_free` is 0 where the caller still touches
+ * the lane afterwards (inside settle): the free then runs from the inbox.
+ * Any thread; a nats.c thread passes 0 and frees in place only when the
+ * inbox is closed (the loop is gone). */
+static void sub_unref(nsub_t *sub, int inline_free)
+{
+    uv_mutex_lock(&sub->mu);
+    int last = --sub->refs == 0;
+    uv_mutex_unlock(&sub->mu);
+    if (!last) {
+        return;
+    }
+    if (inline_free || osara_inbox_post(sub->inbox, on_sub_unused, sub, NULL) != 0) {
+        sub_free(sub);
+    }
+}
+
+/* One message left osara (settled, or dropped before the lane). */
+static void sub_settled(nsub_t *sub)
 {
     uv_mutex_lock(&sub->mu);
     sub->queued--;
@@ -27,7 +66,7 @@ static void settled(nsub_t *sub)
     uv_mutex_unlock(&sub->mu);
 }
 
-/* Lets a nats.c thread waiting in on_msg go (unsubscribe, close). */
+/* Lets a nats.c thread waiting in on_msg go (stop, close). */
 static void release_sub(nsub_t *sub)
 {
     uv_mutex_lock(&sub->mu);
@@ -36,6 +75,9 @@ static void release_sub(nsub_t *sub)
     uv_mutex_unlock(&sub->mu);
 }
 
+static void deliver_msg(void *arg, void *msg);
+
+/* nats.c's delivery thread. */
 static void on_msg(natsConnection *nc, natsSubscription *s, natsMsg *msg, void *closure)
 {
     (void)nc;
@@ -47,11 +89,19 @@ static void on_msg(natsConnection *nc, natsSubscription *s, natsMsg *msg, void *
         uv_cond_wait(&sub->room, &sub->mu);
     }
     sub->queued++;
+    sub->refs++;
     uv_mutex_unlock(&sub->mu);
-    if (osara_inbox_post(&sub->client->w->inbox, deliver_msg, sub, msg) != 0) {
+    if (osara_inbox_post(sub->inbox, deliver_msg, sub, msg) != 0) {
         natsMsg_Destroy(msg);
-        settled(sub);
+        sub_settled(sub);
+        sub_unref(sub, 0); /* nats.c still holds one: never the last */
     }
+}
+
+/* nats.c's delivery thread, after its last on_msg for sub. */
+static void on_sub_complete(void *closure)
+{
+    sub_unref(closure, 0);
 }
 
 void osara__nats_push_msg(lua_State *T, natsMsg *msg)
@@ -82,131 +132,226 @@ void osara__nats_push_msg(lua_State *T, natsMsg *msg)
     lua_setfield(T, -2, "headers");
 }
 
-static void dispatch_msg(nsub_t *sub, natsMsg *msg);
+/* ---- the lane's transport ------------------------------------------------ */
 
-static void pump(nsub_t *sub)
+static void tp_push_message(lua_State *T, osara_delivery_t *d)
 {
-    while (sub->wcount > 0 && sub->inflight < sub->max_inflight && !sub->dead) {
-        natsMsg *msg = sub->waiting[sub->whead];
-        sub->whead = (sub->whead + 1) % sub->wcap;
-        sub->wcount--;
-        dispatch_msg(sub, msg);
-    }
+    osara__nats_push_msg(T, ((nmsg_t *)d)->msg);
 }
 
-static void on_handler_done(osara_co_t *co, int ok, void *ud)
+static void tp_finished(osara_delivery_t *d, int ok)
 {
-    nsub_t *sub = ud;
-    natsMsg_Destroy(osara_co_user(co));
-    settled(sub);
-    sub->inflight--;
+    (void)d;
     osara_metric_add(ok ? osara__nats_m.handled : osara__nats_m.failed, 1);
-    if (!sub->client->closing) {
-        pump(sub);
-    }
 }
 
-static void enqueue_waiting(nsub_t *sub, natsMsg *msg)
+/* Core NATS delivers at most once: whatever the outcome, the message goes. */
+static void tp_settle(osara_delivery_t *d, osara_settle_t how)
 {
-    if (sub->wcount == sub->wcap) {
-        int cap = sub->wcap ? sub->wcap * 2 : 64;
-        natsMsg **ring = malloc(sizeof(*ring) * (size_t)cap);
-        for (int i = 0; i < sub->wcount; i++) {
-            ring[i] = sub->waiting[(sub->whead + i) % sub->wcap];
-        }
-        free(sub->waiting);
-        sub->waiting = ring;
-        sub->wcap = cap;
-        sub->whead = 0;
-    }
-    sub->waiting[(sub->whead + sub->wcount) % sub->wcap] = msg;
-    sub->wcount++;
+    (void)how;
+    nmsg_t *m = (nmsg_t *)d;
+    nsub_t *sub = d->lane->owner;
+    natsMsg_Destroy(m->msg);
+    free(m);
+    sub_settled(sub);
+    sub_unref(sub, 0); /* the lane is still touched after settle */
 }
 
-static void dispatch_msg(nsub_t *sub, natsMsg *msg)
-{
-    if (sub->dead || sub->entry == NULL) {
-        natsMsg_Destroy(msg);
-        settled(sub);
-        return;
-    }
-    if (sub->inflight >= sub->max_inflight) {
-        enqueue_waiting(sub, msg); /* waits in the queue; nats.c's pending limit bounds it */
-        return;
-    }
-    osara_co_t *co;
-    lua_State *T = osara_sched_acquire(sub->entry->vm, 0, &co);
-    if (T == NULL) {
-        enqueue_waiting(sub, msg); /* VM retiring: the adopting entry pumps */
-        return;
-    }
-    sub->inflight++;
-    lua_rawgeti(T, LUA_REGISTRYINDEX, sub->entry->fnref);
-    osara__nats_push_msg(T, msg); /* T: [runner, msg] */
-    osara_co_set_user(co, msg);
-    if (sub->label_entry != sub->entry) { /* formatted once per handler, not per message */
-        snprintf(sub->label, sizeof(sub->label), "nats handler %s (%s)", sub->subject,
-                 sub->entry->where);
-        sub->label_entry = sub->entry;
-    }
-    osara_sched_run(co, 1, on_handler_done, sub, sub->label);
-}
+static const osara_transport_t nats_transport = {
+    .name = "nats",
+    .push_message = tp_push_message,
+    .finished = tp_finished,
+    .settle = tp_settle,
+};
 
 static void deliver_msg(void *arg, void *msg)
 {
     nsub_t *sub = arg;
-    if (sub->client->closing) {
+    if (sub->stopped) {
         natsMsg_Destroy(msg);
-        settled(sub);
+        sub_settled(sub);
+        sub_unref(sub, 1);
         return;
     }
     osara_metric_add(osara__nats_m.received, 1);
-    dispatch_msg(sub, msg);
+    nmsg_t *m = malloc(sizeof(*m));
+    m->msg = msg;
+    osara_lane_push(&sub->lane, &m->d); /* the event's reference goes with it */
 }
 
-/* ---- registry kind "nats" --------------------------------------------------- */
+/* ---- subscribing off the loop --------------------------------------------- */
+
+typedef struct {
+    uv_work_t work;
+    nclient_t *c;
+    char *subject;
+    natsStatus status;
+} nflush_t;
+
+static void flush_work(uv_work_t *work)
+{
+    nflush_t *f = work->data;
+    f->status = natsConnection_FlushTimeout(f->c->nc, 10000);
+}
+
+static void flush_after(uv_work_t *work, int status)
+{
+    (void)status;
+    nflush_t *f = work->data;
+    if (f->status == NATS_OK) {
+        OSARA_INFO("nats: subscribed to %s", f->subject);
+    } else if (!f->c->closing) {
+        OSARA_WARN("nats: subscribing to %s not confirmed by the server yet: %s", f->subject,
+                   natsStatus_GetText(f->status));
+    }
+    osara__nats_job_end(f->c);
+    free(f->subject);
+    free(f);
+}
+
+/* Logs "nats: subscribed to <subject>" once the server confirmed the
+ * interest (a PING/PONG round trip in the thread pool, never on the loop). */
+static void confirm_subscribed(nclient_t *c, const char *subject)
+{
+    nflush_t *f = calloc(1, sizeof(*f));
+    f->c = c;
+    f->subject = strdup(subject);
+    f->work.data = f;
+    osara__nats_job_begin(c);
+    if (uv_queue_work(&c->w->loop, &f->work, flush_work, flush_after) != 0) {
+        osara__nats_job_end(c);
+        free(f->subject);
+        free(f);
+    }
+}
+
+/* ---- registry kind "nats" -------------------------------------------------- */
+
+static int opt_int(lua_State *L, int idx, const char *name, int dflt)
+{
+    lua_getfield(L, idx, name);
+    int v = lua_isnumber(L, -1) ? (int)lua_tointeger(L, -1) : dflt;
+    lua_pop(L, 1);
+    return v;
+}
+
+static nsub_t *sub_new(nclient_t *c, lua_State *L, int opts)
+{
+    nsub_t *sub = calloc(1, sizeof(*sub));
+    sub->client = c;
+    lua_getfield(L, opts, "subject");
+    lua_getfield(L, opts, "queue"); /* [subject, queue] */
+    sub->subject = strdup(lua_tostring(L, -2));
+    sub->queue = lua_isstring(L, -1) ? strdup(lua_tostring(L, -1)) : NULL;
+    lua_pop(L, 2);
+    int max_inflight = opt_int(L, opts, "max_inflight", 256);
+    sub->queued_max = max_inflight + opt_int(L, opts, "max_waiting", 1024);
+    /* The delivery thread's bound keeps held under queued_max: no pause. */
+    osara_lane_init(&sub->lane, &nats_transport, sub, sub->subject, 0, max_inflight,
+                    sub->queued_max);
+    sub->inbox = &c->w->inbox;
+    sub->refs = 1; /* the registry entry's */
+    uv_mutex_init(&sub->mu);
+    uv_cond_init(&sub->room);
+    return sub;
+}
+
+static natsStatus subscribe(nsub_t *sub, lua_State *L, int opts)
+{
+    nclient_t *c = sub->client;
+    natsStatus s = sub->queue ? natsConnection_QueueSubscribe(&sub->sub, c->nc, sub->subject,
+                                                              sub->queue, on_msg, sub)
+                              : natsConnection_Subscribe(&sub->sub, c->nc, sub->subject,
+                                                         on_msg, sub);
+    if (s != NATS_OK) {
+        return s;
+    }
+    sub->refs++; /* nats.c's, until on_sub_complete */
+    s = natsSubscription_SetOnCompleteCB(sub->sub, on_sub_complete, sub);
+    if (s != NATS_OK) {
+        sub->refs--;
+        return s;
+    }
+    /* Bounded, and reported as a slow consumer past it - never silent. */
+    return natsSubscription_SetPendingLimits(sub->sub, opt_int(L, opts, "pending_msgs", 65536),
+                                             opt_int(L, opts, "pending_bytes", 64 << 20));
+}
+
+static void sub_stop(nsub_t *sub)
+{
+    if (sub->stopped) {
+        return;
+    }
+    sub->stopped = 1;
+    osara_lane_stop(&sub->lane); /* queued messages settle CANCELLED */
+    release_sub(sub);
+    if (sub->sub) {
+        if (sub->client && !sub->client->closing) {
+            natsSubscription_Unsubscribe(sub->sub);
+        }
+        natsSubscription_Destroy(sub->sub);
+        sub->sub = NULL;
+    }
+}
+
+static void sub_unlink(nsub_t *sub)
+{
+    nclient_t *c = sub->client;
+    if (c == NULL) {
+        return;
+    }
+    for (nsub_t **p = &c->subs; *p; p = &(*p)->next) {
+        if (*p == sub) {
+            *p = sub->next;
+            break;
+        }
+    }
+    sub->client = NULL;
+    osara__nats_client_unref(c);
+}
+
+/* The entry stops serving: what is queued is dropped, running handlers
+ * finish; the subscription goes with its last reference. */
+static void sub_retire(osara_reg_entry_t *e)
+{
+    nsub_t *sub = e->impl;
+    if (sub == NULL) {
+        return;
+    }
+    e->impl = NULL;
+    osara_lane_set_entry(&sub->lane, NULL);
+    sub_stop(sub);
+    sub_unlink(sub);
+    sub_unref(sub, 1);
+}
 
 static int kind_start(osara_reg_entry_t *e)
 {
     lua_State *L = e->vm->L;
-    lua_rawgeti(L, LUA_REGISTRYINDEX, e->optsref); /* [opts] */
-    lua_getfield(L, -1, "client");
-    client_ud_t *ud = luaL_checkudata(L, -1, CLIENT_MT);
-    nclient_t *c = ud->c;
-    lua_getfield(L, -2, "subject");
-    lua_getfield(L, -3, "queue");
-    lua_getfield(L, -4, "max_inflight");
-    lua_getfield(L, -5, "max_waiting");
-    lua_getfield(L, -6, "pending_msgs");
-    lua_getfield(L, -7, "pending_bytes");
-    nsub_t *sub = calloc(1, sizeof(*sub));
-    sub->client = c;
-    sub->entry = e;
-    sub->subject = strdup(lua_tostring(L, -6));
-    sub->queue = lua_isstring(L, -5) ? strdup(lua_tostring(L, -5)) : NULL;
-    sub->max_inflight = lua_isnumber(L, -4) ? (int)lua_tointeger(L, -4) : 256;
-    sub->queued_max = sub->max_inflight + (lua_isnumber(L, -3) ? (int)lua_tointeger(L, -3) : 1024);
-    int pending_msgs = lua_isnumber(L, -2) ? (int)lua_tointeger(L, -2) : 65536;
-    int pending_bytes = lua_isnumber(L, -1) ? (int)lua_tointeger(L, -1) : 64 * 1024 * 1024;
-    lua_pop(L, 8);
-    uv_mutex_init(&sub->mu);
-    uv_cond_init(&sub->room);
-    natsStatus s = sub->queue
-        ? natsConnection_QueueSubscribe(&sub->sub, c->nc, sub->subject, sub->queue, on_msg, sub)
-        : natsConnection_Subscribe(&sub->sub, c->nc, sub->subject, on_msg, sub);
-    if (s == NATS_OK) {
-        /* Bounded, and reported as a slow consumer past it - never silent. */
-        natsSubscription_SetPendingLimits(sub->sub, pending_msgs, pending_bytes);
+    lua_rawgeti(L, LUA_REGISTRYINDEX, e->optsref);
+    lua_getfield(L, -1, "client"); /* [opts, client] */
+    client_ud_t *ud = lua_touserdata(L, -1);
+    lua_pop(L, 1);
+    if (ud == NULL || ud->c == NULL || ud->c->closing) {
+        lua_pop(L, 1);
+        return osara_err_set(OSARA_EBROKER, "nats: the client of this handler is closed");
     }
+    nclient_t *c = ud->c;
+    nsub_t *sub = sub_new(c, L, lua_gettop(L));
+    osara__nats_client_ref(c);
     sub->next = c->subs;
     c->subs = sub;
     e->impl = sub;
+    natsStatus s = subscribe(sub, L, lua_gettop(L));
+    lua_pop(L, 1);
     if (s != NATS_OK) {
-        sub->dead = 1;
-        return osara_err_set(OSARA_EBROKER, "nats: cannot subscribe to %s: %s", sub->subject,
-                             natsStatus_GetText(s));
+        int rc = osara_err_set(OSARA_EBROKER, "nats: cannot subscribe to %s: %s", sub->subject,
+                               natsStatus_GetText(s));
+        sub_retire(e);
+        return rc;
     }
-    natsConnection_Flush(c->nc); /* the server knows the interest before we go on */
+    osara_lane_set_entry(&sub->lane, e);
+    confirm_subscribed(c, sub->subject);
     return 0;
 }
 
@@ -214,58 +359,28 @@ static void kind_adopt(osara_reg_entry_t *e, osara_reg_entry_t *old)
 {
     nsub_t *sub = old->impl;
     old->impl = NULL;
-    sub->entry = e;
     e->impl = sub;
-    pump(sub);
+    if (sub) {
+        osara_lane_set_entry(&sub->lane, e);
+    }
 }
 
 static void kind_stop(osara_reg_entry_t *e)
 {
-    nsub_t *sub = e->impl;
-    if (sub == NULL) {
-        return;
-    }
-    sub->dead = 1;
-    sub->entry = NULL;
-    release_sub(sub);
-    if (sub->sub && !sub->client->closing) {
-        natsSubscription_Unsubscribe(sub->sub);
-    }
-    e->impl = NULL;
+    sub_retire(e);
 }
 
 static const osara_reg_kind_t nats_kind = {
     .name = "nats", .start = kind_start, .adopt = kind_adopt, .stop = kind_stop,
 };
 
-
-/* Lets every nats.c thread blocked in on_msg of c go. */
-void osara__nats_subs_release(nclient_t *c)
+void osara__nats_subs_close(nclient_t *c)
 {
-    for (nsub_t *s = c->subs; s; s = s->next) {
-        release_sub(s);
+    /* The entries keep e->impl: their stop finds the subscription stopped
+     * and drops the registry's reference then. */
+    for (nsub_t *sub = c->subs; sub; sub = sub->next) {
+        sub_stop(sub);
     }
-}
-
-void osara__nats_subs_free(nclient_t *c)
-{
-    for (nsub_t *s = c->subs; s;) {
-        nsub_t *next = s->next;
-        if (s->sub) {
-            natsSubscription_Destroy(s->sub);
-        }
-        for (int i = 0; i < s->wcount; i++) {
-            natsMsg_Destroy(s->waiting[(s->whead + i) % s->wcap]);
-        }
-        free(s->waiting);
-        uv_mutex_destroy(&s->mu);
-        uv_cond_destroy(&s->room);
-        free(s->subject);
-        free(s->queue);
-        free(s);
-        s = next;
-    }
-    c->subs = NULL;
 }
 
 void osara__nats_subs_open(void)

@@ -43,11 +43,14 @@ local function new(conf)
   local c = options.check("osara.nats", conf)
   if type(c.servers) == "table" then c.servers = table.concat(c.servers, ",") end
   c.servers = os.getenv("OSARA_NATS_SERVERS") or c.servers
-  local ok, client = pcall(natsio.client, c, signature(c), vm_c.mode() == "check")
+  local key = signature(c)
+  local ok, client = pcall(natsio.client, c, key, vm_c.mode() == "check")
   if not ok then
     options.raise(tostring(client):gsub("^[^:]*:%d+: ", ""))
   end
-  return setmetatable({ c = client, checking = vm_c.mode() == "check" }, Client)
+  -- key: a handler follows its client; a reload that changes the client
+  -- restarts the client's handlers on the new connection.
+  return setmetatable({ c = client, key = key, checking = vm_c.mode() == "check" }, Client)
 end
 
 setmetatable(M, { __call = function(_, conf) return new(conf) end })
@@ -142,7 +145,8 @@ function Client:handle(subject, opts, fn)
     return self:_durable(subject, opts, fn, at)
   end
   local key = subject .. (opts.queue and (" (queue " .. opts.queue .. ")") or "")
-  local sig = signature { codec = type(opts.codec) == "table" and "custom" or opts.codec,
+  local sig = signature { client = self.key,
+                          codec = type(opts.codec) == "table" and "custom" or opts.codec,
                           schema = opts.schema ~= nil, max_inflight = opts.max_inflight,
                           max_waiting = opts.max_waiting, pending_msgs = opts.pending_msgs,
                           pending_bytes = opts.pending_bytes, reply_empty = opts.reply_empty }
@@ -204,7 +208,8 @@ function Client:_durable(subject, opts, fn, at)
     return "ok"
   end
   local key = ("%s (durable %s)"):format(subject, opts.durable)
-  local sig = signature { codec = type(opts.codec) == "table" and "custom" or opts.codec,
+  local sig = signature { client = self.key,
+                          codec = type(opts.codec) == "table" and "custom" or opts.codec,
                           schema = opts.schema ~= nil, stream = opts.stream, batch = opts.batch,
                           max_deliver = opts.max_deliver, nak_delay = opts.nak_delay,
                           ack_wait = opts.ack_wait }

@@ -146,7 +146,7 @@ define("nats:jspublish", {
 
 define("nats:add_stream", {
   { "name", "string", nil, "the stream's name", required = true },
-  { "subjects", "list", nil, "the subjects it stores (at most 64)", required = true },
+  { "subjects", "list", nil, "the subjects it stores", required = true },
   { "retention", "string", "limits", "`\"limits\"`, `\"workqueue\"` or `\"interest\"`",
     values = set("limits", "workqueue", "interest") },
   { "max_age", "number", 0, "seconds a message is kept (0: no limit)" },

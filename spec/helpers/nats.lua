@@ -18,4 +18,22 @@ function N.server(port, dir)
   return p, url, tonumber(url:match(":(%d+)$"))
 end
 
+-- Waits until host process p logged "nats: subscribed to <subject>" for
+-- every subject given (in any order: the confirmations come from the
+-- thread pool). Reads p's lines up to the last one.
+function N.subscribed(p, subjects, timeout)
+  local want = {}
+  for _, s in ipairs(subjects) do want["nats: subscribed to " .. s] = true end
+  local deadline = osara.monotonic() + (timeout or 10)
+  while next(want) do
+    local line = p:line(math.max(0.01, deadline - osara.monotonic()))
+    if line == nil or osara.monotonic() > deadline then
+      local missing = {}
+      for k in pairs(want) do missing[#missing + 1] = k end
+      error(("expected %s; output was:\n%s"):format(table.concat(missing, ", "), p:output()), 2)
+    end
+    want[line:match("(nats: subscribed to %S+)$") or ""] = nil
+  end
+end
+
 return N

@@ -46,7 +46,7 @@ nats:handle("interop.req", function(msg) return { doubled = msg.data.n * 2 } end
 osara.after(0, function() osara.log.info("app ready") end)
 ]])
     local p = H.osara({ "run", dir .. "/app.lua" }, { NATS_URL = url })
-    H.expect(p, "app ready", 10)
+    N.subscribed(p, { "interop.in", "interop.req" })
     local sub = assert(osara.process.spawn { argv = { tool, "sub", url, "interop.out", "1" } })
     assert(sub:expect("ready", 10))
     local pub = assert(osara.process.spawn { argv = { tool, "pub", url, "interop.in", '{"n":21}' } })
@@ -155,8 +155,8 @@ osara.after(0, function() osara.log.info("ready") end)
 ]])
     local a = H.osara({ "run", dir .. "/app.lua" }, { NATS_URL = url })
     local b = H.osara({ "run", dir .. "/app.lua" }, { NATS_URL = url })
-    H.expect(a, "ready")
-    H.expect(b, "ready")
+    N.subscribed(a, { "work" })
+    N.subscribed(b, { "work" })
     local nats = osara.nats { servers = url }
     for i = 1, 200 do nats:publish("work", { id = i }) end
     nats:flush()
@@ -194,7 +194,7 @@ local nats = osara.nats { servers = os.getenv("NATS_URL") }
 nats:handle("ping", function(msg) osara.log.info("ping %d", msg.data.n) end)
 ]])
     local p = H.osara({ "run", dir .. "/app.lua" }, { NATS_URL = url })
-    osara.sleep(0.3)
+    N.subscribed(p, { "ping" })
     server:kill("TERM")
     server:wait(10)
     H.expect(p, "disconnected", 10)
@@ -222,7 +222,7 @@ nats:handle("flow", function(msg) osara.log.info("v%d got %%d", msg.data.id) end
     end
     H.write(dir .. "/app.lua", app(1))
     local p = H.osara({ "run", "--watch", dir .. "/app.lua" }, { NATS_URL = url })
-    osara.sleep(0.3)
+    N.subscribed(p, { "flow" })
     local nats = osara.nats { servers = url }
     for i = 1, 300 do
       nats:publish("flow", { id = i })
@@ -239,6 +239,70 @@ nats:handle("flow", function(msg) osara.log.info("v%d got %%d", msg.data.id) end
     stop(p, server)
   end)
 
+  -- gh_12: handlers follow their client; the old version's calls on the
+  -- closed client end at once; nothing blocks the loop; ASan sees no use
+  -- of a freed subscription or client.
+  it("gh_12 restarts handlers on a changed client at reload and ends the old version's waits", function()
+    local server, url = N.server(nil, H.tmpdir())
+    local dir = H.tmpdir()
+    H.write(dir .. "/app.lua", [[
+local osara = require "osara"
+local nats = osara.nats { servers = os.getenv("NATS_URL"), name = "v1" }
+nats:stream { name = "R", subjects = { "r.>" }, storage = "memory" }
+nats:handle("work.a", function(msg) osara.log.info("v1 a %d", msg.data.n) end)
+nats:handle("hold", function() osara.sleep(2) return { late = true } end)
+nats:handle("go", function()
+  local pubs = {}
+  for i = 1, 20 do pubs[i] = nats:jspublish("r.x", { i = i }) end
+  osara.log.info("v1 waiting")
+  local _, err = nats:request("hold", {}, { timeout = 10 })
+  osara.log.info("v1 request: %s", tostring(err))
+  for i = 21, 40 do pubs[i] = nats:jspublish("r.x", { i = i }) end
+  local acked, failed = 0, 0
+  for i = 1, 40 do
+    if pubs[i]:wait() then acked = acked + 1 else failed = failed + 1 end
+  end
+  osara.log.info("v1 jspublish: %d acked, %d failed", acked, failed)
+  local ok, perr = nats:publish("work.a", { n = 0 })
+  osara.log.info("v1 publish: %s %s", tostring(ok), tostring(perr))
+end)
+]])
+    local p = H.osara({ "run", "--watch", dir .. "/app.lua" }, { NATS_URL = url })
+    N.subscribed(p, { "go", "hold", "work.a" })
+    local nats = osara.nats { servers = url }
+    nats:publish("go", {})
+    H.expect(p, "v1 waiting")
+    H.write(dir .. "/app.lua", [[
+local osara = require "osara"
+local nats = osara.nats { servers = os.getenv("NATS_URL"), name = "v2" }
+nats:handle("work.a", function(msg) osara.log.info("v2 a %d", msg.data.n) end)
+nats:handle("work.b", function(msg) osara.log.info("v2 b %d", msg.data.n) end)
+]])
+    assert.matches("0 kept, 1 added, 2 removed, 1 restarted", H.expect(p, "reloaded"))
+    H.expect(p, "v1 request: nats: request: the client is closed")
+    local acked, failed = H.expect(p, "v1 jspublish:"):match("(%d+) acked, (%d+) failed")
+    assert.are.equal(40, tonumber(acked) + tonumber(failed))
+    assert.is_true(tonumber(failed) >= 20, "jspublish on the closed client failed")
+    H.expect(p, "v1 publish: nil nats: publish: the client is closed")
+    local n = 0
+    H.eventually(function()
+      n = n + 1
+      nats:publish("work.a", { n = n })
+      nats:publish("work.b", { n = n })
+      nats:flush()
+      local out = p:output()
+      return out:find("v2 a %d") and out:find("v2 b %d")
+    end, 10, "v2 handles work.a and work.b")
+    p:kill("TERM")
+    assert.are.equal(0, H.exit_status(p, 20))
+    H.drain(p)
+    local out = p:output()
+    assert.is_nil(out:find("loop stall"), out)
+    assert.is_nil(out:find("Sanitizer"), out)
+    assert.is_nil(out:find("runtime error"), out)
+    server:kill("TERM")
+  end)
+
   it("reports bad input on one line each and keeps going", function()
     local server, url = N.server()
     local dir = H.tmpdir()
@@ -251,7 +315,7 @@ nats:handle("in", { max_bytes = 100 }, function(msg)
 end)
 ]])
     local p = H.osara({ "run", dir .. "/app.lua" }, { NATS_URL = url })
-    osara.sleep(0.3)
+    N.subscribed(p, { "in" })
     local nats = osara.nats { servers = url }
     nats:publish("in", "{broken", { codec = "raw" })
     nats:publish("in", { pad = string.rep("x", 200) })
@@ -297,6 +361,25 @@ end)
 osara.after(0, function() osara.log.info("ready") end)
 ]]
 
+  it("gh_12 binds every subject of a stream (no limit of 64), on the embedded server", function()
+    local dir = H.tmpdir()
+    H.write(dir .. "/app.lua", [[
+local osara = require "osara"
+local nats = osara.nats {}
+local subjects = {}
+for i = 1, 70 do subjects[i] = "many." .. i end
+nats:stream { name = "MANY", subjects = subjects, storage = "memory" }
+osara.after(0, function()
+  local seq, err = nats:jspublish("many.70", { n = 70 }):wait()
+  osara.log.info("many.70: %s %s", tostring(seq), tostring(err))
+end)
+]])
+    local p = H.osara { "run", "--data", dir .. "/data", dir .. "/app.lua" }
+    H.expect(p, "many.70: 1 nil", 20)
+    p:kill("TERM")
+    assert.are.equal(0, H.exit_status(p, 20))
+  end)
+
   it("redelivers after a failure and resumes after kill -9 without losing a message", function()
     local jsdir = H.tmpdir()
     local server, url = N.server(nil, jsdir)
@@ -323,6 +406,7 @@ osara.after(0, function() osara.log.info("ready") end)
     H.eventually(function() drain(p) local c = 0 for _ in pairs(seen) do c = c + 1 end return c >= 30 end, 20, "30 done")
     p:kill("KILL")
     H.exit_status(p)
+    drain(p) -- what it logged (and acked) before the kill
     local p2 = H.osara({ "run", dir .. "/app.lua" }, env)
     local ok = pcall(H.eventually, function()
       drain(p2)
