@@ -120,7 +120,7 @@ static int l_client_flush(lua_State *L)
         free(f);
         return luaL_error(L, "nats:flush: cannot queue the flush");
     }
-    return osara_sched_wait(L, flush_wait_cleanup, f);
+    return osara_sched_wait(L, 1, flush_wait_cleanup, f);
 }
 
 static int l_client_gc(lua_State *L)
