@@ -17,10 +17,24 @@
 #include "core/log.h"
 #include "core/lvm.h"
 #include "core/metrics.h"
-#include "transport/offsets.h"
+#include "transport/transport.h"
 #include "core/registry.h"
 #include "core/sched.h"
 #include "core/worker.h"
+
+/* The core's OOM policy (core/mem.h) replaces these once it is on main. */
+static void *oom(void *p)
+{
+    if (p == NULL) {
+        fprintf(stderr, "osara: out of memory\n");
+        abort();
+    }
+    return p;
+}
+#define osara_xmalloc(n) oom(malloc(n))
+#define osara_xcalloc(n, s) oom(calloc((n), (s)))
+#define osara_xrealloc(p, n) oom(realloc((p), (n)))
+#define osara_xstrdup(s) ((char *)oom(strdup(s)))
 
 #define CLIENT_MT "osara.kafka.client"
 #define RECEIPT_MT "osara.kafka.receipt"
@@ -30,28 +44,29 @@ typedef struct kclient_s kclient_t;
 typedef struct khandler_s khandler_t;
 typedef struct kpart_s kpart_t;
 
-/* One consumed message in flight. */
+/* One consumed message in flight: a delivery on its partition's lane. */
 typedef struct kinput_s {
-    osara_input_t in;         /* offset tracking; in.owner == this */
-    rd_kafka_message_t *rkm;  /* held until the handler finished */
+    osara_delivery_t d;       /* d.in: offset tracking; d.in.owner == this */
+    rd_kafka_message_t *rkm;  /* held until settled (a retry needs it) */
     kpart_t *part;
-    struct kinput_s *next_run;
+    struct kinput_s *next_free;
 } kinput_t;
 
+/* A partition: an ordered lane (one handler at a time, in offset order). */
 struct kpart_s {
     kclient_t *client;
-    rd_kafka_topic_t *rkt;
     char *topic;
     int32_t partition;
+    osara_lane_t lane;
     osara_offsets_t track;
-    kinput_t *run_head, *run_tail; /* waiting for their turn */
-    kinput_t *running;
-    int held;                      /* consumed and not yet finished */
-    int paused;
+    int paused;                    /* paused in librdkafka (any reason) */
     int revoking;                  /* revoke pending: finishing what is in flight */
     int retired;                   /* let go: stores nothing more; a later
                                     * assignment gets a fresh kpart */
+    int retrying;                  /* inputs being handled again after failing */
+    uv_timer_t *retry_timer;       /* backoff before the next attempt */
     osara_metric_t *m_lag;
+    kpart_t *next;                 /* hash bucket, or the retired list */
 };
 
 struct khandler_s {
@@ -60,14 +75,12 @@ struct khandler_s {
     char *topic;                   /* name, or regex when it starts with ^ */
     regex_t re;
     int is_regex;
-    char label[192];               /* "kafka handler <topic> (<where>)" for error logs */
-    osara_reg_entry_t *label_entry;
     khandler_t *next;
 };
 
 /* One produced message waiting for its delivery report. */
 typedef struct kout_s {
-    kinput_t *kin;                 /* input it was sent for, or NULL */
+    osara_delivery_t *d;           /* input it was sent for, or NULL */
     int refs;                      /* DR pending + receipt userdata */
     int done;
     rd_kafka_resp_err_t err;
@@ -99,8 +112,9 @@ struct kclient_s {
     khandler_t *handlers;
     int subscription_dirty;
     uv_timer_t *resub_timer;
-    kpart_t **parts;
-    int nparts, cap_parts;
+    kpart_t **buckets;             /* live partitions by (topic, partition) */
+    int nbuckets, nparts;
+    kpart_t *retired;              /* let go, freed once nothing is held */
     kout_t *free_outs;
     kinput_t *free_inputs;         /* recycled: no allocation per message */
     int closing;
@@ -108,7 +122,7 @@ struct kclient_s {
 };
 
 static osara_metric_t *m_consumed, *m_handled, *m_failed, *m_produced,
-    *m_delivery_errors, *m_paused;
+    *m_delivery_errors, *m_paused, *m_stuck;
 
 static void metrics_init(void)
 {
@@ -121,42 +135,56 @@ static void metrics_init(void)
     m_produced = osara_metrics_counter("osara_kafka_produced_total", "messages produced", NULL);
     m_delivery_errors = osara_metrics_counter("osara_kafka_delivery_errors_total", "produced messages that failed", NULL);
     m_paused = osara_metrics_gauge("osara_kafka_paused_partitions", "partitions paused by backpressure", NULL);
+    m_stuck = osara_metrics_gauge("osara_kafka_stuck_partitions",
+                                  "partitions waiting for a failed or cancelled input to be handled again", NULL);
 }
 
 /* ---- partitions --------------------------------------------------------- */
 
-static kpart_t *find_part(kclient_t *c, const char *topic, int32_t partition)
+static unsigned part_hash(const char *topic, int32_t partition)
 {
-    for (int i = 0; i < c->nparts; i++) {
-        kpart_t *p = c->parts[i];
-        if (!p->retired && p->partition == partition && strcmp(p->topic, topic) == 0) {
-            return p;
-        }
+    unsigned h = 2166136261u; /* FNV-1a */
+    for (const char *s = topic; *s; s++) {
+        h = (h ^ (unsigned char)*s) * 16777619u;
     }
-    return NULL;
+    return (h ^ (unsigned)partition) * 16777619u;
 }
 
-static kpart_t *get_part(kclient_t *c, rd_kafka_message_t *rkm)
+static kpart_t **part_slot(kclient_t *c, const char *topic, int32_t partition)
 {
-    const char *topic = rd_kafka_topic_name(rkm->rkt);
-    kpart_t *p = find_part(c, topic, rkm->partition);
-    if (p) {
-        return p;
+    kpart_t **slot = &c->buckets[part_hash(topic, partition) & (unsigned)(c->nbuckets - 1)];
+    while (*slot && ((*slot)->partition != partition || strcmp((*slot)->topic, topic) != 0)) {
+        slot = &(*slot)->next;
     }
-    p = calloc(1, sizeof(*p));
-    p->client = c;
-    p->topic = strdup(topic);
-    p->partition = rkm->partition;
-    p->track.committable = -1;
-    char labels[512];
-    snprintf(labels, sizeof(labels), "topic=\"%s\",partition=\"%d\"", topic, (int)rkm->partition);
-    p->m_lag = osara_metrics_gauge("osara_kafka_consumer_lag", "high watermark minus the next offset to handle", labels);
-    if (c->nparts == c->cap_parts) {
-        c->cap_parts = c->cap_parts ? c->cap_parts * 2 : 16;
-        c->parts = realloc(c->parts, sizeof(*c->parts) * (size_t)c->cap_parts);
+    return slot;
+}
+
+/* The live (not retired) partition, or NULL. */
+static kpart_t *find_part(kclient_t *c, const char *topic, int32_t partition)
+{
+    return c->nbuckets ? *part_slot(c, topic, partition) : NULL;
+}
+
+#define FOR_EACH_PART(c, p)                                       \
+    for (int b_ = 0; b_ < (c)->nbuckets; b_++)                    \
+        for (kpart_t *p = (c)->buckets[b_], *n_ = p ? p->next : NULL; p; \
+             p = n_, n_ = p ? p->next : NULL)
+
+static void grow_buckets(kclient_t *c)
+{
+    int n = c->nbuckets ? c->nbuckets * 2 : 16;
+    kpart_t **old = c->buckets;
+    int nold = c->nbuckets;
+    c->buckets = osara_xcalloc((size_t)n, sizeof(*c->buckets));
+    c->nbuckets = n;
+    for (int i = 0; i < nold; i++) {
+        for (kpart_t *p = old[i], *next; p; p = next) {
+            next = p->next;
+            p->next = NULL;
+            *part_slot(c, p->topic, p->partition) = p;
+        }
     }
-    c->parts[c->nparts++] = p;
-    return p;
+    free(old);
 }
 
 static khandler_t *handler_for(kclient_t *c, const char *topic)
@@ -170,6 +198,48 @@ static khandler_t *handler_for(kclient_t *c, const char *topic)
     return NULL;
 }
 
+static void lane_entry_refresh(kpart_t *p)
+{
+    khandler_t *h = handler_for(p->client, p->topic);
+    osara_lane_set_entry(&p->lane, h ? h->entry : NULL);
+}
+
+/* After a handler started, moved to a new VM or stopped: every live
+ * partition's lane calls the handler that now matches its topic. */
+static void refresh_entries(kclient_t *c)
+{
+    FOR_EACH_PART (c, p) {
+        lane_entry_refresh(p);
+    }
+}
+
+static const osara_transport_t kafka_transport;
+
+static kpart_t *get_part(kclient_t *c, rd_kafka_message_t *rkm)
+{
+    const char *topic = rd_kafka_topic_name(rkm->rkt);
+    kpart_t *p = find_part(c, topic, rkm->partition);
+    if (p) {
+        return p;
+    }
+    if (c->nparts >= c->nbuckets) {
+        grow_buckets(c);
+    }
+    p = osara_xcalloc(1, sizeof(*p));
+    p->client = c;
+    p->topic = osara_xstrdup(topic);
+    p->partition = rkm->partition;
+    p->track.committable = -1;
+    osara_lane_init(&p->lane, &kafka_transport, p, p->topic, 1, 1, c->max_per_partition);
+    char labels[512];
+    snprintf(labels, sizeof(labels), "topic=\"%s\",partition=\"%d\"", topic, (int)rkm->partition);
+    p->m_lag = osara_metrics_gauge("osara_kafka_consumer_lag", "high watermark minus the next offset to handle", labels);
+    *part_slot(c, topic, p->partition) = p;
+    c->nparts++;
+    lane_entry_refresh(p);
+    return p;
+}
+
 static void set_paused(kpart_t *p, int pause)
 {
     if (p->paused == pause || p->client->consumer == NULL) {
@@ -177,14 +247,32 @@ static void set_paused(kpart_t *p, int pause)
     }
     rd_kafka_topic_partition_list_t *l = rd_kafka_topic_partition_list_new(1);
     rd_kafka_topic_partition_list_add(l, p->topic, p->partition);
-    if (pause) {
-        rd_kafka_pause_partitions(p->client->consumer, l);
-    } else {
-        rd_kafka_resume_partitions(p->client->consumer, l);
+    rd_kafka_resp_err_t err = pause ? rd_kafka_pause_partitions(p->client->consumer, l)
+                                    : rd_kafka_resume_partitions(p->client->consumer, l);
+    if (err == RD_KAFKA_RESP_ERR_NO_ERROR) {
+        err = l->elems[0].err;
     }
     rd_kafka_topic_partition_list_destroy(l);
+    if (err) {
+        OSARA_WARN("kafka: cannot %s %s [%d]: %s", pause ? "pause" : "resume", p->topic,
+                   (int)p->partition, rd_kafka_err2str(err));
+        return;
+    }
     p->paused = pause;
     osara_metric_gauge_add(m_paused, pause ? 1 : -1);
+}
+
+/* The lane is over (or back under) max_per_partition: pause, or resume
+ * unless the client's overall bound still holds it. */
+static void kafka_lane_pause(osara_lane_t *lane, int pause)
+{
+    kpart_t *p = lane->owner;
+    kclient_t *c = p->client;
+    if (pause) {
+        set_paused(p, 1);
+    } else if (!p->revoking && c->inflight <= c->max_inflight / 2) {
+        set_paused(p, 0);
+    }
 }
 
 static void release_input(osara_input_t *in)
@@ -194,7 +282,7 @@ static void release_input(osara_input_t *in)
     if (kin->rkm) {
         rd_kafka_message_destroy(kin->rkm);
     }
-    kin->next_run = c->free_inputs;
+    kin->next_free = c->free_inputs;
     c->free_inputs = kin;
 }
 
@@ -208,65 +296,122 @@ static void store_offsets(kpart_t *p)
     }
     rd_kafka_topic_partition_list_t *l = rd_kafka_topic_partition_list_new(1);
     rd_kafka_topic_partition_list_add(l, p->topic, p->partition)->offset = p->track.committable;
-    rd_kafka_offsets_store(p->client->consumer, l);
+    rd_kafka_resp_err_t err = rd_kafka_offsets_store(p->client->consumer, l);
+    if (err && err != RD_KAFKA_RESP_ERR__STATE) { /* __STATE: no longer assigned */
+        OSARA_WARN("kafka: cannot store the offset of %s [%d]: %s", p->topic,
+                   (int)p->partition, rd_kafka_err2str(err));
+    }
     rd_kafka_topic_partition_list_destroy(l);
 }
 
-static void pump(kpart_t *p);
-static void finish_revoke(kclient_t *c);
+/* Crossing the overall low mark: resume every partition that waited only
+ * for it - one whose own inputs all finished above the mark would
+ * otherwise stay paused with nothing left to resume it. */
+static void overall_released(kclient_t *c)
+{
+    FOR_EACH_PART (c, q) {
+        if (q->paused && !q->revoking && !q->lane.paused) {
+            set_paused(q, 0);
+        }
+    }
+}
 
-static void input_finished(kinput_t *kin)
+static void stuck_count(kpart_t *p, int delta)
+{
+    int before = p->retrying;
+    p->retrying += delta;
+    if ((before == 0) != (p->retrying == 0)) {
+        osara_metric_gauge_add(m_stuck, p->retrying ? 1 : -1);
+    }
+}
+
+static void on_retry_timer(uv_timer_t *t)
+{
+    kpart_t *p = t->data;
+    p->lane.hold = 0;
+    osara_lane_pump(&p->lane);
+}
+
+/* A failed or cancelled input is handled again, before anything after it
+ * (the partition's order holds; its offset is not passed meanwhile). */
+static void retry_input(kinput_t *kin, osara_settle_t how)
 {
     kpart_t *p = kin->part;
     kclient_t *c = p->client;
-    p->held--;
-    c->inflight--;
-    if (kin->rkm) { /* payload no longer needed; the offset entry stays */
-        rd_kafka_message_destroy(kin->rkm);
-        kin->rkm = NULL;
+    int attempt = kin->d.attempt;
+    if (attempt == 1) {
+        stuck_count(p, 1);
     }
-    store_offsets(p);
-    if (c->inflight == c->max_inflight / 2) {
-        /* Crossing the overall low mark: resume every partition that waited
-         * only for it - one whose own inputs all finished above the mark
-         * would otherwise stay paused with nothing left to resume it. */
-        for (int i = 0; i < c->nparts; i++) {
-            kpart_t *q = c->parts[i];
-            if (q->paused && !q->revoking && q->held <= c->max_per_partition / 2) {
-                set_paused(q, 0);
-            }
-        }
-    } else if (p->paused && !p->revoking && p->held <= c->max_per_partition / 2 &&
-               c->inflight <= c->max_inflight / 2) {
-        set_paused(p, 0);
+    /* backoff: a failure that repeats must not spin the loop */
+    uint64_t delay = how == OSARA_SETTLE_CANCELLED ? 0 : 50u << (attempt < 7 ? attempt - 1 : 6);
+    OSARA_WARN("kafka: %s [%d] offset %lld %s (attempt %d); handling it again%s, "
+               "the partition waits for it", p->topic, (int)p->partition,
+               (long long)kin->d.in.offset,
+               how == OSARA_SETTLE_CANCELLED ? "was cancelled" : "failed", attempt,
+               delay ? " after a backoff" : "");
+    osara_lane_requeue(&p->lane, &kin->d);
+    c->inflight++;
+    if (delay == 0) {
+        return; /* the lane pumps after settling */
     }
+    if (p->retry_timer == NULL) {
+        p->retry_timer = osara_xmalloc(sizeof(*p->retry_timer));
+        uv_timer_init(&c->w->loop, p->retry_timer);
+        p->retry_timer->data = p;
+    }
+    p->lane.hold = 1;
+    uv_timer_start(p->retry_timer, on_retry_timer, delay, 0);
 }
 
-static void on_handler_done(osara_co_t *co, int ok, void *ud)
+static void kafka_settle(osara_delivery_t *d, osara_settle_t how)
 {
-    (void)co;
-    kinput_t *kin = ud;
+    kinput_t *kin = (kinput_t *)d;
     kpart_t *p = kin->part;
-    p->running = NULL;
-    if (ok) {
-        kin->in.handler_done = 1;
-        osara_metric_add(m_handled, 1);
+    kclient_t *c = p->client;
+    c->inflight--;
+    int letting_go = p->retired || p->revoking || c->closing || p->lane.stopped;
+    if (how != OSARA_SETTLE_ACK && !letting_go) {
+        retry_input(kin, how);
     } else {
-        /* Cancelled (shutdown past the grace period): not done, so its
-         * offset is never stored and it is consumed again after restart. */
-        osara_metric_add(m_failed, 1);
-        kin->in.blocked = 1;
+        if (d->attempt > 1) {
+            stuck_count(p, -1);
+        }
+        if (how != OSARA_SETTLE_ACK) {
+            d->in.blocked = 1; /* let go: the next owner consumes it again */
+        }
+        if (kin->rkm) { /* payload no longer needed; the offset entry stays */
+            rd_kafka_message_destroy(kin->rkm);
+            kin->rkm = NULL;
+        }
+        store_offsets(p);
     }
-    input_finished(kin);
-    if (!p->client->closing) {
-        pump(p);
+    if (c->inflight == c->max_inflight / 2) {
+        overall_released(c);
     }
 }
 
-/* Builds the message table for the Lua dispatcher on T. */
-static void push_message(lua_State *T, kinput_t *kin)
+static void kafka_finished(osara_delivery_t *d, int ok)
 {
+    (void)d;
+    osara_metric_add(ok ? m_handled : m_failed, 1);
+}
+
+static void update_lag(kpart_t *p, int64_t offset)
+{
+    int64_t lo, hi;
+    if (rd_kafka_get_watermark_offsets(p->client->consumer, p->topic, p->partition,
+                                       &lo, &hi) == RD_KAFKA_RESP_ERR_NO_ERROR && hi >= 0) {
+        osara_metric_set(p->m_lag, (double)(hi - offset - 1 > 0 ? hi - offset - 1 : 0));
+    }
+}
+
+/* Builds the message table for the Lua dispatcher on T (the lane starts
+ * the handler with it). */
+static void push_message(lua_State *T, osara_delivery_t *d)
+{
+    kinput_t *kin = (kinput_t *)d;
     rd_kafka_message_t *m = kin->rkm;
+    update_lag(kin->part, m->offset);
     lua_createtable(T, 0, 8);
     lua_pushlstring(T, m->payload ? (const char *)m->payload : "", m->len);
     lua_setfield(T, -2, "raw");
@@ -280,6 +425,10 @@ static void push_message(lua_State *T, kinput_t *kin)
     lua_setfield(T, -2, "partition");
     lua_pushnumber(T, (double)m->offset);
     lua_setfield(T, -2, "offset");
+    if (d->attempt > 1) {
+        lua_pushinteger(T, d->attempt);
+        lua_setfield(T, -2, "attempt");
+    }
     rd_kafka_timestamp_type_t tstype;
     int64_t ts = rd_kafka_message_timestamp(m, &tstype);
     if (ts >= 0) {
@@ -301,52 +450,65 @@ static void push_message(lua_State *T, kinput_t *kin)
     lua_setfield(T, -2, "headers"); /* [msg] */
 }
 
-static void update_lag(kpart_t *p, int64_t offset)
+static const osara_transport_t kafka_transport = {
+    .name = "kafka",
+    .push_message = push_message,
+    .finished = kafka_finished,
+    .settle = kafka_settle,
+    .pause = kafka_lane_pause,
+};
+
+static void handle_free(uv_handle_t *h)
 {
-    int64_t lo, hi;
-    if (rd_kafka_get_watermark_offsets(p->client->consumer, p->topic, p->partition,
-                                       &lo, &hi) == RD_KAFKA_RESP_ERR_NO_ERROR && hi >= 0) {
-        osara_metric_set(p->m_lag, (double)(hi - offset - 1 > 0 ? hi - offset - 1 : 0));
+    free(h);
+}
+
+static void free_part(kpart_t *p)
+{
+    if (p->retrying) {
+        osara_metric_gauge_add(m_stuck, -1);
+    }
+    if (p->paused) {
+        osara_metric_gauge_add(m_paused, -1);
+    }
+    osara_input_t *in = p->track.head;
+    while (in) {
+        osara_input_t *next = in->next;
+        release_input(in);
+        in = next;
+    }
+    if (p->retry_timer) {
+        uv_close((uv_handle_t *)p->retry_timer, handle_free);
+    }
+    free(p->topic);
+    free(p);
+}
+
+/* Frees the retired partitions nothing is held on any more (called from
+ * the loop, never from inside a lane callback). */
+static void sweep_retired(kclient_t *c)
+{
+    for (kpart_t **pp = &c->retired; *pp;) {
+        kpart_t *p = *pp;
+        if (p->lane.held == 0 && p->lane.running == 0) {
+            *pp = p->next;
+            free_part(p);
+        } else {
+            pp = &p->next;
+        }
     }
 }
 
-/* Starts the next waiting input of p if none is running (order per
- * partition: one handler at a time). */
-static void pump(kpart_t *p)
+/* Lets go of p: no longer found by topic and partition; freed by
+ * sweep_retired once its running handlers and outputs are over. */
+static void retire_part(kclient_t *c, kpart_t *p)
 {
-    while (p->running == NULL && p->run_head) {
-        kinput_t *kin = p->run_head;
-        khandler_t *h = handler_for(p->client, p->topic);
-        if (h == NULL || h->entry == NULL) {
-            return; /* no handler now (removed by a reload): keep it queued */
-        }
-        osara_co_t *co;
-        lua_State *T = osara_sched_acquire(h->entry->vm, 0, &co);
-        if (T == NULL) {
-            return; /* the VM is retiring or stopping; adopt() pumps again */
-        }
-        p->run_head = kin->next_run;
-        if (p->run_head == NULL) {
-            p->run_tail = NULL;
-        }
-        p->running = kin;
-        lua_rawgeti(T, LUA_REGISTRYINDEX, h->entry->fnref);
-        push_message(T, kin); /* T: [dispatch, msg] */
-        update_lag(p, kin->in.offset);
-        osara_co_set_user(co, kin);
-        if (h->label_entry != h->entry) { /* formatted once per handler, not per message */
-            snprintf(h->label, sizeof(h->label), "kafka handler %s (%s)", p->topic, h->entry->where);
-            h->label_entry = h->entry;
-        }
-        osara_sched_run(co, 1, on_handler_done, kin, h->label);
-    }
-}
-
-static void pump_all(kclient_t *c)
-{
-    for (int i = 0; i < c->nparts; i++) {
-        pump(c->parts[i]);
-    }
+    *part_slot(c, p->topic, p->partition) = p->next;
+    c->nparts--;
+    p->retired = 1;
+    osara_lane_stop(&p->lane);
+    p->next = c->retired;
+    c->retired = p;
 }
 
 static void log_consumer_error(kclient_t *c, rd_kafka_resp_err_t err, const char *what)
@@ -356,6 +518,17 @@ static void log_consumer_error(kclient_t *c, rd_kafka_resp_err_t err, const char
     }
     c->last_error = err;
     OSARA_WARN("kafka %s: %s", c->bootstrap, what);
+}
+
+static kinput_t *input_get(kclient_t *c)
+{
+    kinput_t *kin = c->free_inputs;
+    if (kin) {
+        c->free_inputs = kin->next_free;
+        memset(kin, 0, sizeof(*kin));
+        return kin;
+    }
+    return osara_xcalloc(1, sizeof(*kin));
 }
 
 static void accept_message(kclient_t *c, rd_kafka_message_t *rkm)
@@ -375,30 +548,18 @@ static void accept_message(kclient_t *c, rd_kafka_message_t *rkm)
         rd_kafka_message_destroy(rkm);
         return;
     }
-    kinput_t *kin = c->free_inputs;
-    if (kin) {
-        c->free_inputs = kin->next_run;
-        memset(kin, 0, sizeof(*kin));
-    } else {
-        kin = calloc(1, sizeof(*kin));
-    }
-    kin->in.offset = rkm->offset;
-    kin->in.owner = kin;
+    kinput_t *kin = input_get(c);
+    kin->d.in.offset = rkm->offset;
+    kin->d.in.owner = kin;
     kin->rkm = rkm;
     kin->part = p;
-    osara_offsets_push(&p->track, &kin->in);
-    if (p->run_tail) {
-        p->run_tail->next_run = kin;
-    } else {
-        p->run_head = kin;
-    }
-    p->run_tail = kin;
-    p->held++;
+    osara_offsets_push(&p->track, &kin->d.in);
     c->inflight++;
     osara_metric_add(m_consumed, 1);
-    if (p->held >= c->max_per_partition || c->inflight >= c->max_inflight) {
+    if (c->inflight >= c->max_inflight) {
         set_paused(p, 1);
     }
+    osara_lane_push(&p->lane, &kin->d); /* may run the handler now */
 }
 
 static void on_consumer_ready(uv_poll_t *h, int status, int events)
@@ -417,8 +578,8 @@ static void on_consumer_ready(uv_poll_t *h, int status, int events)
         for (ssize_t i = 0; i < n; i++) {
             accept_message(c, batch[i]);
         }
-        pump_all(c);
     }
+    sweep_retired(c);
 }
 
 /* ---- producing ---------------------------------------------------------- */
@@ -431,7 +592,7 @@ static kout_t *out_get(kclient_t *c)
         memset(o, 0, sizeof(*o));
         return o;
     }
-    return calloc(1, sizeof(*o));
+    return osara_xcalloc(1, sizeof(*o));
 }
 
 static void out_unref(kclient_t *c, kout_t *o)
@@ -457,13 +618,9 @@ static void on_delivery(rd_kafka_t *rk, const rd_kafka_message_t *rkm, void *opa
         OSARA_ERROR("kafka: delivery to %s [%d] failed: %s", rd_kafka_topic_name(rkm->rkt),
                     (int)rkm->partition, rd_kafka_err2str(rkm->err));
     }
-    if (o->kin) {
-        kinput_t *kin = o->kin;
-        kin->in.outputs_pending--;
-        if (rkm->err) {
-            kin->in.blocked = 1; /* never commit past an input whose output was lost */
-        }
-        store_offsets(kin->part);
+    if (o->d) { /* a lost output fails its input: handled again, never committed past */
+        osara_delivery_output_end(o->d, rkm->err == RD_KAFKA_RESP_ERR_NO_ERROR);
+        o->d = NULL;
     }
     if (o->waiter && osara_co_waiting(o->waiter) && osara_co_seq(o->waiter) == o->waiter_seq) {
         osara_co_t *co = o->waiter;
@@ -592,20 +749,25 @@ static rd_kafka_conf_t *build_conf(kclient_t *c, int consumer, char *errstr, siz
     return conf;
 }
 
-static void destroy_inputs(kclient_t *c)
+/* Frees every partition, live and retired, with the inputs they track
+ * (librdkafka waits for held messages at close otherwise). */
+static void free_parts(kclient_t *c)
 {
-    for (int i = 0; i < c->nparts; i++) {
-        kpart_t *p = c->parts[i];
-        osara_input_t *in = p->track.head;
-        while (in) {
-            osara_input_t *next = in->next;
-            release_input(in);
-            in = next;
-        }
-        p->track.head = p->track.tail = NULL;
-        p->run_head = p->run_tail = NULL;
+    FOR_EACH_PART (c, p) {
+        free_part(p);
+    }
+    if (c->buckets) {
+        memset(c->buckets, 0, sizeof(*c->buckets) * (size_t)c->nbuckets);
+    }
+    c->nparts = 0;
+    while (c->retired) {
+        kpart_t *p = c->retired;
+        c->retired = p->next;
+        free_part(p);
     }
 }
+
+static void finish_revoke(kclient_t *c);
 
 static void client_close(void *ptr)
 {
@@ -619,10 +781,10 @@ static void client_close(void *ptr)
         if (c->revoking) {
             finish_revoke(c);
         }
-        for (int i = 0; i < c->nparts; i++) {
-            store_offsets(c->parts[i]);
+        FOR_EACH_PART (c, p) {
+            store_offsets(p);
         }
-        destroy_inputs(c); /* librdkafka waits for held messages otherwise */
+        free_parts(c);
         rd_kafka_consumer_close(c->consumer); /* commits what was stored */
         rd_kafka_queue_destroy(c->cq);
         rd_kafka_destroy(c->consumer);
@@ -647,11 +809,8 @@ static void client_close(void *ptr)
     if (c->producer) {
         rd_kafka_destroy(c->producer); /* also destroys the mock cluster */
     }
-    for (int i = 0; i < c->nparts; i++) {
-        free(c->parts[i]->topic);
-        free(c->parts[i]);
-    }
-    free(c->parts);
+    free_parts(c); /* none without a consumer; retired ones otherwise freed above */
+    free(c->buckets);
     while (c->free_outs) {
         kout_t *o = c->free_outs;
         c->free_outs = o->next_free;
@@ -659,7 +818,7 @@ static void client_close(void *ptr)
     }
     while (c->free_inputs) {
         kinput_t *kin = c->free_inputs;
-        c->free_inputs = kin->next_run;
+        c->free_inputs = kin->next_free;
         free(kin);
     }
     for (int i = 0; i < 2 * c->nconf; i++) {
@@ -704,12 +863,7 @@ static int start_producer(kclient_t *c, char *errstr, size_t cap)
  * finished input waits for its delivery report. */
 static int part_busy(const kpart_t *p)
 {
-    for (const osara_input_t *in = p->track.head; in; in = in->next) {
-        if (!in->blocked && !osara_input_done(in)) {
-            return 1;
-        }
-    }
-    return 0;
+    return p->lane.held > 0;
 }
 
 /* Lets go of the revoked partitions: stores what finished, commits and
@@ -732,8 +886,9 @@ static void finish_revoke(kclient_t *c)
         busy += part_busy(p);
         set_paused(p, 0);
         p->revoking = 0;
-        p->retired = 1;
+        retire_part(c, p);
     }
+    sweep_retired(c);
     if (busy) {
         OSARA_WARN("kafka: revoked %d partition(s) after %.0f ms with %d still busy "
                    "(over osara.revoke_timeout_ms): the new owner handles their inputs again",
@@ -795,13 +950,7 @@ static void on_rebalance(rd_kafka_t *rk, rd_kafka_resp_err_t err,
             continue;
         }
         p->revoking = 1;
-        while (p->run_head) {
-            kinput_t *kin = p->run_head;
-            p->run_head = kin->next_run;
-            kin->in.blocked = 1;
-            input_finished(kin);
-        }
-        p->run_tail = NULL;
+        osara_lane_stop(&p->lane); /* queued inputs settle CANCELLED: let go */
         set_paused(p, 1);
     }
     c->revoking = rd_kafka_topic_partition_list_copy(parts);
@@ -972,6 +1121,7 @@ static int kind_start(osara_reg_entry_t *e)
     h->next = c->handlers;
     c->handlers = h;
     e->impl = h;
+    refresh_entries(c);
     mark_subscription_dirty(c);
     return 0;
 }
@@ -982,7 +1132,7 @@ static void kind_adopt(osara_reg_entry_t *e, osara_reg_entry_t *old)
     old->impl = NULL;
     h->entry = e;
     e->impl = h;
-    pump_all(h->client); /* inputs that waited for the new VM */
+    refresh_entries(h->client); /* inputs that waited for the new VM start */
 }
 
 static void kind_stop(osara_reg_entry_t *e)
@@ -1004,6 +1154,7 @@ static void kind_stop(osara_reg_entry_t *e)
     free(h->topic);
     free(h);
     e->impl = NULL;
+    refresh_entries(c); /* no lane keeps the stopped entry */
     if (!c->closing && !c->w->stopping) {
         mark_subscription_dirty(c);
     }
@@ -1210,11 +1361,7 @@ static int l_client_produce(lua_State *L)
     kout_t *o = out_get(c);
     o->refs = 1 + (want ? 1 : 0);
     osara_co_t *co = osara_sched_current(L);
-    kinput_t *kin = co ? osara_co_user(co) : NULL;
-    if (kin) {
-        o->kin = kin;
-        kin->in.outputs_pending++;
-    }
+    osara_delivery_t *d = osara_delivery_of(co);
     rd_kafka_vu_t vu[8];
     size_t nvu = 0;
     vu[nvu].vtype = RD_KAFKA_VTYPE_TOPIC;
@@ -1247,9 +1394,6 @@ static int l_client_produce(lua_State *L)
         if (hdrs) {
             rd_kafka_headers_destroy(hdrs);
         }
-        if (kin) {
-            kin->in.outputs_pending--;
-        }
         o->refs = 1;
         out_unref(c, o);
         osara_metric_add(m_delivery_errors, 1);
@@ -1258,6 +1402,10 @@ static int l_client_produce(lua_State *L)
         return 2;
     }
     osara_metric_add(m_produced, 1);
+    if (d) { /* the input is not done before this output is delivered */
+        o->d = d;
+        osara_delivery_output_begin(d);
+    }
     if (!want) {
         lua_pushboolean(L, 1);
         return 1;
@@ -1309,15 +1457,13 @@ static int l_client_stats(lua_State *L)
 {
     kclient_t *c = live_client(L, 1);
     int paused = 0;
-    int live = 0;
-    for (int i = 0; i < c->nparts; i++) {
-        paused += c->parts[i]->paused;
-        live += !c->parts[i]->retired;
+    FOR_EACH_PART (c, p) {
+        paused += p->paused;
     }
     lua_createtable(L, 0, 3);
     lua_pushinteger(L, c->inflight);
     lua_setfield(L, -2, "inflight");
-    lua_pushinteger(L, live);
+    lua_pushinteger(L, c->nparts);
     lua_setfield(L, -2, "partitions");
     lua_pushinteger(L, paused);
     lua_setfield(L, -2, "paused");

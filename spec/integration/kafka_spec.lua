@@ -360,6 +360,110 @@ osara.every(0.1, function() osara.log.info("still alive") end)
   end)
 end)
 
+describe("kafka failed and cancelled inputs", function()
+  after_each(H.cleanup)
+
+  -- gh_12 item 4: a failed input used to freeze its partition's offset
+  -- for good (every later input stayed tracked, a restart replayed them)
+  it("gh_12_stuck handles a failing input again and commits past it", function()
+    local dir = H.tmpdir()
+    H.write(dir .. "/app.lua", [[
+local osara = require "osara"
+local kafka = osara.kafka { ["osara.partitions"] = 1 }
+local out = kafka:topic("st.out")
+local t = kafka:topic("st.in")
+local tries, handled, max_stuck = {}, 0, 0
+osara.after(0, function() for i = 1, 300 do t:send({ id = i }) end end)
+kafka:handle("st.in", { sink = out }, function(msg)
+  local id = msg.value.id
+  tries[id] = (tries[id] or 0) + 1
+  max_stuck = math.max(max_stuck, osara.metrics.value("osara_kafka_stuck_partitions"))
+  if id == 5 and tries[id] == 1 then
+    return { bad = function() end }   -- cannot be encoded: the call fails
+  end
+  handled = handled + 1
+  if handled == 300 then
+    osara.spawn(function()
+      while kafka:position("st.in", 0) < 300 do osara.sleep(0.01) end
+      local pos, tracked = kafka:position("st.in", 0)
+      osara.log.info("done tries5=%d tries6=%d attempt=%s position=%d tracked=%d stuck_seen=%d stuck_now=%d",
+        tries[5], tries[6], tostring(msg.attempt), pos, tracked, max_stuck,
+        osara.metrics.value("osara_kafka_stuck_partitions"))
+    end)
+  end
+  return { id = id }
+end)
+]])
+    local p = H.osara { "run", dir .. "/app.lua" }
+    local line = H.expect(p, "done tries5=", 30)
+    -- handled again before the next one (the partition's order holds)
+    assert.matches("tries5=2 tries6=1", line)
+    assert.matches("position=300 tracked=0", line)
+    assert.matches("stuck_seen=1 stuck_now=0", line)
+    assert.matches("st.in %[0%] offset 4 failed %(attempt 1%); handling it again", p:output())
+    p:kill("TERM")
+    assert.are.equal(0, H.exit_status(p))
+  end)
+
+  it("handles an input again when its output was not delivered", function()
+    local dir = H.tmpdir()
+    H.write(dir .. "/app.lua", [[
+local osara = require "osara"
+local kafka = osara.kafka { ["osara.partitions"] = 1 }
+local out = kafka:topic("lost.out")
+local tries = 0
+kafka:handle("lost.in", { sink = out }, function(msg)
+  tries = tries + 1
+  -- the first Produce request fails for good (not retriable)
+  if tries == 1 then kafka:mock_push_errors(0, 1, 10) end
+  return { id = msg.value.id }
+end)
+osara.after(0, function()
+  kafka:topic("lost.in"):send({ id = 1 })
+  while kafka:position("lost.in", 0) < 1 do osara.sleep(0.01) end
+  osara.log.info("committed after %d tries", tries)
+end)
+]])
+    local p = H.osara { "run", dir .. "/app.lua" }
+    H.expect(p, "committed after 2 tries", 30)
+    assert.matches("delivery to lost.out %[0%] failed", p:output())
+    p:kill("TERM")
+    assert.are.equal(0, H.exit_status(p))
+  end)
+
+  it("handles an input cancelled by the reload grace period again in the new version", function()
+    local dir = H.tmpdir()
+    local function app(v)
+      return ([[
+local osara = require "osara"
+local kafka = osara.kafka { ["osara.partitions"] = 1 }
+kafka:handle("gr", function(msg)
+  osara.log.info("v%d got %%d", msg.value.id)
+  if %d == 1 and msg.value.id == 2 then osara.sleep(3600) end
+end)
+if %d == 1 then
+  osara.after(0, function() for i = 1, 3 do kafka:topic("gr"):send({ id = i }) end end)
+else
+  osara.spawn(function()
+    while kafka:position("gr", 0) < 3 do osara.sleep(0.01) end
+    osara.log.info("committed past the cancelled input")
+  end)
+end
+]]):format(v, v, v)
+    end
+    H.write(dir .. "/app.lua", app(1))
+    local p = H.osara { "run", "--watch", "--grace", "0.3", dir .. "/app.lua" }
+    H.expect(p, "v1 got 2", 20)
+    H.write(dir .. "/app.lua", app(2))
+    H.expect(p, "v2 got 2", 20)
+    H.expect(p, "v2 got 3", 5)
+    H.expect(p, "committed past the cancelled input", 10)
+    assert.matches("gr %[0%] offset 1 was cancelled", p:output())
+    p:kill("TERM")
+    assert.are.equal(0, H.exit_status(p))
+  end)
+end)
+
 describe("kafka with a store", function()
   after_each(H.cleanup)
 
