@@ -1,5 +1,5 @@
 -- osara.kafka: Kafka clients, handlers, topics, request/reply and streams.
--- C (host/kafka/kafka.c) owns the librdkafka handles, ordering, backpressure and
+-- C (host/kafka/) owns the librdkafka handles, ordering, backpressure and
 -- offsets; this module gives the API. See docs/kafka.md.
 local util = require "osara.util"
 local where, signature = util.where, util.signature

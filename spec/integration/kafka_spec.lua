@@ -333,6 +333,14 @@ end)
     assert.matches("app.lua:2: osara.kafka: No such configuration property: \"bootstrap.server\"", out)
   end)
 
+  it("reports a handler that cannot start with the reason and file:line", function()
+    local dir = H.tmpdir()
+    H.write(dir .. "/app.lua", "local osara = require 'osara'\nlocal k = osara.kafka {}\nk:handle('^(open', function() end)\n")
+    local status, out = H.run { "run", dir .. "/app.lua" }
+    assert.are.equal(1, status)
+    assert.matches("cannot start kafka '%^%(open %(group [^)]+%)' %([^)]*app.lua:3%): invalid topic regex %^%(open: Unmatched", out)
+  end)
+
   it("takes any property from OSARA_KAFKA_<NAME> in the environment", function()
     local dir = H.tmpdir()
     H.write(dir .. "/app.lua", "local osara = require 'osara'\nlocal k = osara.kafka {}\n")

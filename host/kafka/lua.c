@@ -1,0 +1,428 @@
+/* lua.c - the Lua binding `osara.kafka_c` and the "kafka" registry kind. */
+
+#include <lauxlib.h>
+
+#include "core/err.h"
+#include "core/log.h"
+#include "core/lvm.h"
+#include "kafka/kafka.h"
+#include "kafka/kafka_int.h"
+
+#define CLIENT_MT "osara.kafka.client"
+#define RECEIPT_MT "osara.kafka.receipt"
+
+/* A client userdata: NULL in check mode (nothing connected). */
+typedef struct {
+    kclient_t *c;
+} client_ud_t;
+
+/* ---- registry kind "kafka" ---------------------------------------------- */
+
+/* Runs outside any protected call (the registry starts entries from C):
+ * reads its options without raising; errors go to osara_err_set. */
+static int kind_start(osara_reg_entry_t *e)
+{
+    lua_State *L = e->vm->L;
+    lua_rawgeti(L, LUA_REGISTRYINDEX, e->optsref); /* [opts] */
+    if (!lua_istable(L, -1)) {
+        lua_pop(L, 1);
+        return osara_err_set(OSARA_EINVAL, "kafka handler: no options");
+    }
+    lua_getfield(L, -1, "client");
+    lua_getfield(L, -2, "topic"); /* [opts, client, topic] */
+    client_ud_t *ud = luaL_testudata(L, -2, CLIENT_MT);
+    const char *topic = lua_tostring(L, -1);
+    int rc;
+    if (ud == NULL || ud->c == NULL) {
+        rc = osara_err_set(OSARA_EINVAL, "kafka handler: no connected client");
+    } else if (topic == NULL) {
+        rc = osara_err_set(OSARA_EINVAL, "kafka handler: no topic");
+    } else {
+        rc = osara__kafka_handler_add(ud->c, e, topic);
+    }
+    lua_pop(L, 3);
+    return rc;
+}
+
+static void kind_adopt(osara_reg_entry_t *e, osara_reg_entry_t *old)
+{
+    khandler_t *h = old->impl;
+    old->impl = NULL;
+    h->entry = e;
+    e->impl = h;
+    osara__kafka_refresh_entries(h->client); /* inputs that waited for the new VM start */
+}
+
+static void kind_stop(osara_reg_entry_t *e)
+{
+    if (e->impl) {
+        osara__kafka_handler_remove(e->impl);
+        e->impl = NULL;
+    }
+}
+
+static const osara_reg_kind_t kafka_kind = {
+    .name = "kafka", .start = kind_start, .adopt = kind_adopt, .stop = kind_stop,
+};
+
+/* ---- Lua binding -------------------------------------------------------- */
+
+
+typedef struct {
+    kout_t *o;
+    kclient_t *c;
+} receipt_ud_t;
+
+static kclient_t *check_client_at(lua_State *L, int idx)
+{
+    client_ud_t *ud = luaL_checkudata(L, idx, CLIENT_MT);
+    return ud->c;
+}
+
+/* Reads the conf table at idx into name/value pairs; validates each with
+ * librdkafka so an unknown or invalid property fails at load. */
+static int read_conf(lua_State *L, int idx, kclient_t *c, char *errstr, size_t cap)
+{
+    rd_kafka_conf_t *probe = rd_kafka_conf_new();
+    lua_pushnil(L);
+    while (lua_next(L, idx) != 0) {
+        const char *k = lua_tostring(L, -2);
+        const char *v = lua_tostring(L, -1);
+        if (lua_type(L, -1) == LUA_TBOOLEAN) {
+            v = lua_toboolean(L, -1) ? "true" : "false";
+        }
+        if (k == NULL || v == NULL) {
+            lua_pop(L, 2);
+            rd_kafka_conf_destroy(probe);
+            snprintf(errstr, cap, "configuration names and values must be strings or numbers");
+            return -1;
+        }
+        if (strcmp(k, "bootstrap.servers") == 0) {
+            free(c->bootstrap);
+            c->bootstrap = strdup(v);
+        } else if (strncmp(k, "osara.", 6) == 0) {
+            /* osara's own settings; not librdkafka's */
+        } else if (rd_kafka_conf_set(probe, k, v, errstr, cap) != RD_KAFKA_CONF_OK) {
+            lua_pop(L, 2);
+            rd_kafka_conf_destroy(probe);
+            return -1;
+        } else {
+            c->conf = realloc(c->conf, sizeof(char *) * (size_t)(2 * c->nconf + 2));
+            c->conf[2 * c->nconf] = strdup(k);
+            c->conf[2 * c->nconf + 1] = strdup(v);
+            c->nconf++;
+            if (strcmp(k, "group.id") == 0) {
+                free(c->group);
+                c->group = strdup(v);
+            }
+        }
+        lua_pop(L, 1);
+    }
+    rd_kafka_conf_destroy(probe);
+    return 0;
+}
+
+/* client(conf, key, settings) -> client | raises with librdkafka's message.
+ * key identifies the configuration (shared across reloads). settings:
+ * {brokers=, partitions=, max_per_partition=, max_inflight=}. */
+static int l_kafka_client(lua_State *L)
+{
+    luaL_checktype(L, 1, LUA_TTABLE);
+    const char *key = luaL_checkstring(L, 2);
+    luaL_checktype(L, 3, LUA_TTABLE);
+    osara_vm_t *vm = osara_vm_from_L(L);
+    osara_worker_t *w = vm->w;
+    osara__kafka_metrics_init();
+    lua_getfield(L, 3, "check");
+    int checking = w->opts.mode == OSARA_MODE_CHECK || lua_toboolean(L, -1);
+    lua_pop(L, 1);
+    char skey[1024];
+    snprintf(skey, sizeof(skey), "kafka:%s", key);
+    kclient_t *c = checking ? NULL : osara_worker_shared_get(w, skey);
+    if (c == NULL) {
+        c = calloc(1, sizeof(*c));
+        c->w = w;
+        c->key = strdup(skey);
+        c->bootstrap = strdup("embedded");
+        char errstr[512];
+        if (read_conf(L, 1, c, errstr, sizeof(errstr)) != 0) {
+            osara__kafka_client_close(c);
+            return luaL_error(L, "kafka: %s", errstr);
+        }
+        lua_getfield(L, 3, "brokers");
+        lua_getfield(L, 3, "partitions");
+        lua_getfield(L, 3, "max_per_partition");
+        lua_getfield(L, 3, "max_inflight");
+        lua_getfield(L, 3, "revoke_timeout_ms");
+        c->revoke_timeout_ms = (int)luaL_optinteger(L, -1, 10000);
+        lua_pop(L, 1);
+        int brokers = (int)luaL_optinteger(L, -4, 1);
+        c->partitions = (int)luaL_optinteger(L, -3, 4);
+        c->max_per_partition = (int)luaL_optinteger(L, -2, 1000);
+        c->max_inflight = (int)luaL_optinteger(L, -1, 10000);
+        lua_pop(L, 4);
+        c->embedded = strcmp(c->bootstrap, "embedded") == 0 || c->bootstrap[0] == '\0' ? brokers : 0;
+        if (checking) {
+            osara__kafka_client_close(c); /* validated; connect nothing */
+            c = NULL;
+        } else {
+            if (osara__kafka_start_producer(c, errstr, sizeof(errstr)) != 0) {
+                char msg[600];
+                snprintf(msg, sizeof(msg), "%s", errstr[0] ? errstr : osara_err_msg());
+                osara__kafka_client_close(c);
+                return luaL_error(L, "kafka: %s", msg);
+            }
+            if (c->embedded) {
+                OSARA_INFO("kafka: embedded broker (in memory, for development and tests) "
+                           "at %s", c->bootstrap);
+            }
+            osara_worker_shared_put(w, skey, c, osara__kafka_client_close);
+        }
+    }
+    client_ud_t *ud = lua_newuserdata(L, sizeof(*ud));
+    ud->c = c;
+    luaL_getmetatable(L, CLIENT_MT);
+    lua_setmetatable(L, -2);
+    return 1;
+}
+
+static kclient_t *live_client(lua_State *L, int idx)
+{
+    kclient_t *c = check_client_at(L, idx);
+    if (c == NULL) {
+        luaL_error(L, "kafka: not connected (osara check mode)");
+    }
+    return c;
+}
+
+/* client:bootstrap() -> "host:port,..." (the mock cluster's when embedded) */
+static int l_client_bootstrap(lua_State *L)
+{
+    kclient_t *c = check_client_at(L, 1);
+    lua_pushstring(L, c ? c->bootstrap : "embedded");
+    return 1;
+}
+
+/* client:osara__kafka_ensure_topic(name): creates it in the embedded cluster and
+ * fetches its metadata now, so the first send does not wait for the
+ * producer's once-a-second scan of unknown topics. */
+static int l_client_ensure_topic(lua_State *L)
+{
+    kclient_t *c = check_client_at(L, 1);
+    const char *name = luaL_checkstring(L, 2);
+    if (c == NULL || name[0] == '^') {
+        return 0;
+    }
+    osara__kafka_ensure_topic(c, name);
+    rd_kafka_topic_t *rkt = rd_kafka_topic_new(c->producer, name, NULL);
+    const struct rd_kafka_metadata *md = NULL;
+    if (rkt && rd_kafka_metadata(c->producer, 0, rkt, &md, 2000) == RD_KAFKA_RESP_ERR_NO_ERROR) {
+        rd_kafka_metadata_destroy(md);
+    }
+    if (rkt) {
+        rd_kafka_topic_destroy(rkt);
+    }
+    return 0;
+}
+
+static void receipt_wait_cleanup(void *data)
+{
+    kout_t *o = data;
+    o->waiter = NULL;
+}
+
+/* client:produce(topic, payload, key|nil, headers|nil, partition|nil, want)
+ * -> receipt | true. Enqueues without waiting; the output counts against
+ * the input being handled by the calling coroutine, if any. */
+static int l_client_produce(lua_State *L)
+{
+    kclient_t *c = live_client(L, 1);
+    const char *topic = luaL_checkstring(L, 2);
+    size_t len, klen = 0;
+    const char *payload = luaL_checklstring(L, 3, &len);
+    const char *key = lua_isnoneornil(L, 4) ? NULL : luaL_checklstring(L, 4, &klen);
+    int32_t partition = lua_isnoneornil(L, 6) ? RD_KAFKA_PARTITION_UA : (int32_t)luaL_checkinteger(L, 6);
+    int want = lua_toboolean(L, 7);
+    rd_kafka_headers_t *hdrs = NULL;
+    if (lua_istable(L, 5)) {
+        hdrs = rd_kafka_headers_new(4);
+        lua_pushnil(L);
+        while (lua_next(L, 5) != 0) {
+            size_t vlen;
+            const char *v = lua_tolstring(L, -1, &vlen);
+            if (lua_type(L, -2) == LUA_TSTRING && v) {
+                rd_kafka_header_add(hdrs, lua_tostring(L, -2), -1, v, (ssize_t)vlen);
+            }
+            lua_pop(L, 1);
+        }
+    }
+    kout_t *o = osara__kafka_out_get(c);
+    o->refs = 1 + (want ? 1 : 0);
+    osara_co_t *co = osara_sched_current(L);
+    osara_delivery_t *d = osara_delivery_of(co);
+    rd_kafka_vu_t vu[8];
+    size_t nvu = 0;
+    vu[nvu].vtype = RD_KAFKA_VTYPE_TOPIC;
+    vu[nvu++].u.cstr = topic;
+    vu[nvu].vtype = RD_KAFKA_VTYPE_MSGFLAGS;
+    vu[nvu++].u.i = RD_KAFKA_MSG_F_COPY;
+    vu[nvu].vtype = RD_KAFKA_VTYPE_VALUE;
+    vu[nvu].u.mem.ptr = (void *)payload;
+    vu[nvu++].u.mem.size = len;
+    if (key) {
+        vu[nvu].vtype = RD_KAFKA_VTYPE_KEY;
+        vu[nvu].u.mem.ptr = (void *)key;
+        vu[nvu++].u.mem.size = klen;
+    }
+    vu[nvu].vtype = RD_KAFKA_VTYPE_PARTITION;
+    vu[nvu++].u.i32 = partition;
+    vu[nvu].vtype = RD_KAFKA_VTYPE_OPAQUE;
+    vu[nvu++].u.ptr = o;
+    if (hdrs) {
+        vu[nvu].vtype = RD_KAFKA_VTYPE_HEADERS;
+        vu[nvu++].u.headers = hdrs;
+    }
+    rd_kafka_error_t *error = rd_kafka_produceva(c->producer, vu, nvu);
+    rd_kafka_resp_err_t err = RD_KAFKA_RESP_ERR_NO_ERROR;
+    if (error) {
+        err = rd_kafka_error_code(error);
+        rd_kafka_error_destroy(error);
+    }
+    if (err) {
+        if (hdrs) {
+            rd_kafka_headers_destroy(hdrs);
+        }
+        o->refs = 1;
+        osara__kafka_out_unref(c, o);
+        osara_metric_add(osara__kafka_metrics.delivery_errors, 1);
+        lua_pushnil(L);
+        lua_pushfstring(L, "kafka: cannot produce to %s: %s", topic, rd_kafka_err2str(err));
+        return 2;
+    }
+    osara_metric_add(osara__kafka_metrics.produced, 1);
+    if (d) { /* the input is not done before this output is delivered */
+        o->d = d;
+        osara_delivery_output_begin(d);
+    }
+    if (!want) {
+        lua_pushboolean(L, 1);
+        return 1;
+    }
+    receipt_ud_t *ud = lua_newuserdata(L, sizeof(*ud));
+    ud->o = o;
+    ud->c = c;
+    luaL_getmetatable(L, RECEIPT_MT);
+    lua_setmetatable(L, -2);
+    return 1;
+}
+
+/* receipt:wait() -> true | nil, err: yields until the delivery report */
+static int l_receipt_wait(lua_State *L)
+{
+    receipt_ud_t *ud = luaL_checkudata(L, 1, RECEIPT_MT);
+    kout_t *o = ud->o;
+    if (o->done) {
+        if (o->err) {
+            lua_pushnil(L);
+            lua_pushstring(L, rd_kafka_err2str(o->err));
+            return 2;
+        }
+        lua_pushboolean(L, 1);
+        return 1;
+    }
+    osara_co_t *co = osara_sched_current(L);
+    if (co == NULL) {
+        return luaL_error(L, "kafka: wait() only inside a handler, timer or task");
+    }
+    o->waiter = co;
+    o->waiter_seq = osara_co_seq(co) + 1;
+    return osara_sched_wait(L, 1, receipt_wait_cleanup, o);
+}
+
+static int l_receipt_gc(lua_State *L)
+{
+    receipt_ud_t *ud = luaL_checkudata(L, 1, RECEIPT_MT);
+    if (ud->o) {
+        ud->o->waiter = NULL;
+        osara__kafka_out_unref(ud->c, ud->o);
+        ud->o = NULL;
+    }
+    return 0;
+}
+
+/* client:stats() -> {inflight=, partitions=, paused=} */
+static int l_client_stats(lua_State *L)
+{
+    kclient_t *c = live_client(L, 1);
+    int paused = 0;
+    OSARA_KAFKA_FOR_EACH_PART (c, p) {
+        paused += p->paused;
+    }
+    lua_createtable(L, 0, 3);
+    lua_pushinteger(L, c->inflight);
+    lua_setfield(L, -2, "inflight");
+    lua_pushinteger(L, c->nparts);
+    lua_setfield(L, -2, "partitions");
+    lua_pushinteger(L, paused);
+    lua_setfield(L, -2, "paused");
+    return 1;
+}
+
+/* client:position(topic, partition) -> next offset to commit (-1: none yet)
+ * and the number of inputs held for that partition. */
+static int l_client_position(lua_State *L)
+{
+    kclient_t *c = live_client(L, 1);
+    kpart_t *p = osara__kafka_find_part(c, luaL_checkstring(L, 2), (int32_t)luaL_checkinteger(L, 3));
+    lua_pushnumber(L, p ? (double)p->track.committable : -1);
+    lua_pushinteger(L, p ? p->track.count : 0);
+    return 2;
+}
+
+/* client:mock_push_errors(api_key, count, err): makes the embedded cluster
+ * fail the next `count` requests of that API (tests of retries). */
+static int l_client_mock_push_errors(lua_State *L)
+{
+    kclient_t *c = live_client(L, 1);
+    if (c->mock == NULL) {
+        return luaL_error(L, "kafka: mock_push_errors needs the embedded cluster");
+    }
+    int16_t api = (int16_t)luaL_checkinteger(L, 2);
+    int n = (int)luaL_checkinteger(L, 3);
+    rd_kafka_resp_err_t err = (rd_kafka_resp_err_t)luaL_optinteger(
+        L, 4, RD_KAFKA_RESP_ERR_NOT_ENOUGH_REPLICAS);
+    rd_kafka_resp_err_t errs[64];
+    for (int i = 0; i < n && i < 64; i++) {
+        errs[i] = err;
+    }
+    rd_kafka_mock_push_request_errors_array(c->mock, api, (size_t)(n < 64 ? n : 64), errs);
+    return 0;
+}
+
+int osara_kafka_open(lua_State *L)
+{
+    static const luaL_Reg client_methods[] = {
+        {"bootstrap", l_client_bootstrap}, {"ensure_topic", l_client_ensure_topic},
+        {"produce", l_client_produce},     {"stats", l_client_stats},
+        {"position", l_client_position},   {"mock_push_errors", l_client_mock_push_errors},
+        {NULL, NULL},
+    };
+    static const luaL_Reg fns[] = {{"client", l_kafka_client}, {NULL, NULL}};
+    osara_registry_kind(&kafka_kind);
+    luaL_newmetatable(L, CLIENT_MT);
+    lua_newtable(L);
+    luaL_register(L, NULL, client_methods);
+    lua_setfield(L, -2, "__index");
+    lua_pop(L, 1);
+    luaL_newmetatable(L, RECEIPT_MT);
+    lua_pushcfunction(L, l_receipt_gc);
+    lua_setfield(L, -2, "__gc");
+    lua_newtable(L);
+    lua_pushcfunction(L, l_receipt_wait);
+    lua_setfield(L, -2, "wait");
+    lua_setfield(L, -2, "__index");
+    lua_pop(L, 1);
+    lua_newtable(L);
+    luaL_register(L, NULL, fns);
+    return 1;
+}
