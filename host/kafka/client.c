@@ -57,7 +57,7 @@ static int watch_queue(kclient_t *c, rd_kafka_queue_t *q, int *fd, uv_poll_t **p
     }
     static const uint64_t one = 1;
     rd_kafka_queue_io_event_enable(q, *fd, &one, sizeof(one));
-    *poll = malloc(sizeof(**poll));
+    *poll = osara_xmalloc(sizeof(**poll));
     uv_poll_init(&c->w->loop, *poll, *fd);
     (*poll)->data = c;
     uv_poll_start(*poll, UV_READABLE, cb);
@@ -206,7 +206,7 @@ int osara__kafka_start_producer(kclient_t *c, char *errstr, size_t cap)
     if (c->embedded) {
         c->mock = rd_kafka_handle_mock_cluster(c->producer);
         free(c->bootstrap);
-        c->bootstrap = strdup(rd_kafka_mock_cluster_bootstraps(c->mock));
+        c->bootstrap = osara_xstrdup(rd_kafka_mock_cluster_bootstraps(c->mock));
     }
     c->pq = rd_kafka_queue_get_main(c->producer);
     return watch_queue(c, c->pq, &c->pfd, &c->ppoll, osara__kafka_on_producer_ready);

@@ -22,25 +22,13 @@
 #include <string.h>
 #include <uv.h>
 
+#include "core/mem.h"
 #include "core/metrics.h"
 #include "core/registry.h"
 #include "core/sched.h"
 #include "core/worker.h"
 #include "transport/transport.h"
 
-/* The core's OOM policy (core/mem.h) replaces these once it is on main. */
-static inline void *osara__kafka_oom(void *p)
-{
-    if (p == NULL) {
-        fprintf(stderr, "osara: out of memory\n");
-        abort();
-    }
-    return p;
-}
-#define osara_xmalloc(n) osara__kafka_oom(malloc(n))
-#define osara_xcalloc(n, s) osara__kafka_oom(calloc((n), (s)))
-#define osara_xrealloc(p, n) osara__kafka_oom(realloc((p), (n)))
-#define osara_xstrdup(s) ((char *)osara__kafka_oom(strdup(s)))
 
 typedef struct kclient_s kclient_t;
 typedef struct khandler_s khandler_t;

@@ -99,7 +99,7 @@ static int read_conf(lua_State *L, int idx, kclient_t *c, char *errstr, size_t c
         }
         if (strcmp(k, "bootstrap.servers") == 0) {
             free(c->bootstrap);
-            c->bootstrap = strdup(v);
+            c->bootstrap = osara_xstrdup(v);
         } else if (strncmp(k, "osara.", 6) == 0) {
             /* osara's own settings; not librdkafka's */
         } else if (rd_kafka_conf_set(probe, k, v, errstr, cap) != RD_KAFKA_CONF_OK) {
@@ -107,13 +107,13 @@ static int read_conf(lua_State *L, int idx, kclient_t *c, char *errstr, size_t c
             rd_kafka_conf_destroy(probe);
             return -1;
         } else {
-            c->conf = realloc(c->conf, sizeof(char *) * (size_t)(2 * c->nconf + 2));
-            c->conf[2 * c->nconf] = strdup(k);
-            c->conf[2 * c->nconf + 1] = strdup(v);
+            c->conf = osara_xrealloc(c->conf, sizeof(char *) * (size_t)(2 * c->nconf + 2));
+            c->conf[2 * c->nconf] = osara_xstrdup(k);
+            c->conf[2 * c->nconf + 1] = osara_xstrdup(v);
             c->nconf++;
             if (strcmp(k, "group.id") == 0) {
                 free(c->group);
-                c->group = strdup(v);
+                c->group = osara_xstrdup(v);
             }
         }
         lua_pop(L, 1);
@@ -140,10 +140,10 @@ static int l_kafka_client(lua_State *L)
     snprintf(skey, sizeof(skey), "kafka:%s", key);
     kclient_t *c = checking ? NULL : osara_worker_shared_get(w, skey);
     if (c == NULL) {
-        c = calloc(1, sizeof(*c));
+        c = osara_xcalloc(1, sizeof(*c));
         c->w = w;
-        c->key = strdup(skey);
-        c->bootstrap = strdup("embedded");
+        c->key = osara_xstrdup(skey);
+        c->bootstrap = osara_xstrdup("embedded");
         char errstr[512];
         if (read_conf(L, 1, c, errstr, sizeof(errstr)) != 0) {
             osara__kafka_client_close(c);

@@ -107,7 +107,7 @@ void osara__kafka_on_rebalance(rd_kafka_t *rk, rd_kafka_resp_err_t err,
         return;
     }
     if (c->revoke_timer == NULL) {
-        c->revoke_timer = malloc(sizeof(*c->revoke_timer));
+        c->revoke_timer = osara_xmalloc(sizeof(*c->revoke_timer));
         uv_timer_init(&c->w->loop, c->revoke_timer);
         c->revoke_timer->data = c;
     }
@@ -207,7 +207,7 @@ void osara__kafka_subscription_dirty(kclient_t *c)
     }
     c->subscription_dirty = 1;
     if (c->resub_timer == NULL) {
-        c->resub_timer = malloc(sizeof(*c->resub_timer));
+        c->resub_timer = osara_xmalloc(sizeof(*c->resub_timer));
         uv_timer_init(&c->w->loop, c->resub_timer);
         c->resub_timer->data = c;
     }
