@@ -5,6 +5,8 @@ local H = require "spec.helpers.host"
 local K = require "spec.helpers.kafka"
 
 describe("examples/hello.lua", function()
+  after_each(H.cleanup)
+
   it("produces, enriches and logs orders on the embedded broker", function()
     local p = H.osara { "run", "examples/hello.lua" }
     local boot = H.expect(p, "kafka at"):match("kafka at ([%d.]+:%d+)")
@@ -12,8 +14,7 @@ describe("examples/hello.lua", function()
     H.expect(p, "order 2 from user2: 20", 5)
     local out = K.eventually(boot, "orders.enriched", function(m) return #m >= 2 end, 10, "enriched orders")
     assert.matches('"vip":false', out[1].value)
-    p:kill("TERM")
-    assert.are.equal(0, H.exit_status(p, 20))
+    H.stop(p)
   end)
 
   it("passes osara check", function()

@@ -1,6 +1,5 @@
 -- Kafka helpers for integration specs: a standalone `osara broker` and kcat
 -- as an independent client.
-local osara = require "osara"
 local H = require "spec.helpers.host"
 
 local K = {}
@@ -22,22 +21,19 @@ function K.produce(bootstrap, topic, lines, headers)
     argv[#argv + 1] = "-H"
     argv[#argv + 1] = k .. "=" .. v
   end
-  local p = assert(osara.process.spawn { argv = argv })
+  local p = H.child(argv)
   for _, l in ipairs(lines) do
     p:write(l .. "\n")
   end
   p:close_stdin()
-  local status = p:wait(30)
-  assert(status == 0, "kcat -P failed: " .. p:output())
+  H.finish(p, { timeout = 30 })
 end
 
 -- kcat -C -e: every message of the topic as {key=, value=, headers=}.
 function K.consume(bootstrap, topic, timeout)
-  local p = assert(osara.process.spawn { argv = { "kcat", "-b", bootstrap, "-t", topic, "-C",
-    "-o", "beginning", "-e", "-q", "-f", "%k\t%s\t%h\n" } })
-  local status = p:wait(timeout or 30)
-  if status == nil then p:kill("KILL") end
-  repeat local l, err = p:line(5) until l == nil and err ~= nil -- drain to eof
+  local p = H.child({ "kcat", "-b", bootstrap, "-t", topic, "-C",
+    "-o", "beginning", "-e", "-q", "-f", "%k\t%s\t%h\n" }, { status = false })
+  H.finish(p, { timeout = timeout or 30 })
   local out = {}
   for line in p:output():gmatch("[^\n]+") do
     local k, v, h = line:match("^(.-)\t(.-)\t(.*)$")

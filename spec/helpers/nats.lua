@@ -1,5 +1,6 @@
 -- NATS helpers for integration specs: a real nats-server on a free port.
 local osara = require "osara"
+local H = require "spec.helpers.host"
 
 local N = {}
 
@@ -12,7 +13,8 @@ function N.server(port, dir)
     argv[#argv + 1] = "-sd"
     argv[#argv + 1] = dir
   end
-  local p = assert(osara.process.spawn { argv = argv })
+  -- nats-server exits 1 on SIGTERM
+  local p = H.child(argv, { status = 1 })
   local line = assert(p:expect("Listening for client connections on", 10), "nats-server did not start")
   local url = "nats://" .. line:match("on ([%d.]+:%d+)")
   return p, url, tonumber(url:match(":(%d+)$"))
