@@ -275,6 +275,30 @@ char *osara_metrics_render(size_t *len)
 
 /* ---- Lua binding: osara.metrics_c ------------------------------------- */
 
+/* Appends s to out (length len, capacity cap, kept NUL-terminated) if it
+ * fits whole, so an escape is never cut in half; returns the new length. */
+static size_t append(char *out, size_t len, size_t cap, const char *s)
+{
+    size_t n = strlen(s);
+    if (len + n + 1 > cap) {
+        return len;
+    }
+    memcpy(out + len, s, n + 1);
+    return len + n;
+}
+
+/* Appends a label value escaped as the Prometheus text format requires:
+ * backslash, double quote and newline as \\, \" and \n. */
+static size_t append_label_value(char *out, size_t len, size_t cap, const char *v)
+{
+    for (; *v; v++) {
+        char one[2] = {*v, '\0'};
+        const char *esc = *v == '\\' ? "\\\\" : *v == '"' ? "\\\"" : *v == '\n' ? "\\n" : one;
+        len = append(out, len, cap, esc);
+    }
+    return len;
+}
+
 /* Builds `k="v",...` label text from the table at index idx (sorted keys so
  * the same labels always name the same series). */
 static void labels_from_table(lua_State *L, int idx, char *out, size_t cap)
@@ -291,8 +315,12 @@ static void labels_from_table(lua_State *L, int idx, char *out, size_t cap)
     const char *keys[32];
     int n = 0;
     lua_pushnil(L);
-    while (lua_next(L, idx) != 0 && n < 32) {
-        lua_pop(L, 1);
+    while (lua_next(L, idx) != 0) {
+        lua_pop(L, 1); /* [key] */
+        if (n == 32) {
+            lua_pop(L, 1);
+            break;
+        }
         if (lua_type(L, -1) == LUA_TSTRING) {
             keys[n++] = lua_tostring(L, -1);
         }
@@ -305,14 +333,24 @@ static void labels_from_table(lua_State *L, int idx, char *out, size_t cap)
         }
     }
     size_t len = 0;
-    for (int i = 0; i < n && len < cap; i++) {
+    for (int i = 0; i < n; i++) {
         lua_getfield(L, idx, keys[i]);
         const char *v = lua_isstring(L, -1) ? lua_tostring(L, -1)
                         : lua_isboolean(L, -1) ? (lua_toboolean(L, -1) ? "true" : "false")
                         : "?";
-        len += (size_t)snprintf(out + len, cap - len, "%s%s=\"%s\"",
-                                i ? "," : "", keys[i], v);
+        char pair[512]; /* one whole label or none: never half of one */
+        size_t k = append(pair, 0, sizeof(pair), i ? "," : "");
+        k = append(pair, k, sizeof(pair), keys[i]);
+        k = append(pair, k, sizeof(pair), "=\"");
+        k = append_label_value(pair, k, sizeof(pair) - 1, v); /* room for the quote */
+        k = append(pair, k, sizeof(pair), "\"");
         lua_pop(L, 1);
+        size_t before = len;
+        len = append(out, len, cap, pair);
+        if (len == before || pair[k - 1] != '"') {
+            out[before] = '\0';
+            break;
+        }
     }
 }
 

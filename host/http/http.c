@@ -20,10 +20,14 @@
 
 typedef struct hserver_s hserver_t;
 typedef struct hconn_s hconn_t;
+typedef struct req_ud_s req_ud_t;
+
+#define REQ_MT "osara.http_request"
 
 typedef struct {
     char *p;
     size_t len, cap;
+    int failed; /* an append failed (out of memory): the content is short */
 } buf_t;
 
 typedef struct hreq_s {
@@ -35,9 +39,18 @@ typedef struct hreq_s {
     int keepalive;
     int complete;
     int dispatched, finished, streaming;
+    int ended;                  /* a streamed response was finished */
     double t0;
+    req_ud_t *ud;               /* the Lua handle, while both live */
     struct hreq_s *next;
 } hreq_t;
+
+/* The request handle Lua holds (req._token): cleared when the request is
+ * freed, so a handle kept past its response raises instead of touching
+ * freed memory. */
+struct req_ud_s {
+    hreq_t *r;
+};
 
 struct hconn_s {
     uv_tcp_t tcp;
@@ -50,6 +63,7 @@ struct hconn_s {
     int closing;
     int handles;                /* tcp + timer open */
     int busy;                   /* requests held by Lua coroutines */
+    hconn_t *prev, *next;       /* the server's connections */
 };
 
 struct hserver_s {
@@ -60,7 +74,9 @@ struct hserver_s {
     size_t max_header, max_body;
     double request_timeout, idle_timeout;
     int max_conns, nconns;
-    int closed;
+    int closed;                 /* the listener is closed (shutdown, or a reload dropped it) */
+    int refs;                   /* the listener + every connection not yet freed */
+    hconn_t *conns;
     uint64_t next_id;
 };
 
@@ -72,6 +88,7 @@ static http_parser_settings parser_settings;
 static int buf_add(buf_t *b, const char *p, size_t n)
 {
     if (n > ((size_t)1 << 40)) {
+        b->failed = 1;
         return -1; /* a negative length cast to size_t */
     }
     if (b->len + n + 1 > b->cap) {
@@ -81,6 +98,7 @@ static int buf_add(buf_t *b, const char *p, size_t n)
         }
         char *np = realloc(b->p, cap);
         if (np == NULL) {
+            b->failed = 1;
             return -1;
         }
         b->p = np;
@@ -94,6 +112,9 @@ static int buf_add(buf_t *b, const char *p, size_t n)
 
 static void req_free(hreq_t *r)
 {
+    if (r->ud) {
+        r->ud->r = NULL;
+    }
     free(r->url.p);
     free(r->headers.p);
     free(r->body.p);
@@ -102,10 +123,29 @@ static void req_free(hreq_t *r)
 
 /* ---- connection lifetime ----------------------------------------------- */
 
+/* Drops one reference; the last one frees the server. Connections hold one
+ * each, so a listener closed by a reload (a changed port) or at shutdown
+ * stays readable until its last connection is gone. */
+static void server_unref(hserver_t *srv)
+{
+    if (--srv->refs == 0) {
+        free(srv);
+    }
+}
+
 static void conn_maybe_free(hconn_t *c)
 {
     if (c->handles > 0 || c->busy > 0) {
         return;
+    }
+    hserver_t *srv = c->srv;
+    if (c->prev) {
+        c->prev->next = c->next;
+    } else {
+        srv->conns = c->next;
+    }
+    if (c->next) {
+        c->next->prev = c->prev;
     }
     hreq_t *r = c->head;
     while (r) {
@@ -117,6 +157,7 @@ static void conn_maybe_free(hconn_t *c)
         req_free(c->cur);
     }
     free(c);
+    server_unref(srv);
 }
 
 static void on_handle_closed(uv_handle_t *h)
@@ -175,6 +216,10 @@ static int conn_write(hconn_t *c, const char *p, size_t n, int close_after)
         return -1;
     }
     wreq_t *w = malloc(sizeof(*w) + n);
+    if (w == NULL) {
+        conn_close(c);
+        return -1;
+    }
     memcpy(w->data, p, n);
     w->conn = c;
     w->close_after = close_after;
@@ -216,7 +261,8 @@ static const char *reason(int status)
     }
 }
 
-/* A response built in C for protocol errors; closes the connection. */
+/* A response built in C for protocol errors; closes the connection and frees
+ * the request being parsed (up to max_body bytes). */
 static void reject(hconn_t *c, int status, const char *why)
 {
     char resp[512];
@@ -231,8 +277,14 @@ static void reject(hconn_t *c, int status, const char *why)
     osara_metric_add(osara_metrics_counter("osara_http_rejected_total",
                                            "requests refused by a limit or as malformed", labels), 1);
     (void)m_rejected;
+    if (!c->closing) {
+        uv_read_stop((uv_stream_t *)&c->tcp);
+    }
     conn_write(c, resp, (size_t)n, 1);
-    c->cur = NULL;
+    if (c->cur) {
+        req_free(c->cur);
+        c->cur = NULL;
+    }
 }
 
 /* ---- dispatch to Lua ------------------------------------------------------ */
@@ -246,7 +298,7 @@ static void req_done(hconn_t *c, hreq_t *r)
     if (c->head == NULL) {
         c->tail = NULL;
     }
-    int keep = r->keepalive;
+    int keep = r->keepalive && !c->srv->closed;
     req_free(r);
     if (!keep) {
         conn_close(c);
@@ -263,6 +315,9 @@ static void req_done(hconn_t *c, hreq_t *r)
 static void write_response(hconn_t *c, hreq_t *r, lua_State *L, int status, int hidx,
                            const char *body, size_t blen, int chunked)
 {
+    if (c->srv->closed) {
+        r->keepalive = 0; /* the listener is gone: this is the last answer */
+    }
     buf_t out = {0};
     char line[256];
     int n = snprintf(line, sizeof(line), "HTTP/1.1 %d %s\r\n", status, reason(status));
@@ -300,7 +355,11 @@ static void write_response(hconn_t *c, hreq_t *r, lua_State *L, int status, int 
     if (!chunked && strcmp(r->method, "HEAD") != 0) {
         buf_add(&out, body, blen);
     }
-    conn_write(c, out.p, out.len, 0);
+    if (out.failed) {
+        conn_close(c); /* out of memory: no half response */
+    } else {
+        conn_write(c, out.p, out.len, 0);
+    }
     free(out.p);
 }
 
@@ -354,7 +413,11 @@ static void push_request(lua_State *T, hreq_t *r)
     lua_setfield(T, -2, "body");
     lua_pushnumber(T, (double)r->id);
     lua_setfield(T, -2, "id");
-    lua_pushlightuserdata(T, r);
+    req_ud_t *ud = lua_newuserdata(T, sizeof(*ud));
+    ud->r = r;
+    r->ud = ud;
+    luaL_getmetatable(T, REQ_MT);
+    lua_setmetatable(T, -2);
     lua_setfield(T, -2, "_token");
     lua_pushnumber(T, r->t0);
     lua_setfield(T, -2, "t0");
@@ -389,11 +452,16 @@ static void dispatch_next(hconn_t *c)
 
 /* ---- parsing -------------------------------------------------------------- */
 
+/* The request being parsed, created at its first byte; NULL when out of
+ * memory (the callback then fails the parse: 400). */
 static hreq_t *cur(http_parser *p)
 {
     hconn_t *c = p->data;
     if (c->cur == NULL) {
         c->cur = calloc(1, sizeof(hreq_t));
+        if (c->cur == NULL) {
+            return NULL;
+        }
         c->cur->conn = c;
         c->cur->id = ++c->srv->next_id;
         c->cur->t0 = osara_monotonic();
@@ -405,8 +473,7 @@ static hreq_t *cur(http_parser *p)
 
 static int on_message_begin(http_parser *p)
 {
-    cur(p);
-    return 0;
+    return cur(p) ? 0 : -1;
 }
 
 static int on_url(http_parser *p, const char *at, size_t n)
@@ -416,20 +483,26 @@ static int on_url(http_parser *p, const char *at, size_t n)
     if (c->header_bytes > c->srv->max_header) {
         return 1;
     }
-    return buf_add(&cur(p)->url, at, n);
+    hreq_t *r = cur(p);
+    return r ? buf_add(&r->url, at, n) : -1;
 }
 
 static int on_header_field(http_parser *p, const char *at, size_t n)
 {
     hconn_t *c = p->data;
     hreq_t *r = cur(p);
+    if (r == NULL) {
+        return -1;
+    }
     c->header_bytes += n;
     if (c->header_bytes > c->srv->max_header) {
         return 1;
     }
     if (r->in_value) {
-        buf_add(&r->headers, "", 1); /* terminate the previous value */
         r->in_value = 0;
+        if (buf_add(&r->headers, "", 1) != 0) { /* terminate the previous value */
+            return -1;
+        }
     }
     char low[256];
     size_t k = 0;
@@ -443,13 +516,18 @@ static int on_header_value(http_parser *p, const char *at, size_t n)
 {
     hconn_t *c = p->data;
     hreq_t *r = cur(p);
+    if (r == NULL) {
+        return -1;
+    }
     c->header_bytes += n;
     if (c->header_bytes > c->srv->max_header) {
         return 1;
     }
     if (!r->in_value) {
-        buf_add(&r->headers, "", 1); /* terminate the name */
         r->in_value = 1;
+        if (buf_add(&r->headers, "", 1) != 0) { /* terminate the name */
+            return -1;
+        }
     }
     return buf_add(&r->headers, at, n);
 }
@@ -470,9 +548,14 @@ static int has_header(hreq_t *r, const char *name, const char *value)
 static int on_headers_complete(http_parser *p)
 {
     hreq_t *r = cur(p);
+    if (r == NULL) {
+        return -1;
+    }
     if (r->in_value) {
-        buf_add(&r->headers, "", 1);
         r->in_value = 0;
+        if (buf_add(&r->headers, "", 1) != 0) {
+            return -1;
+        }
     }
     snprintf(r->method, sizeof(r->method), "%s", http_method_str(p->method));
     r->keepalive = http_should_keep_alive(p);
@@ -490,6 +573,9 @@ static int on_body(http_parser *p, const char *at, size_t n)
 {
     hconn_t *c = p->data;
     hreq_t *r = cur(p);
+    if (r == NULL) {
+        return -1;
+    }
     if (r->body.len + n > c->srv->max_body) {
         return 2;
     }
@@ -500,6 +586,9 @@ static int on_message_complete(http_parser *p)
 {
     hconn_t *c = p->data;
     hreq_t *r = cur(p);
+    if (r == NULL) {
+        return -1;
+    }
     r->keepalive = http_should_keep_alive(p);
     r->complete = 1;
     c->cur = NULL;
@@ -545,7 +634,6 @@ static void on_read(uv_stream_t *s, ssize_t nread, const uv_buf_t *b)
     } else {
         reject(c, 400, "malformed request");
     }
-    uv_read_stop(s);
 }
 
 static void on_timeout(uv_timer_t *t)
@@ -565,7 +653,16 @@ static void on_connection(uv_stream_t *server, int status)
         return;
     }
     hconn_t *c = calloc(1, sizeof(*c));
+    if (c == NULL) {
+        return; /* out of memory: the client waits in the backlog */
+    }
     c->srv = srv;
+    srv->refs++;
+    c->next = srv->conns;
+    if (srv->conns) {
+        srv->conns->prev = c;
+    }
+    srv->conns = c;
     uv_tcp_init(&srv->w->loop, &c->tcp);
     uv_timer_init(&srv->w->loop, &c->timer);
     c->tcp.data = c->timer.data = c;
@@ -586,21 +683,32 @@ static void on_connection(uv_stream_t *server, int status)
         return;
     }
     arm_timer(c, srv->idle_timeout);
-    uv_read_start((uv_stream_t *)&c->tcp, on_alloc, on_read);
+    if (uv_read_start((uv_stream_t *)&c->tcp, on_alloc, on_read) != 0) {
+        conn_close(c);
+    }
 }
 
 /* ---- server ---------------------------------------------------------------- */
 
 static void server_closed(uv_handle_t *h)
 {
-    free(h->data);
+    server_unref(h->data);
 }
 
+/* Closes the listener (a reload stopped naming this address, or shutdown).
+ * Idle connections close now; one answering a request closes after its
+ * response (sent with Connection: close), so a request of the old script
+ * version finishes on its connection. */
 static void server_close(void *ptr)
 {
     hserver_t *srv = ptr;
     srv->closed = 1;
     uv_close((uv_handle_t *)&srv->tcp, server_closed);
+    for (hconn_t *c = srv->conns; c; c = c->next) {
+        if (c->head == NULL && c->busy == 0) {
+            conn_close(c);
+        }
+    }
 }
 
 static int parse_addr(const char *s, struct sockaddr_in *a)
@@ -639,7 +747,11 @@ static int l_http_listen(lua_State *L)
             return luaL_error(L, "http: invalid listen address '%s' (host:port)", addr);
         }
         srv = calloc(1, sizeof(*srv));
+        if (srv == NULL) {
+            return luaL_error(L, "http: out of memory");
+        }
         srv->w = w;
+        srv->refs = 1; /* the listener */
         srv->settings = parser_settings;
         uv_tcp_init(&w->loop, &srv->tcp);
         srv->tcp.data = srv;
@@ -680,16 +792,45 @@ static int l_http_listen(lua_State *L)
     return 1;
 }
 
+/* The request behind the handle at index 1; raises once it was answered
+ * and freed (a handle kept past its response). */
 static hreq_t *check_req(lua_State *L)
 {
-    luaL_checktype(L, 1, LUA_TLIGHTUSERDATA);
-    return lua_touserdata(L, 1);
+    req_ud_t *ud = luaL_checkudata(L, 1, REQ_MT);
+    if (ud->r == NULL) {
+        luaL_error(L, "http: request already answered (a request is usable only until its "
+                      "response is sent)");
+    }
+    return ud->r;
+}
+
+static int l_req_gc(lua_State *L)
+{
+    req_ud_t *ud = luaL_checkudata(L, 1, REQ_MT);
+    if (ud->r) {
+        ud->r->ud = NULL;
+    }
+    return 0;
+}
+
+/* The request behind the handle at index 1 whose streamed response may
+ * still be written; raises otherwise. */
+static hreq_t *check_open_stream(lua_State *L)
+{
+    hreq_t *r = check_req(L);
+    if (r->ended) {
+        luaL_error(L, "http: response already finished");
+    }
+    return r;
 }
 
 /* start(token, status, headers): begins a streamed (chunked) response */
 static int l_http_start(lua_State *L)
 {
-    hreq_t *r = check_req(L);
+    hreq_t *r = check_open_stream(L);
+    if (r->streaming) {
+        return luaL_error(L, "http: response already started");
+    }
     int status = (int)luaL_checkinteger(L, 2);
     r->streaming = 1;
     write_response(r->conn, r, L, status, 3, "", 0, 1);
@@ -700,7 +841,10 @@ static int l_http_start(lua_State *L)
 /* write(token, data) -> true | false when the client went away */
 static int l_http_write(lua_State *L)
 {
-    hreq_t *r = check_req(L);
+    hreq_t *r = check_open_stream(L);
+    if (!r->streaming) {
+        return luaL_error(L, "http: write before start");
+    }
     size_t n;
     const char *p = luaL_checklstring(L, 2, &n);
     if (r->conn->closing) {
@@ -714,7 +858,11 @@ static int l_http_write(lua_State *L)
         buf_add(&b, head, (size_t)hl);
         buf_add(&b, p, n);
         buf_add(&b, "\r\n", 2);
-        conn_write(r->conn, b.p, b.len, 0);
+        if (b.failed) {
+            conn_close(r->conn); /* out of memory: no half chunk */
+        } else {
+            conn_write(r->conn, b.p, b.len, 0);
+        }
         free(b.p);
     }
     lua_pushboolean(L, !r->conn->closing);
@@ -724,7 +872,8 @@ static int l_http_write(lua_State *L)
 /* finish(token): ends a streamed response */
 static int l_http_finish(lua_State *L)
 {
-    hreq_t *r = check_req(L);
+    hreq_t *r = check_open_stream(L);
+    r->ended = 1;
     if (!r->conn->closing) {
         conn_write(r->conn, "0\r\n\r\n", 5, 0);
     }
@@ -757,6 +906,10 @@ int osara_http_open(lua_State *L)
         {"finish", l_http_finish}, {"alive", l_http_alive}, {NULL, NULL},
     };
     osara_registry_kind(&route_kind);
+    luaL_newmetatable(L, REQ_MT);
+    lua_pushcfunction(L, l_req_gc);
+    lua_setfield(L, -2, "__gc");
+    lua_pop(L, 1);
     lua_newtable(L);
     luaL_register(L, NULL, fns);
     return 1;

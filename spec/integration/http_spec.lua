@@ -17,6 +17,8 @@ osara.route("GET", "/page", function() return "<h1>hi</h1>" end, { format = "htm
 osara.route("GET", "/multi", function() return { x = 1 } end, { format = { "json", "msgpack" } })
 osara.route("GET", "/boom", function() error("kaboom") end)
 osara.route("GET", "/slow", function() osara.sleep(0.05) return { slept = true } end)
+-- a label value with every character the exposition format escapes
+osara.metrics.counter("spec_escapes_total", { v = 'a"b\\c\nd' }):inc()
 osara.resource("/things/{id}", {
   get = function(req, id) return { id = id } end,
   delete = function(req, id) return 204, "" end,
@@ -27,11 +29,10 @@ describe("http", function()
   local dir, p, port
   setup(function()
     dir = H.tmpdir()
-    p, port = T.app(dir, APP)
+    p, port = T.app(dir, APP, nil, { errors = { "http GET /boom failed" } })
   end)
   teardown(function()
-    p:kill("TERM")
-    H.exit_status(p, 20)
+    H.stop(p)
     H.cleanup()
   end)
   local function url(path) return "http://127.0.0.1:" .. port .. path end
@@ -157,6 +158,7 @@ describe("http", function()
       end
     end
     assert.matches('osara_http_requests_total{route="/users/{id:int}",status="200"}', text)
+    assert.is_truthy(text:find('spec_escapes_total{v="a\\"b\\\\c\\nd"} 1\n', 1, true), text)
     assert.matches("osara_http_request_seconds_bucket", text)
   end)
 end)
@@ -181,8 +183,7 @@ osara.route("GET", "/updates", function() return osara.sse(db:watch(""), { keepa
       local _, _, body = T.curl { "http://127.0.0.1:" .. port .. "/healthz" }
       return cjson.decode(body).inflight <= 1 -- only the healthz request itself
     end, 5, "the SSE coroutines to end")
-    p:kill("TERM")
-    assert.are.equal(0, H.exit_status(p, 20))
+    H.stop(p)
   end)
 
   it("swaps routes on reload without closing keep-alive connections", function()
@@ -197,22 +198,117 @@ osara.route("GET", "/v", function() return { version = %d } end)
     H.write(dir .. "/app.lua", app(1))
     local p = H.osara { "run", "--watch", "--http", "127.0.0.1:" .. port, dir .. "/app.lua" }
     H.expect(p, "listening")
-    local proc = assert(osara.process.spawn { argv = { "bash", "-c", ([[
+    local proc = H.child { "bash", "-c", ([[
 exec 3<>/dev/tcp/127.0.0.1/%d
 printf 'GET /v HTTP/1.1\r\nHost: x\r\n\r\n' >&3
 sleep 0.4
 printf 'GET /v HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n' >&3
-timeout 3 cat <&3]]):format(port) } })
+timeout 3 cat <&3]]):format(port) }
     osara.sleep(0.15)
     H.write(dir .. "/app.lua", app(2))
     H.expect(p, "reloaded")
-    proc:wait(10)
-    H.drain(proc)
+    H.finish(proc, { status = false })
     local out = proc:output()
     local a, b = out:find('"version":1', 1, true), out:find('"version":2', 1, true)
     assert.is_truthy(a and b, out)
     assert.is_true(a < b)
-    p:kill("TERM")
-    assert.are.equal(0, H.exit_status(p, 20))
+    H.stop(p)
+  end)
+end)
+
+describe("http request lifetimes (gh-12)", function()
+  after_each(H.cleanup)
+
+  it("gh_12_reject_frees: frees the request it was parsing when it rejects it", function()
+    -- each rejected upload held up to max_body bytes forever: 30 x 1 MiB
+    local dir = H.tmpdir()
+    local p, port = T.app(dir, [[
+local osara = require "osara"
+osara.http { max_body = 1048576 }
+osara.route("POST", "/up", function(req) return { len = #req.body } end)
+]])
+    local body = dir .. "/body"
+    H.write(body, string.rep("x", 1536 * 1024))
+    local function rss_kb()
+      local f = assert(io.open("/proc/" .. p.pid .. "/status"))
+      local kb = tonumber(f:read("*a"):match("VmRSS:%s*(%d+)"))
+      f:close()
+      return kb
+    end
+    local url = "http://127.0.0.1:" .. port .. "/up"
+    local function upload() return (T.curl { "-H", "Expect:", "-H", "Transfer-Encoding: chunked", "--data-binary", "@" .. body, url }) end
+    assert.are.equal(413, upload())
+    local before = rss_kb()
+    for _ = 1, 30 do assert.are.equal(413, upload()) end
+    -- under ASan freed memory sits in quarantine: LeakSanitizer's report at
+    -- exit (checked by H.stop) is the measure there
+    if os.getenv("OSARA_SANITIZED") ~= "1" then
+      local grown = rss_kb() - before
+      assert.is_true(grown < 10 * 1024, ("RSS grew by %d KiB over 30 rejected uploads"):format(grown))
+    end
+    H.stop(p)
+  end)
+
+  it("gh_12_request_handle: raises when a request is used after its response was sent", function()
+    local dir = H.tmpdir()
+    local p, port = T.app(dir, [[
+local osara = require "osara"
+local http_c = require "osara.http_c"
+local kept
+osara.route("GET", "/keep", function(req) kept = req._token return { kept = true } end)
+osara.route("GET", "/late", function()
+  collectgarbage()
+  local ok, err = pcall(http_c.write, kept, "late")
+  local ok2, err2 = pcall(http_c.alive, kept)
+  return { ok = ok or ok2, err = tostring(err), err2 = tostring(err2) }
+end)
+]])
+    local base = "http://127.0.0.1:" .. port
+    assert.are.equal(200, (T.curl { base .. "/keep" }))
+    local status, _, body = T.curl { base .. "/late" }
+    assert.are.equal(200, status)
+    local r = cjson.decode(body)
+    assert.is_false(r.ok)
+    assert.matches("request already answered", r.err)
+    assert.matches("request already answered", r.err2)
+    H.stop(p)
+  end)
+
+  it("gh_12_reload_port: finishes a slow request of the old version after a reload moved the port", function()
+    local dir = H.tmpdir()
+    local a, b = T.port(), T.port()
+    local function app(port, v)
+      return ([[
+local osara = require "osara"
+osara.http { listen = "127.0.0.1:%d" }
+osara.route("GET", "/slow", function()
+  osara.log.info("slow started")
+  osara.sleep(1)
+  return { version = %d }
+end)
+osara.route("GET", "/v", function() return { version = %d } end)
+]]):format(port, v, v)
+    end
+    H.write(dir .. "/app.lua", app(a, 1))
+    local p = H.osara { "run", "--watch", dir .. "/app.lua" }
+    H.expect(p, "listening on http://127.0.0.1:" .. a)
+    -- a keep-alive client: the slow request, then one more on the same
+    -- connection that must find it closed
+    local client = H.child({ "bash", "-c", ([[
+exec 3<>/dev/tcp/127.0.0.1/%d
+printf 'GET /slow HTTP/1.1\r\nHost: x\r\n\r\n' >&3
+timeout 5 cat <&3]]):format(a) }, { status = false })
+    H.expect(p, "slow started")
+    H.write(dir .. "/app.lua", app(b, 2))
+    H.expect(p, "reloaded")
+    local status, _, body = T.curl { "http://127.0.0.1:" .. b .. "/v" }
+    assert.are.equal(200, status)
+    assert.are.equal(2, cjson.decode(body).version)
+    H.finish(client, { timeout = 10 })
+    local out = client:output()
+    assert.matches('"version":1', out)
+    assert.matches("Connection: close", out)
+    assert.is_nil((T.curl { "http://127.0.0.1:" .. a .. "/v" })) -- the old port is closed
+    H.stop(p)
   end)
 end)
