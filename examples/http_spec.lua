@@ -8,9 +8,8 @@ describe("HTTP examples", function()
 
   it("rest.lua creates, lists, reads and deletes items", function()
     local dir = H.tmpdir()
-    local port = T.port()
-    local p = H.osara { "run", "--data", dir, "--http", "127.0.0.1:" .. port, "examples/rest.lua" }
-    H.expect(p, "listening")
+    local p = H.osara { "run", "--data", dir, "--http", "127.0.0.1:0", "examples/rest.lua" }
+    local port = T.listening(p)
     local base = "http://127.0.0.1:" .. port
     local s1, _, b1 = T.curl { "-H", "Content-Type: application/json", "-d", '{"name":"pen","qty":2}', base .. "/items" }
     assert.are.equal(201, s1)
@@ -31,9 +30,8 @@ describe("HTTP examples", function()
 
   it("sse.lua streams the time as it changes", function()
     local dir = H.tmpdir()
-    local port = T.port()
-    local p = H.osara { "run", "--data", dir, "--http", "127.0.0.1:" .. port, "examples/sse.lua" }
-    H.expect(p, "listening")
+    local p = H.osara { "run", "--data", dir, "--http", "127.0.0.1:0", "examples/sse.lua" }
+    local port = T.listening(p)
     local out = T.raw(port, "GET /updates HTTP/1.1\r\nHost: x\r\n\r\n", 2.5)
     local _, n = out:gsub("data: %d%d:%d%d:%d%d", "")
     assert.is_true(n >= 2, out)

@@ -10,13 +10,13 @@ local osara = require "osara"
 
 local H = {}
 
-local counter = 0
-
--- A fresh empty folder under /tmp, removed by H.cleanup().
+-- A fresh empty folder under /tmp (mktemp: unique even when several suites
+-- run side by side), removed by H.cleanup().
 function H.tmpdir()
-  counter = counter + 1
-  local dir = ("/tmp/osara-spec-%d-%d-%d"):format(os.time(), math.random(1e6), counter)
-  assert(os.execute("mkdir -p " .. dir) == 0 or true)
+  local f = assert(io.popen("mktemp -d /tmp/osara-spec-XXXXXXXX"))
+  local dir = f:read("*l")
+  f:close()
+  assert(dir and dir ~= "", "mktemp -d failed")
   H._dirs = H._dirs or {}
   H._dirs[#H._dirs + 1] = dir
   return dir

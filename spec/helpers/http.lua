@@ -4,10 +4,12 @@ local H = require "spec.helpers.host"
 
 local T = {}
 
--- A free loopback port (bound and released).
-function T.port()
-  T._next = (T._next or (20000 + math.random(0, 20000))) + 1
-  return T._next
+-- Waits until p logs the address it listens on; returns the port. Hosts
+-- started with --http 127.0.0.1:0 let the kernel pick a free port, so
+-- specs running side by side never collide.
+function T.listening(p, timeout)
+  local line = H.expect(p, "http: listening on http://", timeout or 10)
+  return tonumber(line:match("http://[%d.]+:(%d+)"))
 end
 
 -- curl ARGS... -> status, headers (lowercased), body
@@ -51,14 +53,12 @@ end
 -- Starts an app on a port and waits until it listens. opts as for H.osara
 -- (errors: the ERROR lines the spec expects).
 function T.app(dir, source, extra_args, opts)
-  local port = T.port()
   H.write(dir .. "/app.lua", source)
-  local args = { "run", "--http", "127.0.0.1:" .. port }
+  local args = { "run", "--http", "127.0.0.1:0" }
   for _, a in ipairs(extra_args or {}) do args[#args + 1] = a end
   args[#args + 1] = dir .. "/app.lua"
   local p = H.osara(args, nil, opts)
-  H.expect(p, "http: listening on", 10)
-  return p, port
+  return p, T.listening(p)
 end
 
 return T

@@ -194,10 +194,9 @@ local osara = require "osara"
 osara.route("GET", "/v", function() return { version = %d } end)
 ]]):format(v)
     end
-    local port = T.port()
     H.write(dir .. "/app.lua", app(1))
-    local p = H.osara { "run", "--watch", "--http", "127.0.0.1:" .. port, dir .. "/app.lua" }
-    H.expect(p, "listening")
+    local p = H.osara { "run", "--watch", "--http", "127.0.0.1:0", dir .. "/app.lua" }
+    local port = T.listening(p)
     local proc = H.child { "bash", "-c", ([[
 exec 3<>/dev/tcp/127.0.0.1/%d
 printf 'GET /v HTTP/1.1\r\nHost: x\r\n\r\n' >&3
@@ -276,22 +275,23 @@ end)
 
   it("gh_12_reload_port: finishes a slow request of the old version after a reload moved the port", function()
     local dir = H.tmpdir()
-    local a, b = T.port(), T.port()
-    local function app(port, v)
+    -- port 0: the kernel picks a free port; ":0" is another address (a
+    -- new listener) on 127.0.0.1 too
+    local function app(v, listen)
       return ([[
 local osara = require "osara"
-osara.http { listen = "127.0.0.1:%d" }
+osara.http { listen = "%s" }
 osara.route("GET", "/slow", function()
   osara.log.info("slow started")
   osara.sleep(1)
   return { version = %d }
 end)
 osara.route("GET", "/v", function() return { version = %d } end)
-]]):format(port, v, v)
+]]):format(listen, v, v)
     end
-    H.write(dir .. "/app.lua", app(a, 1))
+    H.write(dir .. "/app.lua", app(1, "127.0.0.1:0"))
     local p = H.osara { "run", "--watch", dir .. "/app.lua" }
-    H.expect(p, "listening on http://127.0.0.1:" .. a)
+    local a = T.listening(p)
     -- a keep-alive client: the slow request, then one more on the same
     -- connection that must find it closed
     local client = H.child({ "bash", "-c", ([[
@@ -299,7 +299,8 @@ exec 3<>/dev/tcp/127.0.0.1/%d
 printf 'GET /slow HTTP/1.1\r\nHost: x\r\n\r\n' >&3
 timeout 5 cat <&3]]):format(a) }, { status = false })
     H.expect(p, "slow started")
-    H.write(dir .. "/app.lua", app(b, 2))
+    H.write(dir .. "/app.lua", app(2, ":0"))
+    local b = T.listening(p)
     H.expect(p, "reloaded")
     local status, _, body = T.curl { "http://127.0.0.1:" .. b .. "/v" }
     assert.are.equal(200, status)
