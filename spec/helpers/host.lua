@@ -52,7 +52,7 @@ local function is_error_line(line)
 end
 
 -- Starts argv as a tracked child. opts: env; status (the exit status
--- H.stop expects, default 0; false: not checked); errors (Lua patterns of
+-- H.stop expects, default 0; a list of statuses; false: not checked); errors (Lua patterns of
 -- the ERROR lines this spec expects; osara children only); name.
 function H.child(argv, opts)
   opts = opts or {}
@@ -99,7 +99,7 @@ local function offending(p, i)
 end
 
 -- Checks the log of an exited child (after reading it to the end) and, if
--- want is a number, its exit status; raises naming the child, what is wrong
+-- want is a status or a list of them, its exit status; raises naming the child, what is wrong
 -- (forbidden lines first: a sanitizer report explains a bad status), then
 -- the whole log.
 local function check_exited(p, status, sig, want, level)
@@ -112,9 +112,12 @@ local function check_exited(p, status, sig, want, level)
     problems[#problems + 1] = ("its log has %d forbidden line(s):\n  %s")
       :format(#bad, table.concat(bad, "\n  ", 1, math.min(#bad, 20)))
   end
-  if type(want) == "number" and status ~= want then
-    problems[#problems + 1] = ("it exited with status %d (signal %d), expected %d")
-      :format(status, sig or 0, want)
+  local wanted = type(want) == "table" and want or { want }
+  local ok = want == false or want == nil
+  for _, w in ipairs(wanted) do ok = ok or status == w end
+  if not ok then
+    problems[#problems + 1] = ("it exited with status %d (signal %d), expected %s")
+      :format(status, sig or 0, table.concat(wanted, " or "))
   end
   if #problems > 0 then
     error(("%s (pid %d): %s\n--- whole log ---\n%s")
