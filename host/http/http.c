@@ -12,6 +12,7 @@
 
 #include "core/err.h"
 #include "core/log.h"
+#include "core/mem.h"
 #include "core/lvm.h"
 #include "core/metrics.h"
 #include "core/registry.h"
@@ -27,7 +28,6 @@ typedef struct req_ud_s req_ud_t;
 typedef struct {
     char *p;
     size_t len, cap;
-    int failed; /* an append failed (out of memory): the content is short */
 } buf_t;
 
 typedef struct hreq_s {
@@ -88,7 +88,6 @@ static http_parser_settings parser_settings;
 static int buf_add(buf_t *b, const char *p, size_t n)
 {
     if (n > ((size_t)1 << 40)) {
-        b->failed = 1;
         return -1; /* a negative length cast to size_t */
     }
     if (b->len + n + 1 > b->cap) {
@@ -96,12 +95,7 @@ static int buf_add(buf_t *b, const char *p, size_t n)
         while (cap < b->len + n + 1) {
             cap *= 2;
         }
-        char *np = realloc(b->p, cap);
-        if (np == NULL) {
-            b->failed = 1;
-            return -1;
-        }
-        b->p = np;
+        b->p = osara_xrealloc(b->p, cap);
         b->cap = cap;
     }
     memcpy(b->p + b->len, p, n);
@@ -215,11 +209,7 @@ static int conn_write(hconn_t *c, const char *p, size_t n, int close_after)
     if (c->closing) {
         return -1;
     }
-    wreq_t *w = malloc(sizeof(*w) + n);
-    if (w == NULL) {
-        conn_close(c);
-        return -1;
-    }
+    wreq_t *w = osara_xmalloc(sizeof(*w) + n);
     memcpy(w->data, p, n);
     w->conn = c;
     w->close_after = close_after;
@@ -355,11 +345,7 @@ static void write_response(hconn_t *c, hreq_t *r, lua_State *L, int status, int 
     if (!chunked && strcmp(r->method, "HEAD") != 0) {
         buf_add(&out, body, blen);
     }
-    if (out.failed) {
-        conn_close(c); /* out of memory: no half response */
-    } else {
-        conn_write(c, out.p, out.len, 0);
-    }
+    conn_write(c, out.p, out.len, 0);
     free(out.p);
 }
 
@@ -452,16 +438,12 @@ static void dispatch_next(hconn_t *c)
 
 /* ---- parsing -------------------------------------------------------------- */
 
-/* The request being parsed, created at its first byte; NULL when out of
- * memory (the callback then fails the parse: 400). */
+/* The request being parsed, created at its first byte. */
 static hreq_t *cur(http_parser *p)
 {
     hconn_t *c = p->data;
     if (c->cur == NULL) {
-        c->cur = calloc(1, sizeof(hreq_t));
-        if (c->cur == NULL) {
-            return NULL;
-        }
+        c->cur = osara_xcalloc(1, sizeof(hreq_t));
         c->cur->conn = c;
         c->cur->id = ++c->srv->next_id;
         c->cur->t0 = osara_monotonic();
@@ -473,7 +455,8 @@ static hreq_t *cur(http_parser *p)
 
 static int on_message_begin(http_parser *p)
 {
-    return cur(p) ? 0 : -1;
+    cur(p);
+    return 0;
 }
 
 static int on_url(http_parser *p, const char *at, size_t n)
@@ -483,17 +466,13 @@ static int on_url(http_parser *p, const char *at, size_t n)
     if (c->header_bytes > c->srv->max_header) {
         return 1;
     }
-    hreq_t *r = cur(p);
-    return r ? buf_add(&r->url, at, n) : -1;
+    return buf_add(&cur(p)->url, at, n);
 }
 
 static int on_header_field(http_parser *p, const char *at, size_t n)
 {
     hconn_t *c = p->data;
     hreq_t *r = cur(p);
-    if (r == NULL) {
-        return -1;
-    }
     c->header_bytes += n;
     if (c->header_bytes > c->srv->max_header) {
         return 1;
@@ -516,9 +495,6 @@ static int on_header_value(http_parser *p, const char *at, size_t n)
 {
     hconn_t *c = p->data;
     hreq_t *r = cur(p);
-    if (r == NULL) {
-        return -1;
-    }
     c->header_bytes += n;
     if (c->header_bytes > c->srv->max_header) {
         return 1;
@@ -548,9 +524,6 @@ static int has_header(hreq_t *r, const char *name, const char *value)
 static int on_headers_complete(http_parser *p)
 {
     hreq_t *r = cur(p);
-    if (r == NULL) {
-        return -1;
-    }
     if (r->in_value) {
         r->in_value = 0;
         if (buf_add(&r->headers, "", 1) != 0) {
@@ -573,9 +546,6 @@ static int on_body(http_parser *p, const char *at, size_t n)
 {
     hconn_t *c = p->data;
     hreq_t *r = cur(p);
-    if (r == NULL) {
-        return -1;
-    }
     if (r->body.len + n > c->srv->max_body) {
         return 2;
     }
@@ -586,9 +556,6 @@ static int on_message_complete(http_parser *p)
 {
     hconn_t *c = p->data;
     hreq_t *r = cur(p);
-    if (r == NULL) {
-        return -1;
-    }
     r->keepalive = http_should_keep_alive(p);
     r->complete = 1;
     c->cur = NULL;
@@ -605,8 +572,8 @@ static int on_message_complete(http_parser *p)
 static void on_alloc(uv_handle_t *h, size_t suggested, uv_buf_t *b)
 {
     (void)h;
-    b->base = malloc(suggested);
-    b->len = b->base ? suggested : 0;
+    b->base = osara_xmalloc(suggested);
+    b->len = suggested;
 }
 
 static void on_read(uv_stream_t *s, ssize_t nread, const uv_buf_t *b)
@@ -652,10 +619,7 @@ static void on_connection(uv_stream_t *server, int status)
     if (status < 0) {
         return;
     }
-    hconn_t *c = calloc(1, sizeof(*c));
-    if (c == NULL) {
-        return; /* out of memory: the client waits in the backlog */
-    }
+    hconn_t *c = osara_xcalloc(1, sizeof(*c));
     c->srv = srv;
     srv->refs++;
     c->next = srv->conns;
@@ -746,10 +710,7 @@ static int l_http_listen(lua_State *L)
         if (parse_addr(addr, &a) != 0) {
             return luaL_error(L, "http: invalid listen address '%s' (host:port)", addr);
         }
-        srv = calloc(1, sizeof(*srv));
-        if (srv == NULL) {
-            return luaL_error(L, "http: out of memory");
-        }
+        srv = osara_xcalloc(1, sizeof(*srv));
         srv->w = w;
         srv->refs = 1; /* the listener */
         srv->settings = parser_settings;
@@ -765,7 +726,12 @@ static int l_http_listen(lua_State *L)
         }
         struct sockaddr_in bound;
         int len = sizeof(bound);
-        uv_tcp_getsockname(&srv->tcp, (struct sockaddr *)&bound, &len);
+        rc = uv_tcp_getsockname(&srv->tcp, (struct sockaddr *)&bound, &len);
+        if (rc != 0) {
+            uv_close((uv_handle_t *)&srv->tcp, server_closed);
+            return luaL_error(L, "http: cannot read the address bound for %s: %s", addr,
+                              uv_strerror(rc));
+        }
         char ip[32];
         uv_ip4_name(&bound, ip, sizeof(ip));
         snprintf(srv->addr, sizeof(srv->addr), "%s:%d", ip, ntohs(bound.sin_port));
@@ -858,11 +824,7 @@ static int l_http_write(lua_State *L)
         buf_add(&b, head, (size_t)hl);
         buf_add(&b, p, n);
         buf_add(&b, "\r\n", 2);
-        if (b.failed) {
-            conn_close(r->conn); /* out of memory: no half chunk */
-        } else {
-            conn_write(r->conn, b.p, b.len, 0);
-        }
+        conn_write(r->conn, b.p, b.len, 0);
         free(b.p);
     }
     lua_pushboolean(L, !r->conn->closing);

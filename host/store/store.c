@@ -10,6 +10,7 @@
 
 #include "core/err.h"
 #include "core/log.h"
+#include "core/mem.h"
 #include "core/lvm.h"
 #include "core/metrics.h"
 #include "core/worker.h"
@@ -53,12 +54,14 @@ static int env_open(osara_worker_t *w, const char *dir, senv_t **out)
     if (mkdir(dir, 0755) != 0 && errno != EEXIST) {
         return osara_err_set(-errno, "store: cannot create %s: %s", dir, strerror(errno));
     }
-    e = calloc(1, sizeof(*e));
+    e = osara_xcalloc(1, sizeof(*e));
     e->mapsize = INITIAL_MAP;
     int rc = mdb_env_create(&e->env);
     if (rc == 0) rc = mdb_env_set_maxdbs(e->env, 128);
     if (rc == 0) rc = mdb_env_set_mapsize(e->env, e->mapsize);
     if (rc == 0) rc = mdb_env_open(e->env, dir, MDB_NOTLS, 0644);
+    MDB_envinfo info;
+    if (rc == 0) rc = mdb_env_info(e->env, &info);
     if (rc != 0) {
         mdb_env_close(e->env);
         free(e);
@@ -66,10 +69,8 @@ static int env_open(osara_worker_t *w, const char *dir, senv_t **out)
                              rc == MDB_INVALID || rc == MDB_VERSION_MISMATCH
                                  ? " (not an osara/LMDB data folder?)" : "");
     }
-    MDB_envinfo info;
-    mdb_env_info(e->env, &info);
     e->mapsize = info.me_mapsize;
-    e->dir = strdup(dir);
+    e->dir = osara_xstrdup(dir);
     osara_worker_shared_put(w, key, e, env_close);
     *out = e;
     return 0;
@@ -279,8 +280,12 @@ static int l_store_range(lua_State *L)
     MDB_txn *txn;
     MDB_cursor *cur;
     int rc = mdb_txn_begin(db->env->env, NULL, MDB_RDONLY, &txn);
-    if (rc == 0) rc = mdb_cursor_open(txn, db->dbi, &cur);
     if (rc != 0) {
+        return push_mdb_error(L, "range", rc);
+    }
+    rc = mdb_cursor_open(txn, db->dbi, &cur);
+    if (rc != 0) {
+        mdb_txn_abort(txn);
         return push_mdb_error(L, "range", rc);
     }
     MDB_val k, v;
@@ -328,8 +333,12 @@ static int l_store_sweep(lua_State *L)
     MDB_txn *txn;
     MDB_cursor *cur;
     int rc = mdb_txn_begin(db->env->env, NULL, 0, &txn);
-    if (rc == 0) rc = mdb_cursor_open(txn, db->dbi, &cur);
     if (rc != 0) {
+        return push_mdb_error(L, "sweep", rc);
+    }
+    rc = mdb_cursor_open(txn, db->dbi, &cur);
+    if (rc != 0) {
+        mdb_txn_abort(txn);
         return push_mdb_error(L, "sweep", rc);
     }
     MDB_val k, v;
@@ -436,7 +445,13 @@ int osara_store_main(int argc, char **argv)
         const char *prefix = argc >= 6 ? argv[5] : "";
         size_t plen = strlen(prefix);
         MDB_cursor *cur;
-        mdb_cursor_open(txn, dbi, &cur);
+        rc = mdb_cursor_open(txn, dbi, &cur);
+        if (rc != 0) {
+            fprintf(stderr, "osara store: cannot read '%s': %s\n", name, mdb_strerror(rc));
+            mdb_txn_abort(txn);
+            mdb_env_close(env);
+            return 1;
+        }
         k.mv_data = (void *)prefix;
         k.mv_size = plen;
         for (rc = plen ? mdb_cursor_get(cur, &k, &v, MDB_SET_RANGE) : mdb_cursor_get(cur, &k, &v, MDB_FIRST);
