@@ -1,6 +1,7 @@
 #include "codec/codec_avro.h"
 
 #include <avro.h>
+#include <errno.h>
 #include <lauxlib.h>
 #include <math.h>
 #include <stdio.h>
@@ -153,6 +154,13 @@ static void to_lua(lua_State *L, avro_value_t *v)
     case AVRO_INT64: {
         int64_t x = 0;
         avro_value_get_long(v, &x);
+        if (x > (INT64_C(1) << 53) || x < -(INT64_C(1) << 53)) {
+            /* past 2^53 a double is not exact: the digits, as a string */
+            char digits[24];
+            snprintf(digits, sizeof(digits), "%lld", (long long)x);
+            lua_pushstring(L, digits);
+            return;
+        }
         lua_pushnumber(L, (double)x);
         return;
     }
@@ -328,12 +336,26 @@ static int from_lua(lua_State *L, int idx, avro_value_t *v, aerr_t *e)
         return avro_value_set_boolean(v, lua_toboolean(L, idx));
     case AVRO_INT32:
     case AVRO_INT64: {
+        int is_long = avro_value_get_type(v) == AVRO_INT64;
+        if (is_long && t == LUA_TSTRING) { /* a long past 2^53, as decode gives it */
+            char *end;
+            errno = 0;
+            long long x = strtoll(lua_tostring(L, idx), &end, 10);
+            if (errno != 0 || *end != '\0' || end == lua_tostring(L, idx)) {
+                return fail(e, "expected an integer, got the string '%s'", lua_tostring(L, idx));
+            }
+            return avro_value_set_long(v, x);
+        }
         if (t != LUA_TNUMBER || lua_tonumber(L, idx) != floor(lua_tonumber(L, idx))) {
             return fail(e, "expected an integer, got %s", luaL_typename(L, idx));
         }
         double d = lua_tonumber(L, idx);
-        return avro_value_get_type(v) == AVRO_INT32 ? avro_value_set_int(v, (int32_t)d)
-                                                    : avro_value_set_long(v, (int64_t)d);
+        /* 2^63 and 2^31 are exact doubles: compare before converting */
+        if (is_long ? (d < -9223372036854775808.0 || d >= 9223372036854775808.0)
+                    : (d < -2147483648.0 || d > 2147483647.0)) {
+            return fail(e, "integer out of range for %s", is_long ? "long" : "int");
+        }
+        return is_long ? avro_value_set_long(v, (int64_t)d) : avro_value_set_int(v, (int32_t)d);
     }
     case AVRO_FLOAT:
     case AVRO_DOUBLE:
