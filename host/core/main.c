@@ -31,6 +31,7 @@ typedef struct {
 static const option_t options[] = {
     {"--watch", NULL, "reload when the script or a module it required changes", "r"},
     {"--data", "DIR", "data folder (default: .osara-data beside the script)", "r"},
+    {"--config", "FILE", "config file (default: config.yaml beside the script, or OSARA_CONFIG)", "rc"},
     {"--http", "ADDR", "HTTP listen address for routes (default 127.0.0.1:8080)", "r"},
     {"--log-level", "L", "debug|info|warn|error (default info, or OSARA_LOG_LEVEL)", "rct"},
     {"--log-format", "F", "text|json (default text, or OSARA_LOG_FORMAT)", "rct"},
@@ -117,6 +118,8 @@ static int apply_option(cli_t *cli, const option_t *o, const char *val)
         cli->w.watch = 1;
     } else if (strcmp(n, "--data") == 0) {
         cli->w.data_dir = val;
+    } else if (strcmp(n, "--config") == 0) {
+        setenv("OSARA_CONFIG", val, 1); /* read by lua/osara/config.lua */
     } else if (strcmp(n, "--http") == 0) {
         setenv("OSARA_HTTP_LISTEN", val, 1); /* read by lua/osara/http.lua */
     } else if (strcmp(n, "--log-level") == 0) {

@@ -22,6 +22,7 @@ local lazy = {
   codec = "osara.codec",
   testing = "osara.testing",
   process = "osara.process_c",
+  cache = "osara.cache",
 }
 
 -- Schema type constructors at the top level: osara.number{min=0}, ...
@@ -36,8 +37,11 @@ setmetatable(osara, {
       rawset(t, k, v)
       return v
     end
+    if k == "config" then
+      return require("osara.config").data() -- per script version, not cached here
+    end
     if k == "cached" then
-      local v = require("osara.store").cached
+      local v = require("osara.cache").cached
       rawset(t, k, v)
       return v
     end

@@ -436,62 +436,11 @@ end
 
 -- ---- cache-aside (kata's containers) -------------------------------------------------------
 
-local Cached = {}
-Cached.__index = Cached
-
--- osara.cached{store = db | "memory", key = fn(...) -> key, ttl = s, pull = fn(...) -> value}
+-- osara.cached{store = db | "memory", ...}: the containers live in
+-- osara.cache (over any cache, with single flight); kept here for the
+-- callers of store.cached.
 function M.cached(opts)
-  opts = options.check("osara.cached", opts)
-  local s = opts.store
-  if s == "memory" then
-    s = open("cached_" .. opts.name, { memory = true })
-  elseif type(s) == "string" then
-    options.raise("option 'store' in osara.cached must be an osara.store or \"memory\", got \"" .. s .. "\"")
-  end
-  return setmetatable({ store = s, key = opts.key or tostring, ttl = opts.ttl, pull = opts.pull,
-                        pulls = 0 }, Cached)
-end
-
--- c:get(...) -> value: the cached value, or pull(...) stored with the ttl.
-function Cached:get(...)
-  local k = self.key(...)
-  local v = self.store:get(k)
-  if v ~= nil then return v end
-  v = self.pull(...)
-  self.pulls = self.pulls + 1
-  if v ~= nil then self.store:set(k, v, self.ttl and { ttl = self.ttl } or nil) end
-  return v
-end
-
--- c:get_many(ids, pull_many) -> { [id] = value }: pulls only the misses,
--- with pull_many(missing_ids) -> { [id] = value } when given.
-function Cached:get_many(ids, pull_many)
-  local out, missing = {}, {}
-  for _, id in ipairs(ids) do
-    local v = self.store:get(self.key(id))
-    if v ~= nil then out[id] = v else missing[#missing + 1] = id end
-  end
-  if #missing > 0 then
-    local got = {}
-    if pull_many then
-      got = pull_many(missing)
-    else
-      for _, id in ipairs(missing) do got[id] = self.pull(id) end
-    end
-    self.pulls = self.pulls + #missing
-    for _, id in ipairs(missing) do
-      if got[id] ~= nil then
-        out[id] = got[id]
-        self.store:set(self.key(id), got[id], self.ttl and { ttl = self.ttl } or nil)
-      end
-    end
-  end
-  return out
-end
-
--- c:dirty(...): forget the cached value so the next get pulls again.
-function Cached:dirty(...)
-  self.store:delete(self.key(...))
+  return require("osara.cache").cached(opts)
 end
 
 M.open = open
