@@ -38,9 +38,13 @@ static int next_event(ycx_t *cx, yaml_event_t *ev)
         return 0;
     }
     yaml_parser_t *p = &cx->parser;
-    char problem[300];
-    snprintf(problem, sizeof(problem), "%s%s%s", p->problem ? p->problem : "invalid YAML",
-             p->context ? " " : "", p->context ? p->context : "");
+    char problem[400];
+    snprintf(problem, sizeof(problem), "%s", p->problem ? p->problem : "invalid YAML");
+    if (p->context) { /* where the unfinished construct began */
+        size_t n = strlen(problem);
+        snprintf(problem + n, sizeof(problem) - n, " %s at line %zu, column %zu", p->context,
+                 p->context_mark.line + 1, p->context_mark.column + 1);
+    }
     return fail_at(cx, p->problem_mark, problem);
 }
 

@@ -16,68 +16,31 @@ local metrics = require "osara.metrics_c"
 local M = {}
 
 -- ---- options -------------------------------------------------------------------
+-- Checked against lua/osara/option_tables.lua ("osara.cache"); the options
+-- of one type are refused on another.
 
-local common = { "type", "prefix", "codec" }
-local by_type = {
-  memory = {},
-  store = { "name" },
-  redis = { "host", "hosts", "db", "password", "timeout" },
-  memcached = { "hosts", "timeout" },
-}
+local options = require "osara.options"
 
-local function distance(a, b)
-  local prev = {}
-  for j = 0, #b do prev[j] = j end
-  for i = 1, #a do
-    local cur = { [0] = i }
-    for j = 1, #b do
-      local cost = a:sub(i, i) == b:sub(j, j) and 0 or 1
-      cur[j] = math.min(prev[j] + 1, cur[j - 1] + 1, prev[j - 1] + cost)
+local only_for = { host = "redis", db = "redis", password = "redis", name = "store",
+                   hosts = { redis = true, memcached = true }, timeout = { redis = true, memcached = true } }
+
+local function check_options(given)
+  local opts = options.check("osara.cache", given)
+  for k in pairs(given) do
+    local want = only_for[k]
+    local ok = want == nil or want == opts.type or (type(want) == "table" and want[opts.type])
+    if not ok then
+      options.raise(("option '%s' in osara.cache does not apply to type '%s'"):format(k, opts.type))
     end
-    prev = cur
   end
-  return prev[#b]
-end
-
--- "unknown option 'host' in osara.cache (did you mean 'hosts'?)"
-local function unknown(key, valid)
-  local best, bd = nil, math.huge
-  for _, v in ipairs(valid) do
-    local d = distance(key, v)
-    if d < bd then best, bd = v, d end
-  end
-  local hint = best and bd <= math.max(2, #key / 3) and (" (did you mean '%s'?)"):format(best) or ""
-  return ("unknown option '%s' in osara.cache%s"):format(tostring(key), hint)
-end
-
-local function check_options(opts, level)
-  local kind = opts.type or "memory"
-  local extra = by_type[kind]
-  if not extra then
-    error(("osara.cache: type must be memory, store, redis or memcached, got '%s'"):format(tostring(kind)), level)
-  end
-  local valid = {}
-  for _, k in ipairs(common) do valid[#valid + 1] = k end
-  for _, k in ipairs(extra) do valid[#valid + 1] = k end
-  local set = {}
-  for _, k in ipairs(valid) do set[k] = true end
-  for k in pairs(opts) do
-    if not set[k] then error(unknown(k, valid), level) end
-  end
-  if opts.prefix ~= nil and type(opts.prefix) ~= "string" then
-    error("osara.cache: prefix must be a string", level)
-  end
-  if opts.timeout ~= nil and (type(opts.timeout) ~= "number" or opts.timeout <= 0) then
-    error("osara.cache: timeout must be a number of seconds > 0", level)
-  end
-  return kind
+  return opts
 end
 
 -- "host:port" (or a one-item hosts list) -> host, port
-local function host_port(opts, level, default_port)
+local function host_port(opts, default_port)
   local hp = opts.host
   if hp == nil and type(opts.hosts) == "table" then
-    if #opts.hosts > 1 then error("osara.cache: redis takes one host", level) end
+    if #opts.hosts > 1 then options.raise("osara.cache: redis takes one host") end
     hp = opts.hosts[1]
   end
   hp = tostring(hp or ("127.0.0.1:" .. default_port))
@@ -206,7 +169,7 @@ function Store:set(keys, values, expire)
   return true
 end
 
-local function new_backend(kind, opts, level)
+local function new_backend(kind, opts)
   if kind == "memory" then
     return setmetatable({ data = {}, count = 0, sweep_at = 1024 }, Memory), "memory"
   elseif kind == "store" then
@@ -214,7 +177,7 @@ local function new_backend(kind, opts, level)
     local db = require("osara.store")(name, { codec = "raw" })
     return setmetatable({ db = db }, Store), "store " .. name
   elseif kind == "redis" then
-    local host, port, label = host_port(opts, level, 6379)
+    local host, port, label = host_port(opts, 6379)
     local db, timeout = tonumber(opts.db) or 0, opts.timeout or 1
     local key = ("%s:%d/%d/%s/%g"):format(host, port, db, opts.password or "", timeout)
     local c = cache_c.redis(key, host, port, db, opts.password, timeout)
@@ -223,7 +186,7 @@ local function new_backend(kind, opts, level)
   local hosts = opts.hosts
   if type(hosts) == "string" then hosts = { hosts } end
   if type(hosts) ~= "table" or #hosts == 0 then
-    error("osara.cache: memcached needs hosts = { 'host:port', ... }", level)
+    options.raise("osara.cache: memcached needs hosts = { 'host:port', ... }")
   end
   local list = {}
   for i, h in ipairs(hosts) do list[i] = tostring(h):gsub("^localhost:", "127.0.0.1:") end
@@ -257,37 +220,37 @@ function Cache:_ok()
   end
 end
 
-local function check_key(key, level)
+local function check_key(key)
   local t = type(key)
   if t == "number" then return tostring(key) end
   if t ~= "string" or key == "" then
-    error("osara.cache: keys are non-empty strings, got " .. t, level + 1)
+    options.raise("osara.cache: keys are non-empty strings, got " .. t)
   end
   return key
 end
 
-local function check_expire(expire, level)
+local function check_expire(expire)
   if expire ~= nil and (type(expire) ~= "number" or expire < 0) then
-    error("osara.cache: expire must be a number of seconds >= 0", level + 1)
+    options.raise("osara.cache: expire must be a number of seconds >= 0")
   end
   return expire
 end
 
-function Cache:_encode(key, value, level)
-  if value == nil then error("osara.cache: cannot set a nil value (use delete)", level + 1) end
+function Cache:_encode(key, value)
+  if value == nil then options.raise("osara.cache: cannot set a nil value (use delete)") end
   local bytes, err = self.codec.encode(value)
   if bytes == nil then
-    error(("osara.cache: cannot encode the value of '%s': %s"):format(key, tostring(err)), level + 1)
+    options.raise(("osara.cache: cannot encode the value of '%s': %s"):format(key, tostring(err)))
   end
   return bytes
 end
 
 -- c:get_multi(keys) -> { [key] = value } (misses absent) [, err]
 function Cache:get_multi(keys)
-  if type(keys) ~= "table" then error("osara.cache: get_multi takes a list of keys", 2) end
+  if type(keys) ~= "table" then options.raise("osara.cache: get_multi takes a list of keys") end
   local full, seen = {}, {}
   for _, k in ipairs(keys) do
-    k = check_key(k, 2)
+    k = check_key(k)
     if not seen[k] then
       seen[k] = true
       full[#full + 1] = self.prefix .. k
@@ -311,20 +274,20 @@ end
 
 -- c:get(key) -> value | nil [, err]
 function Cache:get(key)
-  key = check_key(key, 1)
+  key = check_key(key)
   local out, err = self:get_multi({ key })
   return out[key], err
 end
 
 -- c:set_multi({ [key] = value }, expire) -> true | nil, err
 function Cache:set_multi(map, expire)
-  if type(map) ~= "table" then error("osara.cache: set_multi takes a table of key = value", 2) end
-  check_expire(expire, 2)
+  if type(map) ~= "table" then options.raise("osara.cache: set_multi takes a table of key = value") end
+  check_expire(expire)
   local keys, values = {}, {}
   for k, v in pairs(map) do
-    k = check_key(k, 2)
+    k = check_key(k)
     keys[#keys + 1] = self.prefix .. k
-    values[#values + 1] = self:_encode(k, v, 2)
+    values[#values + 1] = self:_encode(k, v)
   end
   if #keys == 0 then return true end
   local ok, err = self.b:set(keys, values, expire)
@@ -338,9 +301,9 @@ end
 
 -- c:set(key, value, expire) -> true | nil, err
 function Cache:set(key, value, expire)
-  key = check_key(key, 1)
-  check_expire(expire, 1)
-  local ok, err = self.b:set({ self.prefix .. key }, { self:_encode(key, value, 1) }, expire)
+  key = check_key(key)
+  check_expire(expire)
+  local ok, err = self.b:set({ self.prefix .. key }, { self:_encode(key, value) }, expire)
   if not ok then
     self:_failed("set", err)
     return nil, err
@@ -351,9 +314,9 @@ end
 
 -- c:delete_multi(keys) -> true | nil, err
 function Cache:delete_multi(keys)
-  if type(keys) ~= "table" then error("osara.cache: delete_multi takes a list of keys", 2) end
+  if type(keys) ~= "table" then options.raise("osara.cache: delete_multi takes a list of keys") end
   local full = {}
-  for i, k in ipairs(keys) do full[i] = self.prefix .. check_key(k, 2) end
+  for i, k in ipairs(keys) do full[i] = self.prefix .. check_key(k) end
   if #full == 0 then return true end
   local ok, err = self.b:delete(full)
   if not ok then
@@ -365,27 +328,28 @@ function Cache:delete_multi(keys)
 end
 
 function Cache:delete(key)
-  return self:delete_multi({ check_key(key, 1) })
+  return self:delete_multi({ check_key(key) })
 end
 
 -- ---- construction ----------------------------------------------------------------
 
 local named = {} -- caches built from config.yaml, by name (one per script version)
 
-local function new(opts, level)
+local function new(opts)
   if type(opts) == "string" then
     local name = opts
     if named[name] then return named[name] end
-    local c = new(require("osara.config").section("cache", name, level + 1), level + 1)
+    local c = new(require("osara.config").section("cache", name))
     c.name = name
     named[name] = c
     return c
   end
   if type(opts) ~= "table" then
-    error("osara.cache: expected a table of options or a name from config.yaml", level)
+    options.raise("osara.cache: expected a table of options or a name from config.yaml")
   end
-  local kind = check_options(opts, level + 1)
-  local b, label = new_backend(kind, opts, level + 1)
+  opts = check_options(opts)
+  local kind = opts.type
+  local b, label = new_backend(kind, opts)
   return setmetatable({ type = kind, b = b, label = label, prefix = opts.prefix or "",
                         codec = codec.get(opts.codec or "json") }, Cache)
 end
@@ -407,14 +371,11 @@ local sched = require "osara.sched_c"
 local Cached = {}
 Cached.__index = Cached
 
-local cached_options = { cache = true, store = true, name = true, key = true, expire = true, ttl = true,
-                         pull = true, pull_many = true, attribute = true }
-
 -- attribute = { Table, "column" }: pull_many through Table:get_in(column, items)
 local function attribute_pull(attr)
   local tbl, col = attr[1], attr[2]
   if type(tbl) ~= "table" or type(col) ~= "string" then
-    error("osara.cached: attribute = { Table, 'column' }", 4)
+    options.raise("osara.cached: attribute = { Table, 'column' }")
   end
   return function(items)
     local rows = tbl:get_in(col, items)
@@ -428,30 +389,25 @@ end
 
 local function container_cache(opts)
   if opts.cache ~= nil then
-    if type(opts.cache) == "string" then return new(opts.cache, 4) end
+    if type(opts.cache) == "string" then return new(opts.cache) end
     return opts.cache
   end
   local s = opts.store
+  if type(s) == "string" and s ~= "memory" then
+    options.raise("option 'store' in osara.cached must be an osara.store or \"memory\", got \"" .. s .. "\"")
+  end
   if s ~= nil and s ~= "memory" then return M.wrap_store(s) end
-  return new({ type = "memory" }, 4)
+  return new({ type = "memory" })
 end
 
 -- osara.cached{ cache = c | "name", key = fn(...) -> key, expire = s,
 --               pull = fn(...) -> value | pull_many = fn(items) -> { [item] = value }
 --               | attribute = { Table, "column" } }
 function M.cached(opts)
-  if type(opts) ~= "table" then error("osara.cached: expected a table of options", 2) end
-  for k in pairs(opts) do
-    if not cached_options[k] then
-      local names = {}
-      for n in pairs(cached_options) do names[#names + 1] = n end
-      table.sort(names)
-      error((unknown(k, names):gsub("osara.cache", "osara.cached", 1)), 2)
-    end
-  end
+  opts = options.check("osara.cached", opts)
   local pull_many = opts.pull_many or (opts.attribute and attribute_pull(opts.attribute))
   if type(opts.pull) ~= "function" and type(pull_many) ~= "function" then
-    error("osara.cached: pull (or pull_many, or attribute) required", 2)
+    options.raise("osara.cached: pull (or pull_many, or attribute) required")
   end
   return setmetatable({ cache = container_cache(opts), key = opts.key or tostring,
                         expire = opts.expire or opts.ttl, pull = opts.pull, pull_many = pull_many,
@@ -529,7 +485,7 @@ end
 -- c:get_many(items [, pull_many]) -> values in the order asked (nil where
 -- nothing was found): one get_multi, then one pull of the misses only.
 function Cached:get_many(items, pull_many)
-  if type(items) ~= "table" then error("osara.cached: get_many takes a list", 2) end
+  if type(items) ~= "table" then options.raise("osara.cached: get_many takes a list") end
   pull_many = pull_many or self.pull_many
   local keys = {}
   for i, item in ipairs(items) do keys[i] = tostring(self.key(item)) end
@@ -568,7 +524,7 @@ function Cached:dirty(...)
   return self.cache:delete(tostring(self.key(...)))
 end
 
-setmetatable(M, { __call = function(_, opts) return new(opts, 3) end })
+setmetatable(M, { __call = function(_, opts) return new(opts) end })
 
 M.Cache = Cache
 return M

@@ -76,8 +76,9 @@ function M.parse(text, file, env)
   local data, err = yaml_c.load(text, file)
   if err then error(err, 0) end
   if data == nil then data = {} end
-  if type(data) ~= "table" then
-    error(("%s:1:1: the top of a config file must be a mapping, got a %s"):format(file, type(data)), 0)
+  if type(data) ~= "table" or data[1] ~= nil then
+    local what = type(data) == "table" and "list" or type(data)
+    error(("%s:1:1: the top of a config file must be a mapping, got a %s"):format(file, what), 0)
   end
   return M.apply_env(data, env or vm_c.environ("OSARA__"))
 end
@@ -91,21 +92,22 @@ function M.load()
     if required then error(("config: cannot read %s: %s"):format(file, err), 0) end
     text, file = "", nil
   end
+  if file then vm_c.track(file) end -- --watch reloads when it changes
   loaded = { data = M.parse(text, file or "config.yaml"), file = file }
   return loaded.data, loaded.file
 end
 
 function M.data() return (M.load()) end
 
--- section("cache", "memcached", level) -> config.cache.memcached, or raises
+-- section("cache", "memcached") -> config.cache.memcached, or raises
 -- naming what is missing and where it was looked for.
-function M.section(kind, name, level)
+function M.section(kind, name)
   local data, file = M.load()
   local t = data[kind]
   local v = type(t) == "table" and t[name] or nil
   if type(v) ~= "table" then
-    error(("osara.%s: no '%s.%s' in %s"):format(kind, kind, name, file or "config (no config.yaml beside the script)"),
-          (level or 1) + 1)
+    require("osara.options").raise(("osara.%s: no '%s.%s' in %s")
+      :format(kind, kind, name, file or "the config (no config.yaml beside the script)"))
   end
   local copy = {}
   for k, x in pairs(v) do copy[k] = x end
@@ -114,8 +116,8 @@ end
 
 -- resolve(kind, arg): a name becomes its section; a table stays as is.
 -- For constructors: osara.kafka "main" == osara.kafka(config.kafka.main).
-function M.resolve(kind, arg, level)
-  if type(arg) == "string" then return M.section(kind, arg, (level or 2) + 1) end
+function M.resolve(kind, arg)
+  if type(arg) == "string" then return M.section(kind, arg) end
   return arg
 end
 

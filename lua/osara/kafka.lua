@@ -110,7 +110,7 @@ local function new(user)
                         pending = {}, reply_topics = {} }, Client)
 end
 
-setmetatable(M, { __call = function(_, conf) return new(conf) end })
+setmetatable(M, { __call = function(_, conf) return new(require("osara.config").resolve("kafka", conf)) end })
 
 function Client:bootstrap()
   return self.c:bootstrap()

@@ -53,7 +53,7 @@ local function new(conf)
   return setmetatable({ c = client, key = key, checking = vm_c.mode() == "check" }, Client)
 end
 
-setmetatable(M, { __call = function(_, conf) return new(conf) end })
+setmetatable(M, { __call = function(_, conf) return new(require("osara.config").resolve("nats", conf)) end })
 
 function Client:url()
   return self.c:url()

@@ -206,11 +206,30 @@ define("store:watch", {
 })
 
 define("osara.cached", {
-  { "pull", "function", nil, "`pull(...) -> value` on a miss", required = true },
-  { "store", "store|string", "memory", "an `osara.store` or `\"memory\"`" },
-  { "key", "function", nil, "`key(...) -> string`", shown = "`tostring`" },
-  { "ttl", "number", nil, "seconds a cached value lives" },
-  { "name", "string", "default", "name of the memory store" },
+  { "pull", "function", nil, "`pull(...) -> value` on a miss (simple container)" },
+  { "pull_many", "function", nil, "`pull_many(items) -> { [item] = value }` for the misses (attribute container)" },
+  { "attribute", "list", nil, "`{ Table, \"column\" }`: the misses through `Table:get_in(column, items)`" },
+  { "cache", "table|string", nil, "an `osara.cache`, or a name from config.yaml", shown = "a memory cache" },
+  { "store", "store|string", nil, "an `osara.store` (values as it stores them) or `\"memory\"`" },
+  { "key", "function", nil, "`key(item) -> string`", shown = "`tostring`" },
+  { "expire", "number", nil, "seconds a cached value lives (none: until evicted)" },
+  { "ttl", "number", nil, "the same as `expire`" },
+  { "name", "string", nil, "ignored (named the memory store before caches existed)", hidden = true },
+})
+
+-- ---- caches ---------------------------------------------------------------------------
+
+define("osara.cache", {
+  { "type", "string", "memory", "`\"memory\"`, `\"store\"`, `\"redis\"` or `\"memcached\"`",
+    values = set("memory", "store", "redis", "memcached") },
+  { "prefix", "string", "", "put before every key" },
+  { "codec", "codec", "json", "how values are encoded" },
+  { "host", "string", nil, "redis: `\"host:port\"`", shown = "`\"127.0.0.1:6379\"`" },
+  { "hosts", "list|string", nil, "memcached: `{ \"host:port\", ... }`, spread by consistent hashing (redis: one)" },
+  { "db", "integer", nil, "redis: the database number", shown = "`0`" },
+  { "password", "string", nil, "redis: sent with AUTH" },
+  { "timeout", "number", 1, "redis, memcached: seconds to connect, and for each call" },
+  { "name", "string", nil, "store: the `osara.store` holding the values", shown = "`\"cache\"`" },
 })
 
 -- ---- schemas --------------------------------------------------------------------------
