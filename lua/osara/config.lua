@@ -114,10 +114,11 @@ function M.section(kind, name)
   return copy
 end
 
--- resolve(kind, arg): a name becomes its section; a table stays as is.
--- For constructors: osara.kafka "main" == osara.kafka(config.kafka.main).
+-- resolve(kind, arg): a name (letters, digits, '_', '-') becomes its
+-- section; anything else is the constructor's to check. For constructors:
+-- osara.kafka "main" == osara.kafka(config.kafka.main).
 function M.resolve(kind, arg)
-  if type(arg) == "string" then return M.section(kind, arg) end
+  if type(arg) == "string" and arg:match("^[%w_%-]+$") then return M.section(kind, arg) end
   return arg
 end
 

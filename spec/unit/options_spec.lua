@@ -58,6 +58,7 @@ local calls = {
   ["store:pairs"] = function(o) db:pairs("", o) end,
   ["store:watch"] = function(o) db:watch("", o):close() end,
   ["osara.cached"] = function(o) osara.cached(o) end,
+  ["osara.cache"] = function(o) osara.cache(o) end,
   ["osara.schema"] = function(o) osara.schema({ a = "string" }, o) end,
   ["osara.string"] = function(o) osara.string(o) end,
   ["osara.number"] = function(o) osara.number(o) end,
