@@ -35,16 +35,6 @@ local function concurrently(n, fn)
   return results
 end
 
--- Stops the app and checks it exited cleanly with no ERROR in its log.
-local function stop_clean(p)
-  p:kill("TERM")
-  local status = H.exit_status(p, 20)
-  H.drain(p)
-  assert.are.equal(0, status, p:output())
-  assert.is_nil(p:output():find(" ERROR ", 1, true), p:output())
-  assert.is_nil(p:output():find("Sanitizer", 1, true), p:output())
-end
-
 describe("osara.cache", function()
   setup(function()
     redis, mc1, mc2 = R.start(), MC.start(), MC.start()
@@ -258,7 +248,7 @@ end)
     r = R.start(rport)
     H.eventually(function() return hit("redis", "back").set end, 10, "redis back")
     H.expect(p, "cache redis 127.0.0.1:" .. rport .. " answers again", 5)
-    stop_clean(p)
+    H.stop(p)
     r.stop()
   end)
 end)
@@ -285,7 +275,6 @@ cache:
     host: 'localhost:1'
     prefix: kata_
 ]]):format(m1.addr, m2.addr))
-    local port = T.port()
     H.write(dir .. "/app.lua", [[
 local osara = require "osara"
 osara.route("GET", "/{name}", function(req, name)
@@ -295,9 +284,9 @@ osara.route("GET", "/{name}", function(req, name)
   return { ok = ok or false, err = err, got = c:get("k"), db = osara.config.cache.redis.db }
 end)
 ]])
-    local p = H.osara({ "run", "--http", "127.0.0.1:" .. port, dir .. "/app.lua" },
+    local p = H.osara({ "run", "--http", "127.0.0.1:0", dir .. "/app.lua" },
                       { OSARA__CACHE__REDIS__HOST = r.addr, OSARA__CACHE__REDIS__DB = "3" })
-    H.expect(p, "http: listening on", 10)
+    local port = T.listening(p)
     for _, name in ipairs { "memcached", "memory", "redis" } do
       local status, _, body = T.curl { ("http://127.0.0.1:%d/%s"):format(port, name) }
       assert.are.equal(200, status, body)
@@ -307,11 +296,10 @@ end)
       assert.are.equal(3, b.db)
     end
     -- db 3 from the environment: the value is in redis database 3
-    local cli = assert(osara.process.spawn { argv = { "redis-cli", "-p", tostring(r.port), "-n", "3", "GET", "kata_k" } })
-    assert.are.equal(0, cli:wait(10))
-    H.drain(cli)
+    local cli = H.child { "redis-cli", "-p", tostring(r.port), "-n", "3", "GET", "kata_k" }
+    H.finish(cli)
     assert.matches('{"from":"redis"}', cli:output(), 1, true)
-    stop_clean(p)
+    H.stop(p)
     r.stop()
     m1.stop()
     m2.stop()
@@ -321,7 +309,7 @@ end)
     local dir = H.tmpdir()
     H.write(dir .. "/config.yaml", "cache:\n  redis:\n    host: 'a\n  memory: {\n")
     H.write(dir .. "/app.lua", 'local osara = require "osara"\nlocal c = osara.cache "memory"\n')
-    local status, out = H.run({ "check", dir .. "/app.lua" })
+    local status, out = H.run({ "check", dir .. "/app.lua" }, 20, nil, { errors = { "config%.yaml:%d+:%d+: " } })
     assert.are.equal(1, status, out)
     local line = out:match("[^\n]*config%.yaml:[^\n]*")
     assert.truthy(line, out)
@@ -333,7 +321,8 @@ end)
     local dir = H.tmpdir()
     H.write(dir .. "/other.yaml", "cache:\n  local:\n    type: memory\n")
     H.write(dir .. "/app.lua", 'local osara = require "osara"\nlocal c = osara.cache "local"\nlocal d = osara.cache "nope"\n')
-    local status, out = H.run({ "check", "--config", dir .. "/other.yaml", dir .. "/app.lua" })
+    local status, out = H.run({ "check", "--config", dir .. "/other.yaml", dir .. "/app.lua" }, 20, nil,
+                              { errors = { "no 'cache.nope'" } })
     assert.are.equal(1, status, out)
     assert.matches("app.lua:3: osara.cache: no 'cache.nope' in " .. dir .. "/other.yaml", out, 1, true)
   end)
