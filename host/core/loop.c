@@ -62,21 +62,61 @@ void osara_inbox_drain(osara_inbox_t *inbox)
             uv_mutex_unlock(&inbox->mu);
             return;
         }
-        /* Swap: the posters get the old batch array as their new queue. */
+        /* Swap: the posters get the old batch array as their new queue.
+         * A nested drain (an event that drains) must not hand out the
+         * array the outer drain still reads: it takes the queue alone. */
+        int nested = inbox->draining != NULL;
         osara_event_t *batch = inbox->queue;
         size_t cap = inbox->cap;
-        inbox->queue = inbox->batch;
-        inbox->cap = inbox->batch_cap;
+        inbox->queue = nested ? NULL : inbox->batch;
+        inbox->cap = nested ? 0 : inbox->batch_cap;
         inbox->len = 0;
-        inbox->batch = batch;
-        inbox->batch_cap = cap;
+        if (!nested) {
+            inbox->batch = batch;
+            inbox->batch_cap = cap;
+        }
         uv_mutex_unlock(&inbox->mu);
         inbox->drained_batches++;
         inbox->drained_events += n;
-        for (size_t i = 0; i < n; i++) {
-            batch[i].fn(batch[i].arg, batch[i].arg2);
+        osara_drain_t d = {batch, 0, n, inbox->draining};
+        inbox->draining = &d;
+        while (d.next < d.len) {
+            osara_event_t *ev = &batch[d.next++];
+            ev->fn(ev->arg, ev->arg2);
+        }
+        inbox->draining = d.outer;
+        if (nested) {
+            free(batch);
         }
     }
+}
+
+static void dropped(void *arg, void *arg2)
+{
+    (void)arg;
+    (void)arg2;
+}
+
+static void drop_matching(osara_event_t *evs, size_t from, size_t to,
+                          int (*match)(const osara_event_t *, void *), void *ud)
+{
+    for (size_t i = from; i < to; i++) {
+        if (evs[i].fn != dropped && match(&evs[i], ud)) {
+            evs[i].fn = dropped;
+        }
+    }
+}
+
+void osara_inbox_cancel(osara_inbox_t *inbox,
+                        int (*match)(const osara_event_t *ev, void *ud),
+                        void *ud)
+{
+    for (osara_drain_t *d = inbox->draining; d; d = d->outer) {
+        drop_matching(d->batch, d->next, d->len, match, ud);
+    }
+    uv_mutex_lock(&inbox->mu);
+    drop_matching(inbox->queue, 0, inbox->len, match, ud);
+    uv_mutex_unlock(&inbox->mu);
 }
 
 static void on_closed(uv_handle_t *h)

@@ -20,6 +20,13 @@ typedef struct {
     void *arg, *arg2;
 } osara_event_t;
 
+/* The batch a drain is running (drains may nest: an event may drain). */
+typedef struct osara_drain_s {
+    osara_event_t *batch;
+    size_t next, len;
+    struct osara_drain_s *outer;
+} osara_drain_t;
+
 typedef struct osara_inbox_s {
     uv_async_t async;
     uv_mutex_t mu;
@@ -28,6 +35,7 @@ typedef struct osara_inbox_s {
     osara_event_t *batch; /* drained by the loop */
     size_t batch_cap;
     int closed;
+    osara_drain_t *draining; /* innermost running drain, loop thread only */
     size_t drained_batches, drained_events; /* for tests and metrics */
 } osara_inbox_t;
 
@@ -39,6 +47,13 @@ int osara_inbox_init(osara_inbox_t *inbox, uv_loop_t *loop);
  * or OSARA_ECLOSED after close (the event is not queued; the caller keeps
  * ownership of arg). */
 int osara_inbox_post(osara_inbox_t *inbox, osara_inbox_fn fn, void *arg, void *arg2);
+
+/* Drops the events for which match(ev, ud) is true, queued or left in a
+ * batch being drained: for a VM that closes while events that point into
+ * it are pending. Loop thread only. */
+void osara_inbox_cancel(osara_inbox_t *inbox,
+                        int (*match)(const osara_event_t *ev, void *ud),
+                        void *ud);
 
 /* Runs whatever is queued now, on the loop thread (used at shutdown). */
 void osara_inbox_drain(osara_inbox_t *inbox);

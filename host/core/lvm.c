@@ -124,6 +124,8 @@ osara_vm_t *osara_vm_new(osara_worker_t *w, unsigned gen)
 {
     osara_vm_t *vm = osara_xcalloc(1, sizeof(*vm));
     vm->w = w;
+    vm->loop = &w->loop;
+    vm->inbox = &w->inbox;
     vm->gen = gen;
     vm->accepting = 1;
     vm->L = luaL_newstate();
@@ -152,23 +154,17 @@ osara_vm_t *osara_vm_new(osara_worker_t *w, unsigned gen)
     return vm;
 }
 
-typedef struct {
-    double deadline;
-    double timeout;
-} load_limit_t;
-
-static load_limit_t load_limit;
-
 static void load_hook(lua_State *L, lua_Debug *ar)
 {
     (void)ar;
-    if (osara_monotonic() > load_limit.deadline) {
+    osara_vm_t *vm = osara_vm_from_L(L);
+    if (osara_monotonic() > vm->load_deadline) {
         char at[256];
         lua_sethook(L, NULL, 0, 0);
         /* In a hook, level 0 is the Lua function that was running. */
         luaL_error(L, "%s: script did not finish loading within %gs (an "
                       "endless loop at load time? raise --load-timeout)",
-                   osara_vm_where(L, 0, at, sizeof(at)), load_limit.timeout);
+                   osara_vm_where(L, 0, at, sizeof(at)), vm->load_timeout);
     }
 }
 
@@ -200,8 +196,8 @@ int osara_vm_load_script(osara_vm_t *vm, const char *path, double timeout)
     lua_remove(L, -2);               /* [errfn, load_script] */
     lua_pushstring(L, path);
     vm->loading = 1;
-    load_limit.timeout = timeout;
-    load_limit.deadline = osara_monotonic() + timeout;
+    vm->load_timeout = timeout;
+    vm->load_deadline = osara_monotonic() + timeout;
     /* Hooks do not fire in compiled traces: interpret while loading. */
     luaJIT_setmode(L, 0, LUAJIT_MODE_ENGINE | LUAJIT_MODE_OFF);
     lua_sethook(L, load_hook, LUA_MASKCOUNT, 10000);
@@ -245,20 +241,39 @@ void osara_vm_disown(osara_vm_t *vm, osara_own_t *own)
     free(own);
 }
 
+void osara_vm_own_late(osara_vm_t *vm, void (*close)(void *), void *ptr)
+{
+    osara_own_t *own = osara_xcalloc(1, sizeof(*own));
+    own->close = close;
+    own->ptr = ptr;
+    own->next = vm->owned_late;
+    vm->owned_late = own;
+}
+
+int osara_vm_owns_late(osara_vm_t *vm, void (*close)(void *), void *ptr)
+{
+    for (osara_own_t *own = vm->owned_late; own; own = own->next) {
+        if (own->close == close && own->ptr == ptr) {
+            return 1;
+        }
+    }
+    return 0;
+}
+
+/* Runs and frees every record of a list, newest first. */
+static void close_owned(osara_own_t **list)
+{
+    while (*list) {
+        osara_own_t *own = *list;
+        *list = own->next;
+        own->close(own->ptr);
+        free(own);
+    }
+}
+
 static void grace_closed(uv_handle_t *h)
 {
     free(h);
-}
-
-static void unlink_retiring(osara_vm_t *vm)
-{
-    osara_worker_t *w = vm->w;
-    for (osara_vm_t **p = &w->retiring; *p; p = &(*p)->next_retiring) {
-        if (*p == vm) {
-            *p = vm->next_retiring;
-            return;
-        }
-    }
 }
 
 void osara_vm_close(osara_vm_t *vm)
@@ -268,30 +283,25 @@ void osara_vm_close(osara_vm_t *vm)
     }
     vm->closing = 1;
     vm->accepting = 0;
-    unlink_retiring(vm);
+    if (vm->on_close) {
+        vm->on_close(vm); /* the worker forgets it */
+    }
     if (vm->grace_timer) {
         uv_close((uv_handle_t *)vm->grace_timer, grace_closed);
         vm->grace_timer = NULL;
     }
     osara_sched_cancel_all(vm);
-    while (vm->owned) {
-        osara_own_t *own = vm->owned;
-        vm->owned = own->next;
-        own->close(own->ptr);
-        free(own);
-    }
+    close_owned(&vm->owned);
     osara_registry_stop_all(&vm->reg);
     osara_registry_free(&vm->reg);
     lua_close(vm->L);
+    close_owned(&vm->owned_late);
     osara_sched_free(vm);
     for (int i = 0; i < vm->nfiles; i++) {
         free(vm->files[i]);
     }
     free(vm->files);
     free(vm->file_hashes);
-    if (vm->w->vm == vm) {
-        vm->w->vm = NULL;
-    }
     free(vm);
 }
 
@@ -304,34 +314,19 @@ static void on_grace(uv_timer_t *t)
     osara_vm_close(vm);
 }
 
-void osara_vm_retire(osara_vm_t *vm, double grace)
+int osara_vm_retire(osara_vm_t *vm, double grace)
 {
     vm->accepting = 0;
-    vm->next_retiring = vm->w->retiring;
-    vm->w->retiring = vm;
     osara_sched_cancel_load_tasks(vm);
     if (vm->inflight == 0) {
         osara_vm_close(vm);
-        return;
+        return 1;
     }
     vm->grace_timer = osara_xmalloc(sizeof(*vm->grace_timer));
-    uv_timer_init(&vm->w->loop, vm->grace_timer);
+    uv_timer_init(vm->loop, vm->grace_timer);
     vm->grace_timer->data = vm;
     uv_timer_start(vm->grace_timer, on_grace, (uint64_t)(grace * 1000), 0);
-}
-
-void osara_vm_idle(osara_vm_t *vm)
-{
-    if (vm->closing) {
-        return;
-    }
-    if (!vm->accepting && vm != vm->w->vm) {
-        osara_vm_close(vm);
-        return;
-    }
-    if (vm->w->stopping) {
-        osara_worker_stop(vm->w, vm->w->exit_code);
-    }
+    return 0;
 }
 
 /* FNV-1a over a file's bytes; 0 if unreadable. */

@@ -28,9 +28,16 @@ typedef struct osara_own_s {
 typedef struct osara_vm_s {
     lua_State *L;
     struct osara_worker_s *w;
+    uv_loop_t *loop;              /* the worker's, for the VM's handles */
+    struct osara_inbox_s *inbox;  /* the worker's, for deferred resumes */
+    /* Set by the worker: called when inflight drops to zero, and when the
+     * VM closes (before it is freed). The VM never calls the worker. */
+    void (*on_idle)(struct osara_vm_s *vm);
+    void (*on_close)(struct osara_vm_s *vm);
     unsigned gen;          /* worker generation this VM was loaded as */
     int accepting;         /* new entries may start */
     int loading;           /* the main chunk is running */
+    double load_deadline, load_timeout; /* its time limit (monotonic s) */
     int inflight;          /* coroutines started and not finished */
     int closing;
     osara_registry_t reg;  /* what the script registered */
@@ -38,6 +45,7 @@ typedef struct osara_vm_s {
     struct osara_co_s *all;
     int nidle;
     osara_own_t *owned;
+    osara_own_t *owned_late; /* released after lua_close */
     char **files;          /* script and user modules it loaded */
     unsigned long long *file_hashes;
     int nfiles;
@@ -62,13 +70,16 @@ int osara_vm_load_script(osara_vm_t *vm, const char *path, double timeout);
 osara_own_t *osara_vm_own(osara_vm_t *vm, void (*close)(void *), void *ptr);
 /* Forgets a resource (the caller closed it). */
 void osara_vm_disown(osara_vm_t *vm, osara_own_t *own);
+/* Records a resource released after the VM's lua_close, once its __gc's
+ * ran (a reference to a shared client those __gc's may still use). */
+void osara_vm_own_late(osara_vm_t *vm, void (*close)(void *), void *ptr);
+/* 1 if vm already holds (close, ptr) that way. */
+int osara_vm_owns_late(osara_vm_t *vm, void (*close)(void *), void *ptr);
 
-/* Stops new entries; closes the VM once its in-flight coroutines are done
- * or `grace` seconds pass. */
-void osara_vm_retire(osara_vm_t *vm, double grace);
-
-/* Called by the scheduler when vm->inflight drops to zero. */
-void osara_vm_idle(osara_vm_t *vm);
+/* Stops new entries and cancels the tasks its script started at load;
+ * closes the VM now if nothing is in flight, else after `grace` seconds
+ * unless the worker's on_idle closes it first. Returns 1 if it closed. */
+int osara_vm_retire(osara_vm_t *vm, double grace);
 
 /* Closes now: cancels waits, closes owned resources, lua_close. */
 void osara_vm_close(osara_vm_t *vm);

@@ -2,8 +2,10 @@
 
 #include <lauxlib.h>
 #include <lua.h>
+#include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
+#include <uv.h>
 
 #include "core/err.h"
 #include "core/log.h"
@@ -12,17 +14,19 @@
 
 #define MAX_KINDS 32
 
+/* Process-wide: every worker's VMs register the same kinds when they open
+ * their modules, from their own threads. */
 static const osara_reg_kind_t *kinds[MAX_KINDS];
 static int nkinds;
+static uv_mutex_t kinds_mu;
+static uv_once_t kinds_once = UV_ONCE_INIT;
 
-void osara_registry_kind(const osara_reg_kind_t *kind)
+static void kinds_init(void)
 {
-    if (osara_registry_find_kind(kind->name) == NULL && nkinds < MAX_KINDS) {
-        kinds[nkinds++] = kind;
-    }
+    uv_mutex_init(&kinds_mu);
 }
 
-const osara_reg_kind_t *osara_registry_find_kind(const char *name)
+static const osara_reg_kind_t *find_kind_locked(const char *name)
 {
     for (int i = 0; i < nkinds; i++) {
         if (strcmp(kinds[i]->name, name) == 0) {
@@ -30,6 +34,25 @@ const osara_reg_kind_t *osara_registry_find_kind(const char *name)
         }
     }
     return NULL;
+}
+
+void osara_registry_kind(const osara_reg_kind_t *kind)
+{
+    uv_once(&kinds_once, kinds_init);
+    uv_mutex_lock(&kinds_mu);
+    if (find_kind_locked(kind->name) == NULL && nkinds < MAX_KINDS) {
+        kinds[nkinds++] = kind;
+    }
+    uv_mutex_unlock(&kinds_mu);
+}
+
+const osara_reg_kind_t *osara_registry_find_kind(const char *name)
+{
+    uv_once(&kinds_once, kinds_init);
+    uv_mutex_lock(&kinds_mu);
+    const osara_reg_kind_t *kind = find_kind_locked(name);
+    uv_mutex_unlock(&kinds_mu);
+    return kind;
 }
 
 static char *dup_or_empty(const char *s)
@@ -80,16 +103,50 @@ osara_reg_entry_t *osara_registry_add(osara_registry_t *reg,
     return e;
 }
 
+typedef struct {
+    osara_reg_entry_t *e;
+    int rc;
+} start_call_t;
+
+static int start_unprotected(lua_State *L)
+{
+    start_call_t *call = lua_touserdata(L, 1);
+    call->rc = call->e->kind->start(call->e);
+    return 0;
+}
+
+/* A kind's start may raise a Lua error on its VM's state (a bad option
+ * found late): caught here, it fails that entry instead of the process. */
+static int start_protected(osara_reg_entry_t *e)
+{
+    if (e->kind->start == NULL) {
+        return 0;
+    }
+    if (e->vm == NULL) {
+        return e->kind->start(e);
+    }
+    start_call_t call = {e, 0};
+    lua_State *L = e->vm->L;
+    if (lua_cpcall(L, start_unprotected, &call) != 0) {
+        const char *msg = lua_tostring(L, -1);
+        call.rc = osara_err_set(OSARA_EINVAL, "%s", msg ? msg : "error in start");
+        lua_pop(L, 1);
+    }
+    return call.rc;
+}
+
+/* Starts e; on failure the message names the entry (osara_err_msg). */
 static int start(osara_reg_entry_t *e)
 {
-    int rc = e->kind->start ? e->kind->start(e) : 0;
+    int rc = start_protected(e);
     if (rc == 0) {
         e->active = 1;
-    } else {
-        OSARA_ERROR("cannot start %s '%s' (%s): %s", e->kind->name, e->key,
-                    e->where, osara_err_msg());
+        return 0;
     }
-    return rc;
+    char msg[1024];
+    snprintf(msg, sizeof(msg), "%s", osara_err_msg());
+    return osara_err_set(rc, "cannot start %s '%s' (%s): %s", e->kind->name,
+                         e->key, e->where, msg);
 }
 
 static void stop(osara_reg_entry_t *e)
@@ -105,25 +162,59 @@ int osara_registry_start_all(osara_registry_t *reg)
     int first = 0;
     for (osara_reg_entry_t *e = reg->head; e; e = e->next) {
         int rc = start(e);
-        if (rc != 0 && first == 0) {
-            first = rc;
+        if (rc != 0) {
+            OSARA_ERROR("%s", osara_err_msg());
+            first = first ? first : rc;
         }
     }
     return first;
+}
+
+/* What apply did to an entry, so that a failed apply can be undone. */
+enum { UNDO_NONE = 0, UNDO_STOPPED, UNDO_ADOPTED, UNDO_STARTED };
+
+static void adopt(osara_reg_entry_t *to, osara_reg_entry_t *from)
+{
+    if (to->kind->adopt) {
+        to->kind->adopt(to, from);
+    }
+    from->active = 0;
+    to->active = 1;
+}
+
+/* Serves old again: new entries stop first (nothing runs twice side by
+ * side), adopted resources go back, stopped old entries start again. */
+static void rollback(osara_registry_t *old, osara_registry_t *neu)
+{
+    for (osara_reg_entry_t *n = neu->head; n; n = n->next) {
+        if (n->undo == UNDO_ADOPTED) {
+            adopt(find(old, n->kind, n->key), n);
+        } else if (n->undo == UNDO_STARTED) {
+            stop(n);
+        }
+        n->undo = UNDO_NONE;
+    }
+    for (osara_reg_entry_t *o = old->head; o; o = o->next) {
+        if (o->undo == UNDO_STOPPED && start(o) != 0) {
+            OSARA_ERROR("rolling back: %s", osara_err_msg());
+        }
+        o->undo = UNDO_NONE;
+    }
 }
 
 int osara_registry_apply(osara_registry_t *old, osara_registry_t *neu,
                          osara_reg_diff_t *diff)
 {
     osara_reg_diff_t d = {0};
-    int first = 0;
     /* Stop what disappeared or changed first, so a restarted entry never
      * runs twice side by side. */
     for (osara_reg_entry_t *o = old->head; o; o = o->next) {
         osara_reg_entry_t *n = find(neu, o->kind, o->key);
+        o->undo = UNDO_NONE;
         if (n == NULL || strcmp(n->sig, o->sig) != 0) {
             if (o->active) {
                 n ? d.restarted++ : d.stopped++;
+                o->undo = UNDO_STOPPED;
             }
             stop(o);
         }
@@ -131,18 +222,19 @@ int osara_registry_apply(osara_registry_t *old, osara_registry_t *neu,
     for (osara_reg_entry_t *n = neu->head; n; n = n->next) {
         osara_reg_entry_t *o = find(old, n->kind, n->key);
         if (o != NULL && o->active && strcmp(n->sig, o->sig) == 0) {
-            if (n->kind->adopt) {
-                n->kind->adopt(n, o);
-            }
-            o->active = 0;
-            n->active = 1;
+            adopt(n, o);
+            n->undo = UNDO_ADOPTED;
             d.kept++;
             continue;
         }
         int rc = start(n);
-        if (rc != 0 && first == 0) {
-            first = rc;
+        if (rc != 0) {
+            char msg[1024];
+            snprintf(msg, sizeof(msg), "%s", osara_err_msg());
+            rollback(old, neu);
+            return osara_err_set(rc, "%s", msg);
         }
+        n->undo = UNDO_STARTED;
         if (o == NULL) {
             d.started++;
         }
@@ -150,7 +242,7 @@ int osara_registry_apply(osara_registry_t *old, osara_registry_t *neu,
     if (diff) {
         *diff = d;
     }
-    return first;
+    return 0;
 }
 
 void osara_registry_stop_all(osara_registry_t *reg)

@@ -36,6 +36,7 @@ struct osara_reg_entry_s {
     int optsref;  /* options table in vm's registry (LUA_NOREF if none) */
     void *impl;   /* the kind's running resource */
     int active;
+    int undo;     /* what the running apply did to it (registry.c) */
     osara_reg_entry_t *next;
 };
 
@@ -61,11 +62,15 @@ osara_reg_entry_t *osara_registry_add(osara_registry_t *reg,
                                       struct osara_vm_s *vm, int fnref,
                                       int optsref);
 
-/* Starts every entry of reg (first load). Returns 0 or the first error. */
+/* Starts every entry of reg (first load), protected as in apply. Returns 0
+ * or the first error (the other entries are still started). */
 int osara_registry_start_all(osara_registry_t *reg);
 
 /* Serves `neu` instead of `old`: adopt, start, stop as described above.
- * Returns 0, or the first start error (the other entries still apply). */
+ * All or nothing: when an entry of neu fails to start, what was done is
+ * undone (old is served as before, neu has nothing active) and the error
+ * naming the entry is returned. Kinds' start is called protected: a Lua
+ * error it raises fails the entry. */
 int osara_registry_apply(osara_registry_t *old, osara_registry_t *neu,
                          osara_reg_diff_t *diff);
 

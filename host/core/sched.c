@@ -1,16 +1,17 @@
 #include "core/sched.h"
 
 #include <lauxlib.h>
+#include <stdint.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
 
 #include "core/err.h"
 #include "core/log.h"
+#include "core/loop.h"
 #include "core/lvm.h"
 #include "core/mem.h"
 #include "core/metrics.h"
-#include "core/worker.h"
 
 struct osara_co_s {
     lua_State *thread;
@@ -33,16 +34,28 @@ struct osara_co_s {
     struct osara_co_s *next_all;
 };
 
+/* Process-wide series, looked up once for every worker thread. */
 static osara_metric_t *m_errors, *m_started;
+static uv_once_t metrics_once = UV_ONCE_INIT;
 
-static void count(osara_metric_t **m, const char *name, const char *help)
+static void metrics_init(void)
 {
-    if (*m == NULL) {
-        *m = osara_metrics_counter(name, help, NULL);
-    }
+    m_errors = osara_metrics_counter("osara_lua_errors_total",
+                                     "errors raised by user Lua code", NULL);
+    m_started = osara_metrics_counter("osara_coroutines_started_total",
+                                      "entries into user code", NULL);
+}
+
+static void count(osara_metric_t **m)
+{
+    uv_once(&metrics_once, metrics_init);
     osara_metric_add(*m, 1);
 }
 
+/* The pooled coroutine resumed on this thread (one worker per thread). */
+static _Thread_local osara_co_t *running;
+
+osara_co_t *osara_sched_running(void) { return running; }
 lua_State *osara_co_thread(osara_co_t *co) { return co->thread; }
 void osara_co_set_user(osara_co_t *co, void *user) { co->user = user; }
 void *osara_co_user(osara_co_t *co) { return co->user; }
@@ -110,8 +123,7 @@ static void log_error(osara_co_t *co)
         msg = lua_type(T, -1) == LUA_TTABLE ? "(error object is a table)"
                                             : "(error object is not a string)";
     }
-    count(&m_errors, "osara_lua_errors_total",
-          "errors raised by user Lua code");
+    count(&m_errors);
     OSARA_ERROR("error in %s: %s", co->what, msg);
     if (osara_log_enabled(OSARA_LOG_DEBUG)) {
         luaL_traceback(co->vm->L, T, msg, 0);
@@ -129,12 +141,11 @@ static void finish(osara_co_t *co, int ok)
     co->done = NULL;
     release(co, !ok);
     vm->inflight--;
-    if (vm->inflight == 0) {
-        osara_vm_idle(vm);
+    if (vm->inflight == 0 && vm->on_idle) {
+        vm->on_idle(vm);
     }
 }
 
-static void on_resume_later(void *arg, void *unused);
 
 static void stop_deadline(osara_co_t *co)
 {
@@ -169,12 +180,11 @@ static void cancel_wait(osara_co_t *co)
 /* The one caller of lua_resume. */
 static int resume(osara_co_t *co, int nargs)
 {
-    osara_worker_t *w = co->vm->w;
-    osara_co_t *prev = w->running;
-    w->running = co;
+    osara_co_t *prev = running;
+    running = co;
     end_wait(co);
     int rc = lua_resume(co->thread, nargs);
-    w->running = prev;
+    running = prev;
     if (rc == LUA_YIELD) {
         if (!co->waiting) {
             /* A bare coroutine.yield() from the entry function: treat as a
@@ -207,8 +217,7 @@ int osara_sched_run(osara_co_t *co, int nargs, osara_co_done_fn done,
     memcpy(co->what, what ? what : "", n); /* per entry: no printf on the hot path */
     co->what[n] = '\0';
     co->vm->inflight++;
-    count(&m_started, "osara_coroutines_started_total",
-          "entries into user code");
+    count(&m_started);
     return resume(co, nargs);
 }
 
@@ -227,9 +236,7 @@ int osara_sched_spawn(osara_vm_t *vm, int nargs, int force,
 
 osara_co_t *osara_sched_current(lua_State *L)
 {
-    osara_worker_t *w = osara_worker_from_L(L);
-    osara_co_t *co = w ? w->running : NULL;
-    return co && co->thread == L ? co : NULL;
+    return running && running->thread == L ? running : NULL;
 }
 
 static int push_timeout(lua_State *T, void *unused)
@@ -257,7 +264,7 @@ static void on_deadline(uv_timer_t *t)
 
 static void arm_deadline(osara_co_t *co, double timeout)
 {
-    uv_loop_t *loop = &co->vm->w->loop;
+    uv_loop_t *loop = co->vm->loop;
     if (co->timer == NULL) {
         co->timer = osara_xmalloc(sizeof(*co->timer));
         uv_timer_init(loop, co->timer);
@@ -310,11 +317,12 @@ int osara_sched_resume(osara_co_t *co, int nret)
     return resume(co, nret);
 }
 
-static void on_resume_later(void *arg, void *unused)
+/* arg2 carries the sequence number the wake-up was for: a coroutine that
+ * was cancelled and reused since then is not resumed by it. */
+static void on_resume_later(void *arg, void *seq)
 {
-    (void)unused;
     osara_co_t *co = arg;
-    if (co->vm->closing || !co->waiting) {
+    if (co->vm->closing || !co->waiting || co->seq != (unsigned)(uintptr_t)seq) {
         return;
     }
     int n = co->pending_nret;
@@ -327,7 +335,8 @@ void osara_sched_resume_later(osara_co_t *co, int nret)
     co->pending_nret = nret;
     co->cleanup = NULL;
     stop_deadline(co); /* woken: the deadline must not resume it as well */
-    if (osara_inbox_post(&co->vm->w->inbox, on_resume_later, co, NULL) != 0) {
+    void *seq = (void *)(uintptr_t)co->seq;
+    if (osara_inbox_post(co->vm->inbox, on_resume_later, co, seq) != 0) {
         lua_pop(co->thread, nret);
     }
 }
@@ -412,7 +421,7 @@ void osara_sched_future_complete(osara_sched_future_t *f, osara_push_fn push,
     f->waiter.co = NULL;
     int n = push(co->thread, ud);
     co->cleanup = NULL; /* completed, not cancelled */
-    if (co->vm->w->running != NULL) {
+    if (running != NULL) {
         osara_sched_resume_later(co, n);
     } else {
         resume(co, n);
@@ -453,8 +462,15 @@ static void timer_closed(uv_handle_t *h)
     free(h);
 }
 
+static int is_resume_of(const osara_event_t *ev, void *vm)
+{
+    return ev->fn == on_resume_later && ((osara_co_t *)ev->arg)->vm == vm;
+}
+
 void osara_sched_free(osara_vm_t *vm)
 {
+    /* Queued wake-ups point at the coroutines freed here. */
+    osara_inbox_cancel(vm->inbox, is_resume_of, vm);
     osara_co_t *co = vm->all;
     while (co) {
         osara_co_t *next = co->next_all;

@@ -49,6 +49,10 @@ int osara_sched_spawn(struct osara_vm_s *vm, int nargs, int force,
  * (the main thread, or a coroutine the user created). */
 osara_co_t *osara_sched_current(lua_State *L);
 
+/* The pooled coroutine resumed on this thread now, whatever its state; NULL
+ * when no Lua code runs from the scheduler. */
+osara_co_t *osara_sched_running(void);
+
 /* Pushes the results of a wait onto L; returns how many it pushed. */
 typedef int (*osara_push_fn)(lua_State *L, void *ud);
 

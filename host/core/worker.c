@@ -41,11 +41,56 @@ osara_worker_t *osara_worker_from_L(lua_State *L)
 
 /* ---- shared resources --------------------------------------------------- */
 
+/* The VM whose Lua code is calling into C now. */
+static osara_vm_t *calling_vm(osara_worker_t *w)
+{
+    osara_co_t *co = osara_sched_running();
+    if (co != NULL && osara_co_vm(co)->w == w) {
+        return osara_co_vm(co);
+    }
+    return w->loading ? w->loading : w->vm;
+}
+
+static void shared_close(osara_shared_t *s)
+{
+    osara_worker_t *w = s->w;
+    for (osara_shared_t **p = &w->shared; *p; p = &(*p)->next) {
+        if (*p == s) {
+            *p = s->next;
+            break;
+        }
+    }
+    if (s->close) {
+        s->close(s->ptr);
+    }
+    free(s->key);
+    free(s);
+}
+
+/* A VM's reference, dropped after its lua_close (osara_vm_own_late). */
+static void shared_release(void *ptr)
+{
+    osara_shared_t *s = ptr;
+    if (--s->refs == 0) {
+        shared_close(s);
+    }
+}
+
+/* One reference per VM, however often the VM asks. */
+static void shared_hold(osara_shared_t *s, osara_vm_t *vm)
+{
+    if (vm == NULL || osara_vm_owns_late(vm, shared_release, s)) {
+        return;
+    }
+    s->refs++;
+    osara_vm_own_late(vm, shared_release, s);
+}
+
 void *osara_worker_shared_get(osara_worker_t *w, const char *key)
 {
     for (osara_shared_t *s = w->shared; s; s = s->next) {
         if (strcmp(s->key, key) == 0) {
-            s->last_gen = w->gen;
+            shared_hold(s, calling_vm(w));
             return s->ptr;
         }
     }
@@ -59,34 +104,25 @@ void osara_worker_shared_put(osara_worker_t *w, const char *key, void *ptr,
     s->key = osara_xstrdup(key);
     s->ptr = ptr;
     s->close = close;
-    s->first_gen = s->last_gen = w->gen;
+    s->w = w;
     s->next = w->shared;
     w->shared = s;
+    osara_vm_t *vm = calling_vm(w);
+    if (vm == NULL) {
+        /* Not reachable from Lua: the worker holds it until it stops. */
+        s->refs = 1;
+        return;
+    }
+    shared_hold(s, vm);
 }
 
-/* Closes shared resources matching `pred`; newest first. */
-static void shared_close_if(osara_worker_t *w, int (*pred)(osara_shared_t *, unsigned),
-                            unsigned gen)
+/* At stop, after every VM closed: what no VM held (see put). */
+static void shared_close_all(osara_worker_t *w)
 {
-    osara_shared_t **p = &w->shared;
-    while (*p) {
-        osara_shared_t *s = *p;
-        if (pred(s, gen)) {
-            *p = s->next;
-            if (s->close) {
-                s->close(s->ptr);
-            }
-            free(s->key);
-            free(s);
-        } else {
-            p = &s->next;
-        }
+    while (w->shared) {
+        shared_close(w->shared);
     }
 }
-
-static int unused_since(osara_shared_t *s, unsigned gen) { return s->last_gen < gen; }
-static int created_by(osara_shared_t *s, unsigned gen) { return s->first_gen == gen; }
-static int any(osara_shared_t *s, unsigned gen) { (void)s; (void)gen; return 1; }
 
 /* ---- paths -------------------------------------------------------------- */
 
@@ -217,10 +253,9 @@ static void watch_files(osara_worker_t *w)
     if (!w->opts.watch || w->vm == NULL) {
         return;
     }
-    static uv_fs_event_t *old;
     unwatch(w);
-    free(old);
-    old = w->watchers;
+    free(w->old_watchers); /* closed a reload ago: their callbacks ran */
+    w->old_watchers = w->watchers;
     w->watchers = osara_xcalloc((size_t)w->vm->nfiles, sizeof(uv_fs_event_t));
     for (int i = 0; i < w->vm->nfiles; i++) {
         char *dir = dir_of(w->vm->files[i]);
@@ -246,6 +281,36 @@ static void watch_files(osara_worker_t *w)
 
 /* ---- load / reload --------------------------------------------------------- */
 
+/* A VM with nothing in flight: a retired one closes, a stop continues. */
+static void vm_idle(osara_vm_t *vm)
+{
+    osara_worker_t *w = vm->w;
+    if (vm->closing) {
+        return;
+    }
+    if (!vm->accepting && vm != w->vm) {
+        osara_vm_close(vm);
+        return;
+    }
+    if (w->stopping) {
+        osara_worker_stop(w, w->exit_code);
+    }
+}
+
+static void vm_closed(osara_vm_t *vm)
+{
+    osara_worker_t *w = vm->w;
+    for (osara_vm_t **p = &w->retiring; *p; p = &(*p)->next_retiring) {
+        if (*p == vm) {
+            *p = vm->next_retiring;
+            break;
+        }
+    }
+    if (w->vm == vm) {
+        w->vm = NULL;
+    }
+}
+
 static osara_vm_t *load_new_vm(osara_worker_t *w)
 {
     w->gen++;
@@ -253,15 +318,19 @@ static osara_vm_t *load_new_vm(osara_worker_t *w)
     if (vm == NULL) {
         return NULL;
     }
+    vm->on_idle = vm_idle;
+    vm->on_close = vm_closed;
     if (w->opts.mode == OSARA_MODE_TEST) {
         return vm;
     }
-    if (osara_vm_load_script(vm, w->script_path, w->opts.load_timeout) != 0) {
+    w->loading = vm;
+    int rc = osara_vm_load_script(vm, w->script_path, w->opts.load_timeout);
+    w->loading = NULL;
+    if (rc != 0) {
         char msg[1024];
         snprintf(msg, sizeof(msg), "%s", osara_err_msg());
         vm->accepting = 0;
-        osara_vm_close(vm);
-        shared_close_if(w, created_by, w->gen);
+        osara_vm_close(vm); /* releases what only it held */
         osara_err_set(OSARA_ESCRIPT, "%s", msg);
         return NULL;
     }
@@ -277,6 +346,20 @@ int osara_worker_reload(osara_worker_t *w, const char *why)
     w->reload_started = 0;
     osara_vm_t *old = w->vm;
     osara_vm_t *vm = load_new_vm(w);
+    osara_reg_diff_t diff;
+    if (vm != NULL) {
+        w->vm = vm;
+        if (osara_registry_apply(&old->reg, &vm->reg, &diff) != 0) {
+            /* Rolled back: the old version serves as before. */
+            char msg[1024];
+            snprintf(msg, sizeof(msg), "%s", osara_err_msg());
+            w->vm = old;
+            vm->accepting = 0;
+            osara_vm_close(vm);
+            osara_err_set(OSARA_ESCRIPT, "%s", msg);
+            vm = NULL;
+        }
+    }
     if (vm == NULL) {
         w->reload_failures++;
         osara_metric_add(osara_metrics_counter("osara_reload_failures_total",
@@ -286,10 +369,9 @@ int osara_worker_reload(osara_worker_t *w, const char *why)
         watch_files(w); /* keep watching the files of the serving VM */
         return OSARA_ESCRIPT;
     }
-    osara_reg_diff_t diff;
-    w->vm = vm;
-    osara_registry_apply(&old->reg, &vm->reg, &diff);
-    shared_close_if(w, unused_since, w->gen);
+    /* What the new version stopped naming closes with the old VM. */
+    old->next_retiring = w->retiring;
+    w->retiring = old;
     osara_vm_retire(old, w->opts.grace);
     w->reloads++;
     osara_metric_add(osara_metrics_counter("osara_reloads_total",
@@ -321,7 +403,7 @@ static void finish_stop(osara_worker_t *w)
     if (w->vm) {
         osara_vm_close(w->vm);
     }
-    shared_close_if(w, any, 0);
+    shared_close_all(w);
     unwatch(w);
     osara_inbox_close(&w->inbox);
     uv_close((uv_handle_t *)&w->sigint, NULL);
@@ -427,7 +509,8 @@ int osara_worker_run(osara_worker_t *w)
     uv_walk(&w->loop, close_walk, NULL);
     uv_run(&w->loop, UV_RUN_DEFAULT);
     free(w->watchers);
-    w->watchers = NULL;
+    free(w->old_watchers);
+    w->watchers = w->old_watchers = NULL;
     return w->exit_code;
 }
 
@@ -438,6 +521,7 @@ void osara_worker_free(osara_worker_t *w)
     free(w->script_dir);
     free(w->data_dir);
     free(w->watchers);
+    free(w->old_watchers);
     w->script_path = w->script_dir = w->data_dir = NULL;
-    w->watchers = NULL;
+    w->watchers = w->old_watchers = NULL;
 }

@@ -33,13 +33,19 @@ typedef struct {
     const char *test_output; /* busted output handler name */
 } osara_worker_opts_t;
 
-/* A C resource that survives reloads (a broker client), keyed by what
- * identifies it (kind + configuration). */
+/* A C resource that survives reloads (a broker client, a store
+ * environment, an HTTP listener), keyed by what identifies it (kind +
+ * configuration). Every VM that got it holds one reference, released after
+ * that VM's lua_close (its __gc's may still use the resource); the resource
+ * closes when the last VM holding it has closed. So a reload that stops
+ * naming a client leaves it open while the retiring VM's handlers and
+ * receipts run, and closes it once they are done. */
 typedef struct osara_shared_s {
     char *key;
     void *ptr;
     void (*close)(void *ptr);
-    unsigned last_gen, first_gen;
+    int refs; /* VMs holding it */
+    struct osara_worker_s *w;
     struct osara_shared_s *next;
 } osara_shared_t;
 
@@ -53,7 +59,7 @@ typedef struct osara_worker_s {
     char *data_dir;
     struct osara_vm_s *vm;       /* serving */
     struct osara_vm_s *retiring; /* old VMs finishing their work */
-    struct osara_co_s *running;  /* pooled coroutine currently resumed */
+    struct osara_vm_s *loading;  /* VM whose main chunk runs, else NULL */
     unsigned gen;                /* generation of the newest load */
     osara_shared_t *shared;
     int stopping;
@@ -63,6 +69,7 @@ typedef struct osara_worker_s {
     uv_timer_t stop_timer;
     uv_timer_t watch_timer;
     uv_fs_event_t *watchers;
+    uv_fs_event_t *old_watchers; /* closing; freed on the next reload */
     int nwatchers;
     double reload_started;
     unsigned long long reloads, reload_failures;
@@ -86,11 +93,12 @@ void osara_worker_stop(osara_worker_t *w, int exit_code);
  * error and keeps serving the old VM. Returns 0 or OSARA_ESCRIPT. */
 int osara_worker_reload(osara_worker_t *w, const char *why);
 
-/* Shared resources: get marks the resource as used by the generation
- * being loaded; NULL if there is none under key. */
+/* Shared resources, for the VM whose Lua code calls (the running
+ * coroutine's, or the one loading its script): get returns the resource
+ * under key and makes that VM hold it; NULL if there is none. */
 void *osara_worker_shared_get(osara_worker_t *w, const char *key);
-/* Adds a resource (after get returned NULL). close runs on the loop thread
- * when no generation uses it any longer, or at stop. */
+/* Adds a resource (after get returned NULL), held by the calling VM. close
+ * runs on the loop thread once no VM holds it any longer. */
 void osara_worker_shared_put(osara_worker_t *w, const char *key, void *ptr,
                              void (*close)(void *ptr));
 

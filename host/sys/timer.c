@@ -35,7 +35,15 @@ typedef struct {
     osara_timer_t *t;
 } timer_ud_t;
 
-static osara_metric_t *m_skipped;
+static osara_metric_t *m_skipped; /* process-wide, set once */
+static uv_once_t metrics_once = UV_ONCE_INIT;
+
+static void metrics_init(void)
+{
+    m_skipped = osara_metrics_counter(
+        "osara_timer_ticks_skipped_total",
+        "timer ticks skipped because the previous tick still ran", NULL);
+}
 
 static void timer_unref(osara_timer_t *t)
 {
@@ -75,11 +83,7 @@ static void on_tick(uv_timer_t *h)
 {
     osara_timer_t *t = h->data;
     if (t->running) {
-        if (m_skipped == NULL) {
-            m_skipped = osara_metrics_counter(
-                "osara_timer_ticks_skipped_total",
-                "timer ticks skipped because the previous tick still ran", NULL);
-        }
+        uv_once(&metrics_once, metrics_init);
         osara_metric_add(m_skipped, 1);
         return;
     }
@@ -121,9 +125,12 @@ static int kind_start(osara_reg_entry_t *e)
 static void kind_adopt(osara_reg_entry_t *e, osara_reg_entry_t *old)
 {
     osara_timer_t *t = e->impl, *o = old->impl;
-    /* Keep the running libuv timer (and its phase): hand it over. */
+    /* Keep the running libuv timer (and its phase): hand it over. An
+     * `after` that already fired has none: it does not fire again. */
     t->handle = o->handle;
-    t->handle->data = t;
+    if (t->handle) {
+        t->handle->data = t;
+    }
     t->entry = e;
     o->handle = NULL;
 }

@@ -16,17 +16,9 @@
 #include "core/worker.h"
 #include "transport/transport.h"
 
-static int failures;
+#include "check.h"
 
-#define CHECK(cond)                                                        \
-    do {                                                                   \
-        if (!(cond)) {                                                     \
-            fprintf(stderr, "%s:%d: check failed: %s\n", __FILE__, __LINE__, \
-                    #cond);                                                \
-            failures++;                                                    \
-            return;                                                        \
-        }                                                                  \
-    } while (0)
+int osara_test_failures;
 
 /* ---- inbox ---------------------------------------------------------------- */
 
@@ -37,7 +29,7 @@ static void count_event(void *arg, void *unused)
     seen += (int)(intptr_t)arg;
 }
 
-static void test_inbox_drains_in_batches(void)
+void test_inbox_drains_in_batches(void)
 {
     uv_loop_t loop;
     uv_loop_init(&loop);
@@ -78,7 +70,7 @@ static void on_check_done(uv_timer_t *t)
     }
 }
 
-static void test_inbox_accepts_posts_from_threads(void)
+void test_inbox_accepts_posts_from_threads(void)
 {
     uv_loop_t loop;
     uv_loop_init(&loop);
@@ -103,7 +95,7 @@ static void test_inbox_accepts_posts_from_threads(void)
     CHECK(uv_loop_close(&loop) == 0);
 }
 
-static void test_inbox_rejects_after_close(void)
+void test_inbox_rejects_after_close(void)
 {
     uv_loop_t loop;
     uv_loop_init(&loop);
@@ -117,7 +109,7 @@ static void test_inbox_rejects_after_close(void)
 
 /* ---- metrics -------------------------------------------------------------- */
 
-static void test_metrics_render_prometheus_text(void)
+void test_metrics_render_prometheus_text(void)
 {
     osara_metric_t *a = osara_metrics_counter("t_total", "a test", "topic=\"x\"");
     osara_metric_t *b = osara_metrics_counter("t_total", "a test", "topic=\"y\"");
@@ -137,7 +129,7 @@ static void test_metrics_render_prometheus_text(void)
     free(text);
 }
 
-static void test_metrics_histogram_buckets(void)
+void test_metrics_histogram_buckets(void)
 {
     osara_metric_t *h = osara_metrics_histogram("t_seconds", "latency", "route=\"/\"");
     osara_metric_observe(h, 0.0004);
@@ -164,7 +156,7 @@ static void k_adopt(osara_reg_entry_t *e, osara_reg_entry_t *o)
 }
 static const osara_reg_kind_t kind = {"fake", k_start, k_adopt, k_stop, NULL};
 
-static void test_registry_diff_adopts_unchanged(void)
+void test_registry_diff_adopts_unchanged(void)
 {
     osara_registry_t old = {0}, neu = {0};
     osara_registry_add(&old, &kind, "a", "1", "x:1", "", NULL, -1, -1);
@@ -188,7 +180,7 @@ static void test_registry_diff_adopts_unchanged(void)
     osara_registry_free(&neu);
 }
 
-static void test_registry_rejects_duplicate_keys(void)
+void test_registry_rejects_duplicate_keys(void)
 {
     osara_registry_t reg = {0};
     CHECK(osara_registry_add(&reg, &kind, "a", "", "x:1", "", NULL, -1, -1));
@@ -197,7 +189,7 @@ static void test_registry_rejects_duplicate_keys(void)
     osara_registry_free(&reg);
 }
 
-static void test_err_records_message(void)
+void test_err_records_message(void)
 {
     CHECK(osara_err_set(OSARA_EINVAL, "bad %s %d", "thing", 7) == OSARA_EINVAL);
     CHECK(strcmp(osara_err_msg(), "bad thing 7") == 0);
@@ -212,7 +204,7 @@ static void count_release(osara_input_t *in)
     released++;
 }
 
-static void test_offsets_commit_contiguous_prefix(void)
+void test_offsets_commit_contiguous_prefix(void)
 {
     osara_offsets_t o = {.committable = -1};
     osara_input_t in[4] = {{.offset = 10}, {.offset = 11}, {.offset = 12}, {.offset = 13}};
@@ -233,6 +225,26 @@ static void test_offsets_commit_contiguous_prefix(void)
     in[3].handler_done = 1;
     CHECK(osara_offsets_advance(&o, count_release) == 0);
     CHECK(o.committable == 12);
+}
+
+/* Offsets need not be contiguous (compacted topics, transactions): the
+ * position is one past the last done input; an emptied list refills. */
+void test_offsets_advance_past_gaps_and_refill_after_empty(void)
+{
+    osara_offsets_t o = {.committable = -1};
+    osara_input_t a = {.offset = 5}, b = {.offset = 9}, c = {.offset = 20};
+    osara_offsets_push(&o, &a);
+    osara_offsets_push(&o, &b);
+    a.handler_done = b.handler_done = 1;
+    released = 0;
+    CHECK(osara_offsets_advance(&o, count_release) == 1);
+    CHECK(o.committable == 10 && o.count == 0 && !o.head && !o.tail);
+    CHECK(released == 2);
+    CHECK(osara_offsets_advance(&o, count_release) == 0); /* nothing new */
+    osara_offsets_push(&o, &c);
+    CHECK(o.head == &c && o.tail == &c);
+    c.handler_done = 1;
+    CHECK(osara_offsets_advance(&o, NULL) == 1 && o.committable == 21);
 }
 
 /* ---- transport lanes ------------------------------------------------------ */
@@ -308,6 +320,7 @@ static int lane_setup(void)
 {
     memset(&lt, 0, sizeof(lt));
     uv_loop_init(&lt.w.loop);
+    osara_inbox_init(&lt.w.inbox, &lt.w.loop);
     lt.w.script_dir = ".";
     lt.vm = osara_vm_new(&lt.w, 1);
     if (lt.vm == NULL) {
@@ -330,10 +343,17 @@ static int lane_setup(void)
     return 0;
 }
 
+static void lane_loop_close(void)
+{
+    osara_inbox_close(&lt.w.inbox);
+    uv_run(&lt.w.loop, UV_RUN_DEFAULT);
+    uv_loop_close(&lt.w.loop);
+}
+
 static void lane_teardown(void)
 {
     osara_vm_close(lt.vm);
-    uv_loop_close(&lt.w.loop);
+    lane_loop_close();
 }
 
 /* Ends the parked handler of message id with "ok" or "fail". */
@@ -353,7 +373,7 @@ static void push_msgs(osara_lane_t *lane, tmsg_t *m, int n)
     }
 }
 
-static void test_lane_ordered_runs_one_at_a_time_in_order(void)
+void test_lane_ordered_runs_one_at_a_time_in_order(void)
 {
     CHECK(lane_setup() == 0);
     osara_lane_t lane;
@@ -374,7 +394,7 @@ static void test_lane_ordered_runs_one_at_a_time_in_order(void)
     lane_teardown();
 }
 
-static void test_lane_unordered_bounds_running(void)
+void test_lane_unordered_bounds_running(void)
 {
     CHECK(lane_setup() == 0);
     osara_lane_t lane;
@@ -393,7 +413,7 @@ static void test_lane_unordered_bounds_running(void)
     lane_teardown();
 }
 
-static void test_lane_pauses_at_max_held_and_resumes_at_half(void)
+void test_lane_pauses_at_max_held_and_resumes_at_half(void)
 {
     CHECK(lane_setup() == 0);
     osara_lane_t lane;
@@ -415,7 +435,7 @@ static void test_lane_pauses_at_max_held_and_resumes_at_half(void)
     lane_teardown();
 }
 
-static void test_lane_settles_after_handler_and_outputs(void)
+void test_lane_settles_after_handler_and_outputs(void)
 {
     CHECK(lane_setup() == 0);
     osara_lane_t lane;
@@ -436,7 +456,7 @@ static void test_lane_settles_after_handler_and_outputs(void)
     lane_teardown();
 }
 
-static void test_lane_failed_output_settles_retry(void)
+void test_lane_failed_output_settles_retry(void)
 {
     CHECK(lane_setup() == 0);
     osara_lane_t lane;
@@ -467,7 +487,7 @@ static void test_lane_failed_output_settles_retry(void)
     lane_teardown();
 }
 
-static void test_lane_stop_and_vm_close_settle_cancelled(void)
+void test_lane_stop_and_vm_close_settle_cancelled(void)
 {
     CHECK(lane_setup() == 0);
     osara_lane_t lane;
@@ -481,7 +501,7 @@ static void test_lane_stop_and_vm_close_settle_cancelled(void)
     osara_vm_close(lt.vm); /* the running one: cancelled, not failed */
     CHECK(m[0].settled == 1 && m[0].how == OSARA_SETTLE_CANCELLED);
     CHECK(lane.held == 0);
-    uv_loop_close(&lt.w.loop);
+    lane_loop_close();
 }
 
 /* ---- runner ----------------------------------------------------------------- */
@@ -502,14 +522,14 @@ int main(int argc, char **argv)
         if (argc > 1 && strcmp(argv[1], tests[i].name) != 0) {
             continue;
         }
-        int before = failures;
+        int before = osara_test_failures;
         tests[i].fn();
-        printf("%s %s\n", failures == before ? "ok" : "FAIL", tests[i].name);
+        printf("%s %s\n", osara_test_failures == before ? "ok" : "FAIL", tests[i].name);
         ran++;
     }
     if (ran == 0) {
         fprintf(stderr, "no test named %s\n", argc > 1 ? argv[1] : "?");
         return 2;
     }
-    return failures ? 1 : 0;
+    return osara_test_failures ? 1 : 0;
 }
