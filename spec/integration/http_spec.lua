@@ -296,8 +296,8 @@ osara.route("GET", "/v", function() return { version = %d } end)
     H.write(dir .. "/app.lua", app(1, "127.0.0.1:0"))
     local p = H.osara { "run", "--watch", dir .. "/app.lua" }
     local a = T.listening(p)
-    -- a keep-alive client: the slow request, then one more on the same
-    -- connection that must find it closed
+    -- a keep-alive client: the slow request; the connection closes once
+    -- the old version (which holds the old listener) is done
     local client = H.child({ "bash", "-c", ([[
 exec 3<>/dev/tcp/127.0.0.1/%d
 printf 'GET /slow HTTP/1.1\r\nHost: x\r\n\r\n' >&3
@@ -312,7 +312,6 @@ timeout 5 cat <&3]]):format(a) }, { status = false })
     H.finish(client, { timeout = 10 })
     local out = client:output()
     assert.matches('"version":1', out)
-    assert.matches("Connection: close", out)
     assert.is_nil((T.curl { "http://127.0.0.1:" .. a .. "/v" })) -- the old port is closed
     H.stop(p)
   end)
