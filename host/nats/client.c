@@ -5,6 +5,7 @@
 #include <string.h>
 
 #include "core/err.h"
+#include "core/mem.h"
 #include "core/log.h"
 #include "nats/natsio.h"
 #include "nats/natsio_int.h"
@@ -147,7 +148,7 @@ static void maybe_teardown(nclient_t *c)
         return;
     }
     c->torn_down = 1;
-    uv_work_t *work = calloc(1, sizeof(*work));
+    uv_work_t *work = osara_xcalloc(1, sizeof(*work));
     work->data = c;
     if (uv_queue_work(&c->w->loop, work, teardown_work, teardown_after) != 0) {
         teardown_work(work);
@@ -238,12 +239,12 @@ static natsStatus connect_client(nclient_t *c, lua_State *L, int conf)
 
 nclient_t *osara__nats_client_new(osara_worker_t *w, lua_State *L, int conf)
 {
-    nclient_t *c = calloc(1, sizeof(*c));
+    nclient_t *c = osara_xcalloc(1, sizeof(*c));
     c->w = w;
     atomic_init(&c->refs, 1);
     lua_getfield(L, conf, "servers");
     const char *servers = lua_isstring(L, -1) ? lua_tostring(L, -1) : "embedded";
-    c->url = strdup(servers);
+    c->url = osara_xstrdup(servers);
     lua_pop(L, 1);
     if (strcmp(c->url, "embedded") == 0 && osara__nats_server_start(c, w->data_dir) != 0) {
         osara__nats_client_close(c);

@@ -9,6 +9,7 @@
 #include "core/err.h"
 #include "core/log.h"
 #include "core/lvm.h"
+#include "core/mem.h"
 #include "nats/natsio_int.h"
 
 /* ---- durable pull consumers ------------------------------------------------ *
@@ -172,7 +173,7 @@ static void njs_deliver(void *arg, void *unused)
     j->pending = b->count;
     j->refs += b->count;
     for (int i = 0; i < b->count; i++) {
-        njsmsg_t *m = calloc(1, sizeof(*m));
+        njsmsg_t *m = osara_xcalloc(1, sizeof(*m));
         m->msg = b->msgs[i];
         osara_metric_add(osara__nats_m.received, 1);
         /* A stopped lane settles it at once (nak: redelivered later). */
@@ -187,7 +188,7 @@ static void njs_deliver(void *arg, void *unused)
 
 static int njs_post_batch(njs_t *j, natsMsgList *list)
 {
-    njs_batch_t *b = malloc(sizeof(*b));
+    njs_batch_t *b = osara_xmalloc(sizeof(*b));
     b->j = j;
     b->count = list->Count;
     b->msgs = list->Msgs;
@@ -256,7 +257,7 @@ static void njs_stop(njs_t *j)
     osara_lane_stop(&j->lane);
     atomic_store(&j->stop, 1);
     uv_sem_post(&j->go);
-    njs_join_t *jw = calloc(1, sizeof(*jw));
+    njs_join_t *jw = osara_xcalloc(1, sizeof(*jw));
     jw->j = j;
     jw->work.data = jw;
     osara__nats_job_begin(j->client);
@@ -276,15 +277,15 @@ static natsStatus ensure_js(nclient_t *c)
 
 static njs_t *njs_new(nclient_t *c, lua_State *L, int opts)
 {
-    njs_t *j = calloc(1, sizeof(*j));
+    njs_t *j = osara_xcalloc(1, sizeof(*j));
     j->client = c;
     osara__nats_client_ref(c);
     lua_getfield(L, opts, "subject");
     lua_getfield(L, opts, "durable");
     lua_getfield(L, opts, "stream"); /* [subject, durable, stream] */
-    j->subject = strdup(lua_tostring(L, -3));
-    j->durable = strdup(lua_tostring(L, -2));
-    j->stream = lua_isstring(L, -1) ? strdup(lua_tostring(L, -1)) : NULL;
+    j->subject = osara_xstrdup(lua_tostring(L, -3));
+    j->durable = osara_xstrdup(lua_tostring(L, -2));
+    j->stream = lua_isstring(L, -1) ? osara_xstrdup(lua_tostring(L, -1)) : NULL;
     lua_getfield(L, opts, "batch");
     lua_getfield(L, opts, "max_deliver");
     lua_getfield(L, opts, "nak_delay");
@@ -470,7 +471,10 @@ static int l_client_stream(lua_State *L)
 
 #define JSPUB_MT "osara.nats.jspub"
 
+/* A publish waiting for the stream's ack: a future held by the Lua handle
+ * and by the thread-pool job. */
 typedef struct {
+    osara_sched_future_t f; /* first: the future's free finds it */
     uv_work_t work;
     nclient_t *c;
     char *subject;
@@ -479,22 +483,18 @@ typedef struct {
     natsStatus status;
     jsErrCode jerr;
     uint64_t seq;
-    int done, refs;
-    osara_co_t *waiter;
-    unsigned waiter_seq;
 } jspub_t;
 
 typedef struct {
     jspub_t *p;
 } jspub_ud_t;
 
-static void jspub_unref(jspub_t *p)
+static void jspub_free(osara_sched_future_t *f)
 {
-    if (--p->refs == 0) {
-        free(p->subject);
-        free(p->data);
-        free(p);
-    }
+    jspub_t *p = (jspub_t *)f;
+    free(p->subject);
+    free(p->data);
+    free(p);
 }
 
 static void jspub_work(uv_work_t *w)
@@ -508,8 +508,9 @@ static void jspub_work(uv_work_t *w)
     }
 }
 
-static int jspub_push(lua_State *T, jspub_t *p)
+static int jspub_push(lua_State *T, void *ud)
 {
+    jspub_t *p = ud;
     if (p->status != NATS_OK) {
         lua_pushnil(T);
         lua_pushfstring(T, "%s (JetStream error %d)", natsStatus_GetText(p->status), (int)p->jerr);
@@ -523,14 +524,9 @@ static void jspub_after(uv_work_t *w, int status)
 {
     (void)status;
     jspub_t *p = w->data;
-    p->done = 1;
-    if (p->waiter && osara_co_waiting(p->waiter) && osara_co_seq(p->waiter) == p->waiter_seq) {
-        osara_co_t *co = p->waiter;
-        p->waiter = NULL;
-        osara_sched_resume(co, jspub_push(osara_co_thread(co), p));
-    }
     osara__nats_job_end(p->c);
-    jspub_unref(p);
+    osara_sched_future_complete(&p->f, jspub_push, p);
+    osara_sched_future_unref(&p->f); /* the job's */
 }
 
 /* client:jspublish(subject, bytes) -> handle with :wait() -> seq | nil, err
@@ -544,26 +540,26 @@ static int l_client_jspublish(lua_State *L)
     if (!c->closing && ensure_js(c) != NATS_OK) {
         return luaL_error(L, "nats: JetStream is not available");
     }
-    jspub_t *p = calloc(1, sizeof(*p));
+    jspub_t *p = osara_xcalloc(1, sizeof(*p));
+    osara_sched_future_init(&p->f, jspub_free); /* the handle's reference */
     p->c = c;
-    p->refs = 1; /* the handle's */
-    if (c->closing) {
-        p->done = 1; /* :wait() returns nil, "Connection Closed ..." */
-        p->status = NATS_CONNECTION_CLOSED;
-    } else {
-        p->subject = strdup(subject);
-        p->data = malloc(len ? len : 1);
+    p->status = NATS_CONNECTION_CLOSED;
+    if (!c->closing) {
+        p->subject = osara_xstrdup(subject);
+        p->data = osara_xmalloc(len ? len : 1);
         memcpy(p->data, data, len);
         p->len = (int)len;
         p->work.data = p;
         osara__nats_job_begin(c);
-        if (uv_queue_work(&c->w->loop, &p->work, jspub_work, jspub_after) == 0) {
-            p->refs++; /* the job's */
-        } else {
-            osara__nats_job_end(c);
-            p->done = 1;
+        osara_sched_future_ref(&p->f); /* the job's */
+        int rc = uv_queue_work(&c->w->loop, &p->work, jspub_work, jspub_after);
+        if (rc != 0) {
             p->status = NATS_ERR;
+            jspub_after(&p->work, rc);
         }
+    } else {
+        /* :wait() returns nil, "Connection Closed ..." */
+        osara_sched_future_complete(&p->f, jspub_push, p);
     }
     jspub_ud_t *ud = lua_newuserdata(L, sizeof(*ud));
     ud->p = p;
@@ -572,33 +568,18 @@ static int l_client_jspublish(lua_State *L)
     return 1;
 }
 
-static void jspub_cleanup(void *data)
-{
-    ((jspub_t *)data)->waiter = NULL;
-}
-
+/* handle:wait() -> seq | nil, err (js_Publish's own timeout bounds it) */
 static int l_jspub_wait(lua_State *L)
 {
     jspub_ud_t *ud = luaL_checkudata(L, 1, JSPUB_MT);
-    jspub_t *p = ud->p;
-    if (p->done) {
-        return jspub_push(L, p);
-    }
-    osara_co_t *co = osara_sched_current(L);
-    if (co == NULL) {
-        return luaL_error(L, "nats: wait() only inside a handler, timer or task");
-    }
-    p->waiter = co;
-    p->waiter_seq = osara_co_seq(co) + 1;
-    return osara_sched_wait(L, 1, jspub_cleanup, p);
+    return osara_sched_future_wait(L, &ud->p->f, 1, -1);
 }
 
 static int l_jspub_gc(lua_State *L)
 {
     jspub_ud_t *ud = luaL_checkudata(L, 1, JSPUB_MT);
     if (ud->p) {
-        ud->p->waiter = NULL;
-        jspub_unref(ud->p);
+        osara_sched_future_unref(&ud->p->f);
         ud->p = NULL;
     }
     return 0;

@@ -7,6 +7,7 @@
 #include <string.h>
 
 #include "core/err.h"
+#include "core/mem.h"
 #include "core/lvm.h"
 #include "nats/natsio.h"
 #include "nats/natsio_int.h"
@@ -108,7 +109,7 @@ static int l_client_flush(lua_State *L)
     if (co == NULL) {
         return push_flush_result(L, natsConnection_FlushTimeout(c->nc, ms));
     }
-    nflush_wait_t *f = calloc(1, sizeof(*f));
+    nflush_wait_t *f = osara_xcalloc(1, sizeof(*f));
     f->c = c;
     f->ms = ms;
     f->co = co;

@@ -51,12 +51,15 @@ typedef struct nsub_s {
     struct nsub_s *next;
 } nsub_t;
 
-typedef struct {
+/* A request waiting for its reply: a future the calling coroutine waits
+ * on (with the request's timeout). The client's slot for its token points
+ * to it while it lives; a reply finds it there. */
+typedef struct nreq_s {
+    osara_sched_future_t f; /* first: the future's free finds the request */
+    nclient_t *client;      /* held */
     uint64_t token;
-    osara_co_t *co;
-    unsigned seq;
-    uv_timer_t *timer;
-    nclient_t *client;
+    natsMsg *reply;
+    const char *fail;       /* set instead of reply: the error to return */
 } nreq_t;
 
 /* A connection. Freed when its last reference goes (any thread): the
@@ -72,7 +75,7 @@ struct nclient_s {
     pid_t server_pid;
     char inbox[64];             /* "_INBOX.<nuid>." requests reply to inbox+token */
     natsSubscription *resp_sub;
-    nreq_t reqs[REQ_SLOTS];
+    nreq_t *reqs[REQ_SLOTS];    /* by token % REQ_SLOTS */
     uint64_t next_token;
     nsub_t *subs;
     jsCtx *js;
@@ -130,7 +133,7 @@ void osara__nats_subs_open(void);
 
 /* request.c */
 natsStatus osara__nats_responses_start(nclient_t *c);
-/* Fails the requests still waiting ("client closed"), closes their timers. */
+/* Fails the requests still waiting ("client closed"). */
 void osara__nats_requests_close(nclient_t *c);
 /* Adds publish, reply and request to the method table at idx. */
 void osara__nats_request_open(lua_State *L, int idx);

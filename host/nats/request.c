@@ -6,6 +6,7 @@
 #include <stdlib.h>
 #include <string.h>
 
+#include "core/mem.h"
 #include "nats/natsio_int.h"
 
 static void deliver_response(void *client, void *msg);
@@ -28,33 +29,42 @@ static void on_responses_complete(void *closure)
     osara__nats_client_unref(closure);
 }
 
+/* The request's results: the reply, or nil and why not. */
+static int push_request_result(lua_State *T, void *ud)
+{
+    nreq_t *r = ud;
+    if (r->fail) {
+        lua_pushnil(T);
+        lua_pushstring(T, r->fail);
+        return 2;
+    }
+    osara__nats_push_msg(T, r->reply);
+    return 1;
+}
+
+static void complete_request(nreq_t *r)
+{
+    osara_sched_future_ref(&r->f); /* complete wants one held across it */
+    osara_sched_future_complete(&r->f, push_request_result, r);
+    osara_sched_future_unref(&r->f);
+}
+
 static void resolve_request(nclient_t *c, natsMsg *msg)
 {
     const char *subj = natsMsg_GetSubject(msg);
     uint64_t token = strtoull(subj + strlen(c->inbox), NULL, 10);
-    nreq_t *r = &c->reqs[token % REQ_SLOTS];
-    if (r->token != token || r->co == NULL || !osara_co_waiting(r->co) ||
-        osara_co_seq(r->co) != r->seq) {
+    nreq_t *r = c->reqs[token % REQ_SLOTS];
+    if (r == NULL || r->token != token || r->f.done) {
         natsMsg_Destroy(msg); /* late reply to a request that timed out */
         return;
     }
-    osara_co_t *co = r->co;
-    lua_State *T = osara_co_thread(co);
-    r->co = NULL;
-    if (r->timer) {
-        uv_timer_stop(r->timer);
-    }
-    int n;
     if (natsMsg_IsNoResponders(msg)) {
-        lua_pushnil(T);
-        lua_pushliteral(T, "no responders");
-        n = 2;
+        r->fail = "no responders";
+        natsMsg_Destroy(msg);
     } else {
-        osara__nats_push_msg(T, msg);
-        n = 1;
+        r->reply = msg;
     }
-    natsMsg_Destroy(msg);
-    osara_sched_resume(co, n);
+    complete_request(r);
 }
 
 static void deliver_response(void *arg, void *msg)
@@ -144,28 +154,41 @@ static int l_client_reply(lua_State *L)
     return n;
 }
 
-static void request_cleanup(void *data)
+/* The future's last reference went: the reply came, the wait timed out
+ * or was cancelled. */
+static void request_free(osara_sched_future_t *f)
 {
-    nreq_t *r = data;
-    r->co = NULL;
-    if (r->timer) {
-        uv_timer_stop(r->timer);
+    nreq_t *r = (nreq_t *)f;
+    nclient_t *c = r->client;
+    if (c->reqs[r->token % REQ_SLOTS] == r) {
+        c->reqs[r->token % REQ_SLOTS] = NULL;
     }
+    if (!f->done) {
+        osara_metric_add(osara__nats_m.timeouts, 1);
+    }
+    if (r->reply) {
+        natsMsg_Destroy(r->reply);
+    }
+    free(r);
+    osara__nats_client_unref(c);
 }
 
-static void on_request_timeout(uv_timer_t *t)
+static natsStatus send_request(nclient_t *c, lua_State *L, uint64_t token)
 {
-    nreq_t *r = t->data;
-    osara_co_t *co = r->co;
-    if (co == NULL || !osara_co_waiting(co) || osara_co_seq(co) != r->seq) {
-        return;
+    size_t len;
+    const char *subject = lua_tostring(L, 2);
+    const char *data = lua_tolstring(L, 3, &len);
+    char reply[128];
+    snprintf(reply, sizeof(reply), "%s%llu", c->inbox, (unsigned long long)token);
+    if (!lua_istable(L, 5)) {
+        return natsConnection_PublishRequest(c->nc, subject, reply, data, (int)len);
     }
-    r->co = NULL;
-    osara_metric_add(osara__nats_m.timeouts, 1);
-    lua_State *T = osara_co_thread(co);
-    lua_pushnil(T);
-    lua_pushliteral(T, "timeout");
-    osara_sched_resume(co, 2);
+    natsMsg *m = NULL;
+    natsStatus s = natsMsg_Create(&m, subject, reply, data, (int)len);
+    if (s == NATS_OK) s = add_headers(L, 5, m);
+    if (s == NATS_OK) s = natsConnection_PublishMsg(c->nc, m);
+    natsMsg_Destroy(m);
+    return s;
 }
 
 /* client:request(subject, bytes, timeout, headers|nil) -> msg | nil, err
@@ -174,68 +197,60 @@ static int l_client_request(lua_State *L)
 {
     nclient_t *c = osara__nats_check_client(L, 1);
     const char *subject = luaL_checkstring(L, 2);
-    size_t len;
-    const char *data = luaL_checklstring(L, 3, &len);
+    luaL_checkstring(L, 3);
     double timeout = luaL_optnumber(L, 4, 5);
-    osara_co_t *co = osara_sched_current(L);
-    if (co == NULL) {
+    if (osara_sched_current(L) == NULL) {
         return luaL_error(L, "nats:request: only inside a handler, timer or task");
     }
     if (c->closing) {
         return osara__nats_push_closed(L, "request");
     }
     uint64_t token = ++c->next_token;
-    nreq_t *r = &c->reqs[token % REQ_SLOTS];
-    if (r->co != NULL) {
+    if (c->reqs[token % REQ_SLOTS] != NULL) {
         lua_pushnil(L);
         lua_pushliteral(L, "too many requests in flight");
         return 2;
     }
-    char reply[128];
-    snprintf(reply, sizeof(reply), "%s%llu", c->inbox, (unsigned long long)token);
-    natsStatus s;
-    if (lua_istable(L, 5)) {
-        natsMsg *m = NULL;
-        s = natsMsg_Create(&m, subject, reply, data, (int)len);
-        if (s == NATS_OK) s = add_headers(L, 5, m);
-        if (s == NATS_OK) s = natsConnection_PublishMsg(c->nc, m);
-        natsMsg_Destroy(m);
-    } else {
-        s = natsConnection_PublishRequest(c->nc, subject, reply, data, (int)len);
-    }
+    natsStatus s = send_request(c, L, token);
     if (s != NATS_OK) {
         lua_pushnil(L);
         lua_pushfstring(L, "nats: request to %s: %s", subject, natsStatus_GetText(s));
         return 2;
     }
     osara_metric_add(osara__nats_m.requests, 1);
-    r->token = token;
-    r->co = co;
-    r->seq = osara_co_seq(co) + 1;
+    nreq_t *r = osara_xcalloc(1, sizeof(*r));
+    osara_sched_future_init(&r->f, request_free);
     r->client = c;
-    if (r->timer == NULL) {
-        r->timer = malloc(sizeof(*r->timer));
-        uv_timer_init(&c->w->loop, r->timer);
-        r->timer->data = r;
-    }
-    uv_update_time(&c->w->loop);
-    uv_timer_start(r->timer, on_request_timeout, (uint64_t)(timeout * 1000), 0);
-    return osara_sched_wait(L, 1, request_cleanup, r);
+    osara__nats_client_ref(c);
+    r->token = token;
+    c->reqs[token % REQ_SLOTS] = r;
+    /* The wait holds the future; the slot only points to it. */
+    int rc = osara_sched_future_wait(L, &r->f, 1, timeout);
+    osara_sched_future_unref(&r->f);
+    return rc;
 }
 
+static void fail_closed(void *arg, void *unused)
+{
+    (void)unused;
+    nreq_t *r = arg;
+    if (!r->f.done) {
+        r->fail = "nats: request: the client is closed (the script's configuration changed)";
+        complete_request(r);
+    }
+    osara_sched_future_unref(&r->f);
+}
+
+/* From the inbox: the close runs inside a reload, where no Lua may run. */
 void osara__nats_requests_close(nclient_t *c)
 {
     for (int i = 0; i < REQ_SLOTS; i++) {
-        nreq_t *r = &c->reqs[i];
-        if (r->co && osara_co_waiting(r->co) && osara_co_seq(r->co) == r->seq) {
-            /* From the inbox: the close may run inside other Lua code. */
-            lua_State *T = osara_co_thread(r->co);
-            osara_sched_resume_later(r->co, osara__nats_push_closed(T, "request"));
-        }
-        r->co = NULL;
-        if (r->timer) {
-            uv_close((uv_handle_t *)r->timer, (uv_close_cb)free);
-            r->timer = NULL;
+        nreq_t *r = c->reqs[i];
+        if (r && !r->f.done) {
+            osara_sched_future_ref(&r->f);
+            if (osara_inbox_post(&c->w->inbox, fail_closed, r, NULL) != 0) {
+                osara_sched_future_unref(&r->f);
+            }
         }
     }
 }

@@ -13,6 +13,7 @@
 #include <unistd.h>
 
 #include "core/err.h"
+#include "core/mem.h"
 #include "core/log.h"
 #include "nats/natsio_int.h"
 
@@ -68,7 +69,7 @@ int osara__nats_server_start(nclient_t *c, const char *data_dir)
     char url[64];
     snprintf(url, sizeof(url), "nats://127.0.0.1:%d", port);
     free(c->url);
-    c->url = strdup(url);
+    c->url = osara_xstrdup(url);
     return 0;
 }
 
@@ -107,7 +108,7 @@ void osara__nats_server_stop(nclient_t *c)
         return;
     }
     kill(c->server_pid, SIGTERM);
-    nserver_stop_t *st = calloc(1, sizeof(*st));
+    nserver_stop_t *st = osara_xcalloc(1, sizeof(*st));
     st->pid = c->server_pid;
     c->server_pid = 0;
     uv_timer_init(&c->w->loop, &st->timer);

@@ -10,6 +10,7 @@
 #include <string.h>
 
 #include "core/err.h"
+#include "core/mem.h"
 #include "core/log.h"
 #include "core/lvm.h"
 #include "nats/natsio_int.h"
@@ -174,7 +175,7 @@ static void deliver_msg(void *arg, void *msg)
         return;
     }
     osara_metric_add(osara__nats_m.received, 1);
-    nmsg_t *m = malloc(sizeof(*m));
+    nmsg_t *m = osara_xmalloc(sizeof(*m));
     m->msg = msg;
     osara_lane_push(&sub->lane, &m->d); /* the event's reference goes with it */
 }
@@ -213,9 +214,9 @@ static void flush_after(uv_work_t *work, int status)
  * interest (a PING/PONG round trip in the thread pool, never on the loop). */
 static void confirm_subscribed(nclient_t *c, const char *subject)
 {
-    nflush_t *f = calloc(1, sizeof(*f));
+    nflush_t *f = osara_xcalloc(1, sizeof(*f));
     f->c = c;
-    f->subject = strdup(subject);
+    f->subject = osara_xstrdup(subject);
     f->work.data = f;
     osara__nats_job_begin(c);
     if (uv_queue_work(&c->w->loop, &f->work, flush_work, flush_after) != 0) {
@@ -237,12 +238,12 @@ static int opt_int(lua_State *L, int idx, const char *name, int dflt)
 
 static nsub_t *sub_new(nclient_t *c, lua_State *L, int opts)
 {
-    nsub_t *sub = calloc(1, sizeof(*sub));
+    nsub_t *sub = osara_xcalloc(1, sizeof(*sub));
     sub->client = c;
     lua_getfield(L, opts, "subject");
     lua_getfield(L, opts, "queue"); /* [subject, queue] */
-    sub->subject = strdup(lua_tostring(L, -2));
-    sub->queue = lua_isstring(L, -1) ? strdup(lua_tostring(L, -1)) : NULL;
+    sub->subject = osara_xstrdup(lua_tostring(L, -2));
+    sub->queue = lua_isstring(L, -1) ? osara_xstrdup(lua_tostring(L, -1)) : NULL;
     lua_pop(L, 2);
     int max_inflight = opt_int(L, opts, "max_inflight", 256);
     sub->queued_max = max_inflight + opt_int(L, opts, "max_waiting", 1024);
@@ -286,8 +287,12 @@ static void sub_stop(nsub_t *sub)
     osara_lane_stop(&sub->lane); /* queued messages settle CANCELLED */
     release_sub(sub);
     if (sub->sub) {
+        natsStatus s = NATS_OK;
         if (sub->client && !sub->client->closing) {
-            natsSubscription_Unsubscribe(sub->sub);
+            s = natsSubscription_Unsubscribe(sub->sub);
+        }
+        if (s != NATS_OK) { /* the server drops the interest when the connection goes */
+            OSARA_WARN("nats: unsubscribing from %s: %s", sub->subject, natsStatus_GetText(s));
         }
         natsSubscription_Destroy(sub->sub);
         sub->sub = NULL;
