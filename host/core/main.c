@@ -10,6 +10,7 @@
 #include "core/err.h"
 #include "kafka/kafka.h"
 #include "nats/natsio.h"
+#include "sql/sql.h"
 #include "store/store.h"
 #include "core/log.h"
 #include "core/worker.h"
@@ -50,6 +51,7 @@ static const struct {
     {"test", "osara test [PATH...] [options]", "run busted specs inside the host (default: spec/)", 't'},
     {"broker", "osara broker [--brokers N] [--partitions N] [--topic NAME...]", "run the embedded Kafka cluster standalone (development and tests)", 'b'},
     {"store", "osara store DATA_DIR dump NAME [PREFIX] | get NAME KEY", "read a store while the host runs (debugging)", 's'},
+    {"sql", "osara sql migrate SCRIPT_OR_URL DIR", "apply a folder of numbered SQL migrations (docs/sql.md)", 'q'},
     {"version", "osara version", "print the version", 'v'},
 };
 
@@ -256,6 +258,9 @@ int main(int argc, char **argv)
     }
     if (strcmp(argv[1], "store") == 0) {
         return osara_store_main(argc, argv);
+    }
+    if (strcmp(argv[1], "sql") == 0) {
+        return osara_sql_main(argc, argv);
     }
     if (strcmp(argv[1], "broker") == 0) {
         return osara_kafka_broker_main(argc, argv);

@@ -23,6 +23,7 @@ local lazy = {
   testing = "osara.testing",
   process = "osara.process_c",
   cache = "osara.cache",
+  sql = "osara.sql",
 }
 
 -- Schema type constructors at the top level: osara.number{min=0}, ...
@@ -39,6 +40,11 @@ setmetatable(osara, {
     end
     if k == "config" then
       return require("osara.config").data() -- per script version, not cached here
+    end
+    if k == "serialize" or k == "null" then
+      local v = require("osara.sql")[k]
+      rawset(t, k, v)
+      return v
     end
     if k == "cached" then
       local v = require("osara.cache").cached
