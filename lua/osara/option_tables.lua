@@ -232,6 +232,37 @@ define("osara.cache", {
   { "name", "string", nil, "store: the `osara.store` holding the values", shown = "`\"cache\"`" },
 })
 
+-- ---- SQL ------------------------------------------------------------------------------
+
+define("osara.sql", {
+  { "url", "string", nil, "`sqlite:PATH` or `postgres://user:pass@host:port/db` (the table form)", shown = "`sqlite:osara.db`" },
+  { "pool_size", "integer", nil, "connections in the pool (SQLite: always 1)", shown = "4 (postgres), 1 (sqlite)" },
+  { "pool_timeout", "number", 5, "seconds a caller waits for a free connection before `nil, \"sql: pool exhausted ...\"`" },
+  { "host", "string", nil, "kata's `database:` settings: become a postgres URL" },
+  { "port", "integer", nil, "the server's port", shown = "5432" },
+  { "user", "string", nil, "the user to connect as" },
+  { "password", "string", nil, "its password" },
+  { "name", "string", nil, "the database name" },
+})
+
+define("table:get", {
+  { "order_by", "string", nil, "`\"col\"`, `\"-col\"` or `\"col desc\"`, comma-separated" },
+  { "limit", "integer", nil, "at most this many rows" },
+  { "offset", "integer", nil, "skip this many rows first" },
+})
+
+define("table:update", {
+  { "where", "table", nil, "`{ col = value }`: the rows to change (needed; `{}` means every row)" },
+})
+
+define("osara.sql.migrate", {
+  { "from", "integer", nil, "skip files numbered below this (kata's `apply(schema, n)`)" },
+})
+
+define("osara.sql.reset", {
+  { "confirm", "boolean", nil, "must be `true`: reset drops every table, and refuses (raises) without it" },
+})
+
 -- ---- schemas --------------------------------------------------------------------------
 
 define("osara.schema", {

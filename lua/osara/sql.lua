@@ -6,6 +6,7 @@
 -- and serialize.
 local sql_c = require "osara.sql_c"
 local vm_c = require "osara.vm_c"
+local options = require "osara.options"
 local cjson = require "cjson"
 
 local null = cjson.null
@@ -13,62 +14,7 @@ local pack = function(...) return { n = select("#", ...), ... } end
 
 local M = { null = null }
 
--- ---- options ---------------------------------------------------------------
-
-local function distance(a, b)
-  local prev = {}
-  for j = 0, #b do prev[j] = j end
-  for i = 1, #a do
-    local cur = { [0] = i }
-    for j = 1, #b do
-      local cost = a:sub(i, i) == b:sub(j, j) and 0 or 1
-      cur[j] = math.min(prev[j] + 1, cur[j - 1] + 1, prev[j - 1] + cost)
-    end
-    prev = cur
-  end
-  return prev[#b]
-end
-
-local function suggest(key, known)
-  local best, best_d
-  for name in pairs(known) do
-    local d = distance(key, name)
-    if name:sub(1, #key) == key then d = math.min(d, 1) end
-    if d <= 3 and (not best_d or d < best_d or (d == best_d and name < best)) then
-      best, best_d = name, d
-    end
-  end
-  return best
-end
-
--- Raises "file:line: unknown option 'k' in what (did you mean 'x'?)" at
--- `level` (as error's level, counted from the caller of check_options).
-local function check_options(opts, known, what, level)
-  if opts == nil then return {} end
-  if type(opts) ~= "table" then
-    error(("%s: options must be a table, got %s"):format(what, type(opts)), level + 1)
-  end
-  for k, v in pairs(opts) do
-    local want = known[k]
-    if not want then
-      local hint = type(k) == "string" and suggest(k, known)
-      error(("unknown option '%s' in %s%s"):format(tostring(k), what,
-        hint and (" (did you mean '%s'?)"):format(hint) or ""), level + 1)
-    end
-    if type(v) ~= want then
-      error(("%s: option '%s' must be a %s, got %s"):format(what, k, want, type(v)), level + 1)
-    end
-  end
-  return opts
-end
-
 -- ---- opening ---------------------------------------------------------------
-
-local OPEN_OPTIONS = {
-  url = "string", pool_size = "number", pool_timeout = "number",
-  -- kata's config.yaml `database:` keys
-  host = "string", port = "number", user = "string", password = "string", name = "string",
-}
 
 local function pct(s)
   return (s:gsub("[^%w%-%._~]", function(c) return ("%%%02X"):format(c:byte()) end))
@@ -110,19 +56,19 @@ local function open(url_or_cfg, opts, level, from_env)
   elseif url_or_cfg ~= nil and type(url_or_cfg) ~= "string" then
     error(("osara.sql: expected a URL or a table, got %s"):format(type(url_or_cfg)), level + 1)
   end
-  opts = check_options(opts, OPEN_OPTIONS, "osara.sql", level + 1)
+  opts = options.check("osara.sql", opts)
   local env = os.getenv("OSARA_SQL_URL")
   local url = (from_env and env ~= nil and env ~= "" and env) or url_or_cfg or url_of(opts) or "sqlite:osara.db"
   local driver, target, label = parse_url(url)
   if not driver then error("osara.sql: " .. target, level + 1) end
   local size = opts.pool_size or (driver == "postgres" and 4 or 1)
-  if size < 1 or size ~= math.floor(size) then
-    error(("osara.sql: pool_size must be an integer >= 1, got %s"):format(size), level + 1)
+  if size < 1 then
+    error(("osara.sql: pool_size must be >= 1, got %s"):format(size), level + 1)
   end
   if driver == "sqlite" and size ~= 1 then
     error("osara.sql: pool_size must be 1 for SQLite (one writer; a waiting caller waits in the pool, not in SQLite)", level + 1)
   end
-  local timeout = opts.pool_timeout or 5
+  local timeout = opts.pool_timeout
   if timeout < 0 then error("osara.sql: pool_timeout must be >= 0", level + 1) end
   local pool = sql_c.pool(driver, target, label, size, timeout)
   return setmetatable({ _pool = pool, _columns = {}, driver = driver, url = label }, DB)
@@ -342,8 +288,6 @@ local function where_sql(col, where, params, level)
   return #parts > 0 and (" WHERE " .. table.concat(parts, " AND ")) or ""
 end
 
-local GET_OPTIONS = { order_by = "string", limit = "number", offset = "number" }
-
 local function order_sql(col, order_by, level)
   local terms = {}
   for term in order_by:gmatch("[^,]+") do
@@ -365,7 +309,7 @@ end
 
 -- Foo:get(where, { order_by = "qux" | "-qux" | "a, b desc", limit =, offset = }) -> rows | nil, err
 function Table:get(where, opts)
-  opts = check_options(opts, GET_OPTIONS, "Table:get", 2)
+  opts = options.check("table:get", opts)
   local col, err = column_checker(self)
   if not col then return nil, err end
   local params = {}
@@ -374,7 +318,7 @@ function Table:get(where, opts)
   for _, k in ipairs { "limit", "offset" } do
     local n = opts[k]
     if n then
-      if n < 0 or n ~= math.floor(n) then error(("osara.sql: %s must be an integer >= 0"):format(k), 2) end
+      if n < 0 then error(("osara.sql: %s must be >= 0"):format(k), 2) end
       params[#params + 1] = n
       sql = sql .. (" %s $%d"):format(k:upper(), #params)
     end
@@ -462,7 +406,7 @@ end
 
 -- Foo:update({ col = value }, { where = {...} }) -> affected | nil, err
 function Table:update(values, opts)
-  check_options(opts, { where = "table" }, "Table:update", 2)
+  options.check("table:update", opts)
   required_where(opts, "update", 2)
   if type(values) ~= "table" or next(values) == nil then
     error("osara.sql: update expects a table of column = value", 2)
@@ -568,7 +512,7 @@ end
 function M.migrate(db, dir, opts)
   check_db(db, "migrate")
   if type(dir) ~= "string" then error("osara.sql.migrate: expects a folder as argument 2", 2) end
-  opts = check_options(opts, { from = "number" }, "osara.sql.migrate", 2)
+  opts = options.check("osara.sql.migrate", opts)
   local files, err = migration_files(dir)
   if not files then return nil, err, {} end
   local applied, aerr = applied_versions(db)
@@ -609,7 +553,7 @@ end
 -- applies all migrations again. Refuses without confirm.
 function M.reset(db, dir, opts)
   check_db(db, "reset")
-  opts = check_options(opts, { confirm = "boolean" }, "osara.sql.reset", 2)
+  opts = options.check("osara.sql.reset", opts)
   if opts.confirm ~= true then
     error("osara.sql.reset: drops every table; refuses without { confirm = true }", 2)
   end

@@ -72,6 +72,11 @@ local calls = {
   ["osara.field"] = function(o) osara.field("string", o) end,
   ["osara.testing.load"] = function(o) testing.load(app, o) end,
   ["app:request"] = function(o) testing.load(app):request("GET", "/", o) end,
+  ["osara.sql"] = function(o) osara.sql("sqlite::memory:", o) end,
+  ["table:get"] = function(o) osara.sql("sqlite::memory:"):table("t"):get({}, o) end,
+  ["table:update"] = function(o) osara.sql("sqlite::memory:"):table("t"):update({ v = 1 }, o) end,
+  ["osara.sql.migrate"] = function(o) osara.sql.migrate(osara.sql("sqlite::memory:"), "/none", o) end,
+  ["osara.sql.reset"] = function(o) osara.sql.reset(osara.sql("sqlite::memory:"), "/none", o) end,
 }
 
 -- The first plain option of a builder (not deprecated, not refused).
