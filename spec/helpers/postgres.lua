@@ -10,7 +10,8 @@
 -- `runuser -u nobody` but it execs, so signals reach postgres itself and
 -- its exit status is ours). As any other user they run directly.
 --
--- P.start() -> server with .url, :psql(sql), :stop{allow=}, :restart()
+-- P.start() -> server with .url, :psql(sql), :stop{allow=}, :restart(),
+-- :destroy{allow=} (stop and remove its folder)
 local osara = require "osara"
 local H = require "spec.helpers.host"
 
@@ -104,6 +105,13 @@ function Server:stop(opts)
   return log
 end
 
+-- stop, then remove the cluster's folder.
+function Server:destroy(opts)
+  local ok, err = pcall(self.stop, self, opts)
+  must("rm -rf " .. self.root)
+  if not ok then error(err, 0) end
+end
+
 function Server:restart(opts)
   self:stop(opts)
   self:_launch()
@@ -123,8 +131,10 @@ end
 
 function P.start()
   local self = setmetatable({ bin = P.bindir(), port = free_port() }, Server)
-  local root = H.tmpdir() .. "/pg"
-  self.data, self.sock = root .. "/data", root .. "/sock"
+  -- Its own folder, not H.tmpdir's: H.cleanup in an after_each must not
+  -- delete a server that lives for the whole describe.
+  local root = (must("mktemp -d /tmp/osara-pg-XXXXXXXX"):gsub("%s+$", ""))
+  self.root, self.data, self.sock = root, root .. "/data", root .. "/sock"
   must(("mkdir -p %s %s"):format(self.data, self.sock))
   if must("id -u"):match("^0") then
     self.user = "nobody"
