@@ -342,7 +342,7 @@ static void dispatch(sql_pool_t *pool)
             continue;
         }
         push_lease(osara_co_thread(co), pool, take_idle(pool));
-        if (pool->w->running) {
+        if (osara_sched_running() != NULL) {
             osara_sched_resume_later(co, 1); /* called from Lua (SQLite) */
         } else {
             osara_sched_resume(co, 1);

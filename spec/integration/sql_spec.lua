@@ -234,7 +234,8 @@ describe("osara.sql (postgres)", function()
       -- "unavailable (reconnecting): <why>", or "cannot connect: <why>" when
       -- the request waited for a reconnect attempt that failed
       local err = cjson.decode(body).err
-      assert.matches("^sql: .*postgres://postgres@127.0.0.1:%d+/postgres.*Connection refused", err)
+      assert.matches("^sql: .*postgres://postgres@127.0.0.1:%d+/postgres", err)
+      assert.is_truthy(err:find("unavailable (reconnecting)", 1, true) or err:find("cannot connect", 1, true), err)
       up = true
       pg:_launch()
       H.expect(p, "sql: connected to postgres://postgres@127.0.0.1:" .. pg.port .. "/postgres again", 10)
