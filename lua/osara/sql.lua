@@ -58,7 +58,18 @@ local function open(url_or_cfg, opts, level, from_env)
   end
   opts = options.check("osara.sql", opts)
   local env = os.getenv("OSARA_SQL_URL")
-  local url = (from_env and env ~= nil and env ~= "" and env) or url_or_cfg or url_of(opts) or "sqlite:osara.db"
+  local url = (from_env and env ~= nil and env ~= "" and env) or url_or_cfg or url_of(opts)
+  if url == nil or url:match("^[%w_%-]+$") then
+    -- a name, or nothing: config.yaml's database (databases.<name>), else SQLite
+    local curl, copts = require("osara.config").database(url)
+    if not curl and url then
+      options.raise(("osara.sql: no database '%s' in config.yaml (databases.%s or database.%s)"):format(url, url, url))
+    end
+    for k, v in pairs(copts or {}) do
+      if opts[k] == nil then opts[k] = v end
+    end
+    url = curl or "sqlite:osara.db"
+  end
   local driver, target, label = parse_url(url)
   if not driver then error("osara.sql: " .. target, level + 1) end
   local size = opts.pool_size or (driver == "postgres" and 4 or 1)
@@ -74,7 +85,8 @@ local function open(url_or_cfg, opts, level, from_env)
   return setmetatable({ _pool = pool, _columns = {}, driver = driver, url = label }, DB)
 end
 
--- osara.sql([url | config], [opts]) -> db. OSARA_SQL_URL overrides the URL.
+-- osara.sql([url | name | settings], [opts]) -> db. OSARA_SQL_URL overrides
+-- the URL; a name (or nothing) looks in config.yaml (osara.config.database).
 setmetatable(M, {
   __call = function(_, url, opts)
     local db = open(url, opts, 2, true) -- not a tail call: levels count this frame

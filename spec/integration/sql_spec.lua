@@ -320,4 +320,25 @@ end)
     assert.are.equal(2, status)
     assert.matches("usage: osara sql migrate", out)
   end)
+
+  it("takes its database from config.yaml: the database section, or a name", function()
+    local dir = H.tmpdir()
+    H.write(dir .. "/config.yaml", "database:\n  type: sqlite\n  path: from_config.db\n" ..
+      "databases:\n  other:\n    url: sqlite:other.db\n    pool_size: 1\n")
+    H.write(dir .. "/app.lua", [[
+local osara = require "osara"
+osara.spawn(function()
+  local a, b = osara.sql(), osara.sql "other"
+  assert(a:exec("CREATE TABLE t (v INTEGER)"))
+  osara.log.info("a=%s b=%s", a.url, b.url)
+  local ok, err = pcall(osara.sql, "missing")
+  osara.log.info("missing: %s", err)
+  require("osara.vm_c").stop(0)
+end)
+]])
+    local status, out = H.run({ "run", dir .. "/app.lua" }, 20)
+    assert.are.equal(0, status, out)
+    assert.matches("a=sqlite:[^ ]*/%.osara%-data/from_config%.db b=sqlite:[^ ]*/other%.db", out)
+    assert.matches("missing: .*no database 'missing' in config.yaml", out)
+  end)
 end)
