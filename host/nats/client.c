@@ -12,12 +12,12 @@
 
 osara__nats_metrics_t osara__nats_m;
 
-void osara__nats_metrics_init(void)
+static uv_once_t metrics_once = UV_ONCE_INIT;
+
+/* Once per process (the counters are the process's, shared by workers). */
+static void metrics_create(void)
 {
     osara__nats_metrics_t *m = &osara__nats_m;
-    if (m->received) {
-        return;
-    }
     m->received = osara_metrics_counter("osara_nats_received_total", "messages received", NULL);
     m->handled = osara_metrics_counter("osara_nats_handled_total", "handler calls finished", NULL);
     m->failed = osara_metrics_counter("osara_nats_failed_total", "handler calls cancelled", NULL);
@@ -33,6 +33,11 @@ void osara__nats_metrics_init(void)
                                      "JetStream messages naked for redelivery", NULL);
     m->termed = osara_metrics_counter("osara_nats_js_termed_total",
                                       "JetStream messages terminated", NULL);
+}
+
+void osara__nats_metrics_init(void)
+{
+    uv_once(&metrics_once, metrics_create);
 }
 
 /* ---- connection events (nats.c threads: log and count only) ------------ */
@@ -261,7 +266,8 @@ nclient_t *osara__nats_client_new(osara_worker_t *w, lua_State *L, int conf)
         return NULL;
     }
     if (c->server_pid) {
-        OSARA_INFO("nats: embedded server (JetStream in %s/nats) at %s", w->data_dir, c->url);
+        OSARA_INFO("nats: embedded server (pid %d, JetStream in %s/nats) at %s", (int)c->server_pid,
+                   w->data_dir, c->url);
     }
     return c;
 }

@@ -89,15 +89,14 @@ natsStatus osara__nats_responses_start(nclient_t *c)
     natsInbox_Destroy((natsInbox *)nuid);
     char wildcard[80];
     snprintf(wildcard, sizeof(wildcard), "%s*", c->inbox);
+    osara__nats_client_ref(c); /* nats.c's, until on_responses_complete */
     s = natsConnection_Subscribe(&c->resp_sub, c->nc, wildcard, on_response, c);
-    if (s == NATS_OK) {
-        osara__nats_client_ref(c); /* nats.c's, until on_responses_complete */
-        s = natsSubscription_SetOnCompleteCB(c->resp_sub, on_responses_complete, c);
-        if (s != NATS_OK) {
-            osara__nats_client_unref(c);
-        }
+    if (s != NATS_OK) {
+        osara__nats_client_unref(c);
+        return s;
     }
-    return s;
+    /* Failing, nats.c's reference stays: a leak, never a use after free. */
+    return natsSubscription_SetOnCompleteCB(c->resp_sub, on_responses_complete, c);
 }
 
 static natsStatus add_headers(lua_State *L, int idx, natsMsg *m)

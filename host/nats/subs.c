@@ -260,17 +260,20 @@ static nsub_t *sub_new(nclient_t *c, lua_State *L, int opts)
 static natsStatus subscribe(nsub_t *sub, lua_State *L, int opts)
 {
     nclient_t *c = sub->client;
+    /* nats.c's reference, taken before its thread may call on_msg. */
+    sub->refs++;
     natsStatus s = sub->queue ? natsConnection_QueueSubscribe(&sub->sub, c->nc, sub->subject,
                                                               sub->queue, on_msg, sub)
                               : natsConnection_Subscribe(&sub->sub, c->nc, sub->subject,
                                                          on_msg, sub);
     if (s != NATS_OK) {
+        sub->refs--; /* no thread calls on_msg: nobody else can hold it yet */
         return s;
     }
-    sub->refs++; /* nats.c's, until on_sub_complete */
     s = natsSubscription_SetOnCompleteCB(sub->sub, on_sub_complete, sub);
     if (s != NATS_OK) {
-        sub->refs--;
+        /* Without the callback nothing tells when nats.c is done with sub:
+         * its reference stays (a leak, never a use after free). */
         return s;
     }
     /* Bounded, and reported as a slow consumer past it - never silent. */

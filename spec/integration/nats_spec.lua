@@ -403,8 +403,11 @@ osara.after(0, function()
 end)
 ]])
     local p = H.osara { "run", "--data", dir .. "/data", dir .. "/app.lua" }
+    local pid = H.expect(p, "embedded server"):match("pid (%d+)")
     H.expect(p, "many.70: 1 nil", 20)
     H.stop(p)
+    -- the host exits only after it reaped its embedded server
+    assert.are_not.equal(0, os.execute("kill -0 " .. pid .. " 2>/dev/null"))
   end)
 
   it("redelivers after a failure and resumes after kill -9 without losing a message", function()
