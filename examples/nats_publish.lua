@@ -23,5 +23,5 @@ end)
 local got = 0
 nats:handle("some.publish.subject", function(m)   -- @app.listen(...)
   got = got + 1
-  osara.log.warn("got message %d: %s", got, m.data.key1)
+  osara.log.warn("got message %d: %s", got, m.value.key1)
 end)

@@ -12,9 +12,9 @@ osara.spawn(function()
 end)
 
 nats:handle("some.subject.for.request.with.response.to.another.subject", function(msg)
-  return { success = true, data = "request has been processed", n = msg.data.n }
+  return { success = true, data = "request has been processed", n = msg.value.n }
 end)
 
 nats:handle("reply.to.subject", function(msg)
-  osara.log.warn("received response %d on %s", msg.data.n, msg.subject)
+  osara.log.warn("received response %d on %s", msg.value.n, msg.subject)
 end)

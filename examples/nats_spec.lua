@@ -7,6 +7,7 @@ local function run(example, text, timeout)
   local p = H.osara { "run", "--data", dir, "examples/" .. example }
   H.expect(p, text, timeout or 15)
   H.stop(p)
+  assert.is_nil(p:output():find("deprecated", 1, true), "the example uses a deprecated spelling (docs/api.md)")
 end
 
 describe("NATS examples", function()

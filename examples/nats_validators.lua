@@ -24,5 +24,5 @@ end)
 local got = 0
 nats:handle("some.publish.subject", { schema = Test }, function(m)
   got = got + 1
-  osara.log.warn("got valid message %d: %s", got, m.data.key1)
+  osara.log.warn("got valid message %d: %s", got, m.value.key1)
 end)

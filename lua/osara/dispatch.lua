@@ -90,4 +90,54 @@ function Handler:encode(v)
   return self.codec.encode(v)
 end
 
+-- iterator(register, what) -> the consumer iterator of kafka:stream and
+-- nats:stream: `for msg in it do ... end` inside a task. register(fn)
+-- registers fn as the handler; each message's handler stays parked until
+-- the loop asks for the next message, so the input is settled (a Kafka
+-- offset committed) only then, and the transport's own bounds (max in
+-- flight) bound what waits here. it:close() lets every held message go and
+-- ends the loop (a loop left with `break` otherwise holds its last message).
+function M.iterator(register, what)
+  local sched = require "osara.sched_c"
+  local queue, waiting, current, closed = {}, nil, nil, false
+  local function release(e) sched.wake(e.token, e.seq) end
+  local function wake_loop()
+    if waiting then
+      local w = waiting
+      waiting = nil
+      sched.wake(w[1], w[2])
+    end
+  end
+  register(function(msg)
+    if closed then return end
+    local token, s = sched.current()
+    queue[#queue + 1] = { msg = msg, token = token, seq = s }
+    wake_loop()
+    sched.park()
+  end)
+  local function next_msg()
+    if current then
+      release(current)
+      current = nil
+    end
+    while #queue == 0 do
+      if closed then return nil end
+      local token, s = sched.current()
+      if not token then error(what .. ": iterate inside a task", 2) end
+      waiting = { token, s }
+      sched.park()
+    end
+    current = table.remove(queue, 1)
+    return current.msg
+  end
+  local function close()
+    closed = true
+    if current then release(current) current = nil end
+    for _, e in ipairs(queue) do release(e) end
+    queue = {}
+    wake_loop()
+  end
+  return setmetatable({}, { __call = next_msg, __index = { close = close } })
+end
+
 return M

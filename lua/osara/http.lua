@@ -154,7 +154,15 @@ local function parse_query(q)
 end
 
 local Request = {}
-Request.__index = Request
+-- req.value is the decoded body, as msg.value on the brokers: validated
+-- when the route has a schema, else decoded by content type on first use.
+Request.__index = function(req, k)
+  local method = Request[k]
+  if method ~= nil or k ~= "value" then return method end
+  local v = req:data()
+  rawset(req, "value", v)
+  return v
+end
 
 -- req:header(name) -> value (case-insensitive)
 function Request:header(name)

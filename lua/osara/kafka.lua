@@ -398,34 +398,7 @@ end
 -- is committed once the loop asks for the next one.
 function Client:stream(topic, opts)
   opts = options.check("kafka:stream", opts)
-  local queue, waiting = {}, nil
-  self:handle(topic, opts, function(msg)
-    local token, s = sched.current()
-    queue[#queue + 1] = { msg = msg, token = token, seq = s }
-    if waiting then
-      local w = waiting
-      waiting = nil
-      sched.wake(w[1], w[2])
-    end
-    -- Parked until the iterator moves past this message: its offset is
-    -- committed only then, and at most `limit` partitions wait here.
-    sched.park()
-  end)
-  local current
-  return function()
-    if current then
-      sched.wake(current.token, current.seq)
-      current = nil
-    end
-    while #queue == 0 do
-      local token, s = sched.current()
-      if not token then error("kafka stream: iterate inside a task", 2) end
-      waiting = { token, s }
-      sched.park()
-    end
-    current = table.remove(queue, 1)
-    return current.msg
-  end
+  return dispatch.iterator(function(fn) self:handle(topic, opts, fn) end, "kafka stream")
 end
 
 return M

@@ -78,8 +78,20 @@ function Client:publish(subject, value, opts)
   return self.c:publish(subject, bytes, opts.reply_to, opts.headers)
 end
 
+-- Messages: msg.value is the decoded payload, as on every transport;
+-- msg.data, NATS's old name for it, still reads it for one release, with a
+-- warning naming the line that used it.
+local Msg = {
+  __index = function(msg, k)
+    if k == "data" then
+      options.deprecated("msg.data", "msg.value")
+      return rawget(msg, "value")
+    end
+  end,
+}
+
 -- nats:request(subject, value, {timeout=, headers=, codec=}) -> msg | nil, err
--- msg.data is the decoded reply; err is "timeout" or "no responders".
+-- msg.value is the decoded reply; err is "timeout" or "no responders".
 function Client:request(subject, value, opts)
   check_subject(subject, false, 2)
   opts = options.check("nats:request", opts)
@@ -88,8 +100,38 @@ function Client:request(subject, value, opts)
   if not msg then return nil, err end
   local v, derr = c.decode(msg.raw)
   if v == nil and derr then return nil, derr end
-  msg.data = v
-  return msg
+  msg.value = v
+  return setmetatable(msg, Msg)
+end
+
+-- The (msg, emit) half every transport shares: emit(value, publish_opts)
+-- publishes to the handler's sink subjects; a handler's return values go
+-- to msg.reply when the message has one, else to the sinks.
+local function make_outputs(self, subject, sink)
+  local sinks = type(sink) == "string" and { sink } or sink
+  for _, s in ipairs(sinks or {}) do check_subject(s, false, 3) end
+  local function emit(value, publish_opts)
+    if not sinks then error("emit: this handler has no sink (opts.sink)", 2) end
+    for i = 1, #sinks do
+      local ok, err = self:publish(sinks[i], value, publish_opts)
+      if not ok then return nil, err end
+    end
+    return true
+  end
+  local function send_all(...)
+    for i = 1, select("#", ...) do
+      local v = select(i, ...)
+      if v ~= nil then emit(v) end
+    end
+  end
+  -- Results of a message without msg.reply; a value that cannot be
+  -- encoded is bad input of that message, not an error of the host.
+  local function results(msg, ...)
+    if not sinks then return end
+    local ok, err = pcall(send_all, ...)
+    if not ok then dispatch.bad_input("nats", subject, "encode", msg.subject, tostring(err)) end
+  end
+  return emit, results
 end
 
 -- Builds the function C calls for each message of one subscription.
@@ -98,7 +140,9 @@ local function make_runner(self, subject, opts, fn, at)
                                schema = opts.schema, fn = fn, where = at }
   local max_bytes = opts.max_bytes
   local reply_empty = opts.reply_empty
+  local emit, results = make_outputs(self, subject, opts.sink)
   return function(msg)
+    setmetatable(msg, Msg)
     if #msg.raw > max_bytes then
       dispatch.bad_input("nats", subject, "too_large", msg.subject,
         ("%d bytes over the %d-byte limit (opts.max_bytes)"):format(#msg.raw, max_bytes))
@@ -109,14 +153,16 @@ local function make_runner(self, subject, opts, fn, at)
       dispatch.bad_input("nats", subject, reason, msg.subject, err)
       return
     end
-    msg.data = msg.value
-    local res = { pcall(fn, msg) }
+    local res = { pcall(fn, msg, emit) }
     if not res[1] then
       dispatch.bad_input("nats", subject, "handler", msg.subject, tostring(res[2]))
       return
     end
     if dispatch.on_return then dispatch.on_return(unpack(res, 2, table.maxn(res))) end
-    if msg.reply and (res[2] ~= nil or reply_empty) then
+    if not msg.reply then
+      return results(msg, unpack(res, 2, table.maxn(res)))
+    end
+    if res[2] ~= nil or reply_empty then
       local bytes = res[2] == nil and "" or h:encode(res[2])
       if bytes == nil then
         dispatch.bad_input("nats", subject, "encode", msg.subject, "cannot encode the reply")
@@ -132,9 +178,9 @@ local function make_runner(self, subject, opts, fn, at)
   end
 end
 
--- nats:handle(subject, [opts,] fn): opts.queue (queue group), codec,
--- schema, max_inflight, max_waiting, pending_msgs, pending_bytes,
--- reply_empty, max_bytes. fn(msg) -> reply value.
+-- nats:handle(subject, [opts,] fn): fn(msg, emit) -> the reply (when
+-- msg.reply is set) or values for opts.sink. opts: the "nats:handle" table
+-- in osara.option_tables.
 function Client:handle(subject, opts, fn)
   if fn == nil and type(opts) == "function" then opts, fn = nil, opts end
   opts = options.check("nats:handle", opts)
@@ -149,7 +195,8 @@ function Client:handle(subject, opts, fn)
                           codec = type(opts.codec) == "table" and "custom" or opts.codec,
                           schema = opts.schema ~= nil, max_inflight = opts.max_inflight,
                           max_waiting = opts.max_waiting, pending_msgs = opts.pending_msgs,
-                          pending_bytes = opts.pending_bytes, reply_empty = opts.reply_empty }
+                          pending_bytes = opts.pending_bytes, reply_empty = opts.reply_empty,
+                          sink = type(opts.sink) == "table" and table.concat(opts.sink, ",") or opts.sink }
   local detail = ("%s%scodec %s%s"):format(opts.queue and ("queue " .. opts.queue) or "",
     opts.queue and ", " or "", type(opts.codec) == "table" and "custom" or tostring(opts.codec or "json"),
     opts.schema and ", schema" or "")
@@ -172,7 +219,19 @@ function Client:add_stream(cfg)
   return true
 end
 
-Client.stream = Client.add_stream
+-- nats:stream(subject, opts) -> iterator for `for msg in s do ... end` in a
+-- task, as kafka:stream: each message's handler call ends when the loop asks
+-- for the next one (so max_inflight bounds what waits). Takes nats:handle's
+-- options. The old nats:stream{name=, subjects=} (creating a JetStream
+-- stream) still works for one release, with a warning: use nats:add_stream.
+function Client:stream(subject, opts)
+  if type(subject) == "table" then
+    options.deprecated("nats:stream{name=, subjects=}", "nats:add_stream{name=, subjects=}")
+    return self:add_stream(subject)
+  end
+  opts = options.check("nats:stream", opts)
+  return dispatch.iterator(function(fn) self:handle(subject, opts, fn) end, "nats stream")
+end
 
 -- nats:jspublish(subject, value, {codec=}) -> handle; handle:wait() yields
 -- until the stream acknowledged: its sequence number, or nil, err.
@@ -193,18 +252,21 @@ end
 function Client:_durable(subject, opts, fn, at)
   local h = dispatch.handler { kind = "nats", name = subject, codec = opts.codec,
                                schema = opts.schema, fn = fn, where = at }
+  local emit, results = make_outputs(self, subject, opts.sink)
   local runner = function(msg)
+    setmetatable(msg, Msg)
     local ok, reason, err = h:decode(msg)
     if not ok then
       dispatch.bad_input("nats", subject, reason, msg.subject, err .. " (terminated)")
       return "term"
     end
-    msg.data = msg.value
-    local fine, ferr = pcall(fn, msg)
-    if not fine then
-      dispatch.bad_input("nats", subject, "handler", msg.subject, tostring(ferr) .. " (redelivered later)")
+    local res = { pcall(fn, msg, emit) }
+    if not res[1] then
+      dispatch.bad_input("nats", subject, "handler", msg.subject, tostring(res[2]) .. " (redelivered later)")
       return "nak"
     end
+    if dispatch.on_return then dispatch.on_return(unpack(res, 2, table.maxn(res))) end
+    results(msg, unpack(res, 2, table.maxn(res)))
     return "ok"
   end
   local key = ("%s (durable %s)"):format(subject, opts.durable)
@@ -212,7 +274,8 @@ function Client:_durable(subject, opts, fn, at)
                           codec = type(opts.codec) == "table" and "custom" or opts.codec,
                           schema = opts.schema ~= nil, stream = opts.stream, batch = opts.batch,
                           max_deliver = opts.max_deliver, nak_delay = opts.nak_delay,
-                          ack_wait = opts.ack_wait }
+                          ack_wait = opts.ack_wait,
+                          sink = type(opts.sink) == "table" and table.concat(opts.sink, ",") or opts.sink }
   vm_c.register("nats-durable", key, sig, runner,
     { client = self.c, subject = subject, durable = opts.durable, stream = opts.stream,
       batch = opts.batch, max_deliver = opts.max_deliver, nak_delay = opts.nak_delay,

@@ -111,6 +111,7 @@ local nats_handler = {
   { "queue", "string", nil, "queue group: instances with the same group share the messages (panini's load balancing)" },
   { "codec", "codec", "json", "how `msg.raw` is decoded into `msg.value`, and the reply encoded" },
   { "schema", "schema", nil, "the decoded value must satisfy it; otherwise bad input ([schemas.md](schemas.md))" },
+  { "sink", "string|list", nil, "a subject (or a list): the handler's return values (for messages without `msg.reply`) and `emit(v)` are published there" },
   { "max_inflight", "integer", 256, "handler calls running at once for this subscription; more wait in a queue" },
   { "max_waiting", "integer", 1024, "messages waiting in osara's queue beyond `max_inflight`; past it nats.c's delivery thread waits and messages stay in nats.c's pending list" },
   { "pending_msgs", "integer", 65536, "nats.c's pending message limit for the subscription (`-1`: unlimited)" },
@@ -127,6 +128,7 @@ local nats_handler = {
   { "dlq", "any", nil, "", unsupported = ISSUE_13 },
 }
 define("nats:handle", nats_handler)
+define("nats:stream", nats_handler)
 
 define("nats:publish", {
   { "headers", "table", nil, "header name → string value" },

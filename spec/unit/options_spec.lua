@@ -45,6 +45,7 @@ local calls = {
   ["topic:send"] = function(o) topic:send(1, o) end,
   ["osara.nats"] = function(o) checking(function() osara.nats(o) end) end,
   ["nats:handle"] = function(o) checking(function() nats:handle("s", o, fn) end) end,
+  ["nats:stream"] = function(o) checking(function() nats:stream("s", o) end) end,
   ["nats:publish"] = function(o) nats:publish("s", 1, o) end,
   ["nats:request"] = function(o) nats:request("s", 1, o) end,
   ["nats:jspublish"] = function(o) nats:jspublish("s", 1, o) end,

@@ -39,7 +39,7 @@ kafka:handle("orders", { schema = Order, sink = out }, function(msg)
   if msg.value.id == 13 then error("unlucky") end
   return { id = msg.value.id, doubled = msg.value.id * 2 }
 end)
-nats:handle("price.*", function(msg) return { price = msg.data.q * 10 } end)
+nats:handle("price.*", function(msg) return { price = msg.value.q * 10 } end)
 osara.every(1, function() end)
 ]])
     local app = testing.load(dir .. "/app.lua")
