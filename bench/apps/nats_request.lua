@@ -14,7 +14,7 @@ local function order(i)
 end
 
 if MODE == "respond" then
-  nats:handle("bench.req", { codec = "raw" }, function(msg) return msg.data end)
+  nats:handle("bench.req", { codec = "raw" }, function(msg) return msg.value end)
   osara.after(0, function() osara.log.info("bench: ready") end)
   return
 end

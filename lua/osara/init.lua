@@ -21,10 +21,17 @@ local lazy = {
   schema = "osara.schema",
   codec = "osara.codec",
   testing = "osara.testing",
-  process = "osara.process_c",
   cache = "osara.cache",
   sql = "osara.sql",
 }
+
+-- osara.process: the C module, with spawn's options checked first.
+local function process_module()
+  local process_c = require "osara.process_c"
+  return setmetatable({
+    spawn = function(opts) return process_c.spawn(options.check("osara.process.spawn", opts)) end,
+  }, { __index = process_c })
+end
 
 -- Schema type constructors at the top level: osara.number{min=0}, ...
 local schema_names = { number = true, integer = true, string = true, boolean = true,
@@ -43,6 +50,11 @@ setmetatable(osara, {
     end
     if k == "serialize" or k == "null" then
       local v = require("osara.sql")[k]
+      rawset(t, k, v)
+      return v
+    end
+    if k == "process" then
+      local v = process_module()
       rawset(t, k, v)
       return v
     end

@@ -35,6 +35,12 @@ local timer = {
 define("osara.every", timer)
 define("osara.after", timer)
 
+define("osara.process.spawn", {
+  { "argv", "list", nil, "the program and its arguments", required = true },
+  { "env", "table", nil, "variables set on top of the host's environment" },
+  { "cwd", "string", nil, "working directory", shown = "the host's" },
+})
+
 -- ---- Kafka --------------------------------------------------------------------------
 
 -- librdkafka's properties pass through (librdkafka checks them itself);
