@@ -101,11 +101,12 @@ Topic.__index = Topic
 local function new(user)
   local lib, settings = merged_conf(options.check("osara.kafka", user))
   settings.check = vm_c.mode() == "check"
-  local ok, c = pcall(kafka_c.client, lib, signature(lib) .. "|" .. signature(settings), settings)
+  local key = signature(lib) .. "|" .. signature(settings)
+  local ok, c = pcall(kafka_c.client, lib, key, settings)
   if not ok then
     options.raise("osara.kafka: " .. tostring(c):gsub("^[^:]*:%d+: ", ""):gsub("^kafka: ", ""))
   end
-  return setmetatable({ c = c, conf = lib, group = lib["group.id"], topics = {},
+  return setmetatable({ c = c, key = key, conf = lib, group = lib["group.id"], topics = {},
                         checking = vm_c.mode() == "check",
                         pending = {}, reply_topics = {} }, Client)
 end
@@ -324,8 +325,12 @@ function Client:handle(spec, opts, fn)
   for _, topic in ipairs(topics_of(spec)) do
     self.c:ensure_topic(topic)
     local key = ("%s (group %s)"):format(topic, self.group)
-    local sig = ("codec=%s schema=%s sink=%s store=%s"):format(tostring(opts.codec or "json"),
-      tostring(opts.schema ~= nil), tostring(opts.sink ~= nil), tostring(opts.store and opts.store.name))
+    -- the client's configuration is part of the signature: a handler whose
+    -- client changed restarts on the new client instead of being adopted by
+    -- one the old version still holds (and frees when it closes)
+    local sig = ("codec=%s schema=%s sink=%s store=%s client=%s"):format(tostring(opts.codec or "json"),
+      tostring(opts.schema ~= nil), tostring(opts.sink ~= nil), tostring(opts.store and opts.store.name),
+      self.key)
     local detail = ("group %s, codec %s%s"):format(self.group,
       type(opts.codec) == "table" and "custom" or tostring(opts.codec or "json"),
       (opts.schema and ", schema" or "") .. (opts.store and (", exactly-once state in " .. opts.store.name) or ""))

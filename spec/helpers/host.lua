@@ -169,12 +169,6 @@ function H.finish(p, opts)
   return finish(p, opts.timeout, opts)
 end
 
--- Marks p as checked without checking it: only for a spec reporting a
--- known defect as pending (its log names the defect; the spec says which).
-function H.known_failure(p)
-  info[p].checked = true
-end
-
 -- Stops (SIGTERM) and checks every tracked child not checked yet; raises
 -- after all were stopped if any failed.
 function H.check_children()

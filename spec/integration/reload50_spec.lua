@@ -12,25 +12,18 @@ local T = require "spec.helpers.http"
 
 local RELOADS = tonumber(os.getenv("OSARA_RELOADS") or "50")
 
--- Known defects on main, measured 2026-12-01 (issue 12 item 1, in host/kafka
--- and the core's shared resources). A kafka handler is "kept" across a
--- reload that changes its client's configuration while the old client is
--- closed: under ASan the next reload reads the freed client
--- (heap-use-after-free in osara__kafka_refresh_entries, consume.c:75, from
--- kind_adopt; freed by osara__kafka_client_close via shared_close_if in
--- osara_worker_reload), without ASan nothing is consumed again (0 of 203
--- handled). A NATS client change drops ~4% of requests in the handover (392
--- of 407 answered). With the same Kafka and NATS clients (store, HTTP
--- listener and timers still changing every reload) nothing is lost.
--- While a known defect shows, the spec is reported pending with what it
--- measured; any other failure, or an unknown sanitizer report, fails it.
--- OSARA_STRICT_ACCEPTANCE=1 turns the known ones into failures too.
-local function known_defect(out, lost_or_dup)
-  if out:find("heap-use-after-free", 1, true) and out:find("osara__kafka_refresh_entries", 1, true) then
-    return "kafka: a kept handler reads its client freed by a reload (ASan)"
-  end
-  if lost_or_dup then
-    return "kafka: handler kept on a closed client after a config change; nats: requests lost in a client handover"
+-- Known defect on main, measured 2026-12-01 (issue 12 item 1, host/nats):
+-- when the NATS client changes, requests that reach the old version's
+-- subscription in the handover are never answered (50 reloads: 79 of 2032
+-- timed out, 1 found no responders; under ASan 172 of 2191). Kafka (client
+-- configuration changing on every reload) hands over with nothing lost or
+-- repeated, and so do the store, HTTP listener and timers.
+-- While that defect shows, the spec is reported pending with what it
+-- measured; any other loss, a duplicate, any other failure or a sanitizer
+-- report fails it. OSARA_STRICT_ACCEPTANCE=1 fails on the known one too.
+local function known_defect(kafka_lost, dup, nats_lost)
+  if kafka_lost == 0 and dup == 0 and nats_lost > 0 then
+    return "nats: requests lost in a client handover"
   end
 end
 
@@ -75,9 +68,8 @@ local function tally(messages)
   return seen, distinct, dup
 end
 
--- Runs the reloads under load; fills st (st.p: the host) and returns the
--- fault line and whether anything was lost or repeated.
-local function reload_under_load(st)
+-- Runs the reloads under load; returns the fault line and the counts.
+local function reload_under_load()
   local broker, boot = K.broker { "--partitions", "4", "--topic", "r50.in", "--topic", "r50.out" }
   local server, url = N.server()
   local dir = H.tmpdir()
@@ -85,17 +77,15 @@ local function reload_under_load(st)
   -- reloads by SIGHUP: one signal, one reload, no file-watch timing
   local p = H.osara({ "run", "--data", dir .. "/data", dir .. "/app.lua" },
                     { BOOT = boot, NATS_URL = url, STORES = dir })
-  st.p = p
   T.listening(p)
   N.subscribed(p, { "r50.req" })
   H.expect(p, "assigned", 30)
 
   -- load: one Kafka message and one NATS request every 10 ms
   local kcat = H.child({ "kcat", "-b", boot, "-t", "r50.in", "-P", "-K", "\t" }, { status = false })
-  st.kcat = kcat
   local nats = osara.nats { servers = url }
   local sent_k, sent_n, pending, stop = 0, 0, 0, false
-  local replies = {}
+  local replies, errors = {}, {}
   osara.spawn(function()
     while not stop do
       sent_k = sent_k + 1
@@ -104,14 +94,17 @@ local function reload_under_load(st)
       local id = sent_n
       pending = pending + 1
       osara.spawn(function()
-        local r = nats:request("r50.req", { id = id }, { timeout = 10 })
-        if r and r.data.id == id then replies[id] = (replies[id] or 0) + 1 end
+        local r, err = nats:request("r50.req", { id = id }, { timeout = 10 })
+        if r and r.data.id == id then
+          replies[id] = (replies[id] or 0) + 1
+        else
+          errors[tostring(err)] = (errors[tostring(err)] or 0) + 1
+        end
         pending = pending - 1
       end)
       osara.sleep(0.01)
     end
   end)
-  st.stop = function() stop = true end
 
   local t0 = osara.monotonic()
   for v = 1, RELOADS do
@@ -146,28 +139,23 @@ local function reload_under_load(st)
   local line = ("fault: reload50 sent=%d handled=%d lost=%d duplicated=%d"):format(
     sent, handled, sent - handled, dup_k + dup_n)
   print(line)
-  print(("  kafka sent=%d handled=%d duplicated=%d; nats sent=%d answered=%d; %d reloads in %.1f s")
-    :format(sent_k, handled_k, dup_k, sent_n, handled_n, RELOADS, reload_secs))
-  return line, sent ~= handled or dup_k + dup_n > 0
+  local why = {}
+  for err, n in pairs(errors) do why[#why + 1] = ("%d %s"):format(n, err) end
+  print(("  kafka sent=%d handled=%d duplicated=%d; nats sent=%d answered=%d (failed: %s); %d reloads in %.1f s")
+    :format(sent_k, handled_k, dup_k, sent_n, handled_n, table.concat(why, ", "), RELOADS, reload_secs))
+  return line, { kafka_lost = sent_k - handled_k, dup = dup_k + dup_n, nats_lost = sent_n - handled_n }
 end
 
 describe("issue 12 acceptance", function()
   after_each(H.cleanup)
 
   it("gh_12_reload50: reloads every kind of shared resource 50 times under load, losing and repeating nothing", function()
-    local st = {}
-    local ok, line, bad = pcall(reload_under_load, st)
-    local strict = os.getenv("OSARA_STRICT_ACCEPTANCE") == "1"
-    local why = st.p and known_defect(st.p:output(), ok and bad)
-    if not strict and why then
-      if st.stop then st.stop() end
-      if st.kcat and not st.kcat.exited then st.kcat:close_stdin() end
-      if not st.p.exited then st.p:kill("KILL") end
-      H.known_failure(st.p)
-      pending("expected failure (" .. why .. "): " .. (ok and line or tostring(line):sub(1, 300)))
+    local line, n = reload_under_load()
+    local why = known_defect(n.kafka_lost, n.dup, n.nats_lost)
+    if why and os.getenv("OSARA_STRICT_ACCEPTANCE") ~= "1" then
+      pending("expected failure (" .. why .. "): " .. line)
       return
     end
-    if not ok then error(line, 0) end
-    assert.is_false(bad, line)
+    assert.are.same({ kafka_lost = 0, dup = 0, nats_lost = 0 }, n, line)
   end)
 end)
