@@ -55,13 +55,42 @@ static int watch_queue(kclient_t *c, rd_kafka_queue_t *q, int *fd, uv_poll_t **p
     if (*fd < 0) {
         return osara_err_set(-errno, "eventfd: %s", strerror(errno));
     }
+    *poll = osara_xmalloc(sizeof(**poll));
+    int rc = uv_poll_init(&c->w->loop, *poll, *fd);
+    if (rc != 0) {
+        free(*poll);
+        *poll = NULL;
+        close(*fd);
+        *fd = -1;
+        return osara_err_set(rc, "kafka: cannot watch a queue: %s", uv_strerror(rc));
+    }
+    (*poll)->data = c;
+    uv_poll_start(*poll, UV_READABLE, cb); /* cannot fail on an initialised poll */
     static const uint64_t one = 1;
     rd_kafka_queue_io_event_enable(q, *fd, &one, sizeof(one));
-    *poll = osara_xmalloc(sizeof(**poll));
-    uv_poll_init(&c->w->loop, *poll, *fd);
-    (*poll)->data = c;
-    uv_poll_start(*poll, UV_READABLE, cb);
     return 0;
+}
+
+void osara__kafka_wakeup_clear(int fd)
+{
+    uint64_t v;
+    if (read(fd, &v, sizeof(v)) < 0 && errno != EAGAIN) {
+        OSARA_DEBUG("kafka: wake-up read failed: %s", strerror(errno));
+    }
+}
+
+/* Stops librdkafka writing to fd before it is closed (the number could be
+ * reused), then closes the poll. */
+static void unwatch_queue(rd_kafka_queue_t *q, int *fd, uv_poll_t **poll)
+{
+    if (*poll == NULL) {
+        return;
+    }
+    rd_kafka_queue_io_event_enable(q, -1, NULL, 0);
+    uv_close((uv_handle_t *)*poll, osara__kafka_handle_free);
+    close(*fd);
+    *poll = NULL;
+    *fd = -1;
 }
 
 static int has_conf(kclient_t *c, const char *k)
@@ -90,81 +119,95 @@ static int is_consumer_property(const char *k)
     return 0;
 }
 
+static int conf_set(rd_kafka_conf_t *conf, const char *k, const char *v, char *errstr,
+                    size_t cap)
+{
+    return rd_kafka_conf_set(conf, k, v, errstr, cap) == RD_KAFKA_CONF_OK ? 0 : -1;
+}
+
+/* The result of a commit (auto, or the one on revoke), served on the
+ * loop: failures are logged once per change. */
+static void on_commit(rd_kafka_t *rk, rd_kafka_resp_err_t err,
+                      rd_kafka_topic_partition_list_t *offsets, void *opaque)
+{
+    (void)rk;
+    (void)offsets;
+    if (err && err != RD_KAFKA_RESP_ERR__NO_OFFSET) {
+        char what[256];
+        /* the mock coordinator refuses commits once a rebalance started */
+        snprintf(what, sizeof(what), "commit failed: %s (what finished since the last "
+                 "commit is handled again by the next owner)", rd_kafka_err2str(err));
+        osara__kafka_log_error(opaque, err, what);
+    }
+}
+
+/* The consumer's own settings on top of the user's. */
+static int consumer_conf(kclient_t *c, rd_kafka_conf_t *conf, char *errstr, size_t cap)
+{
+    int rc = conf_set(conf, "enable.auto.offset.store", "false", errstr, cap);
+    if (rc == 0 && c->embedded && !has_conf(c, "fetch.wait.max.ms")) {
+        /* The mock broker holds every fetch for the full wait. */
+        rc = conf_set(conf, "fetch.wait.max.ms", "5", errstr, cap);
+    }
+    if (rc == 0 && c->embedded && !has_conf(c, "fetch.error.backoff.ms")) {
+        /* First fetches race topic creation; retry fast, not in 500 ms. */
+        rc = conf_set(conf, "fetch.error.backoff.ms", "10", errstr, cap);
+    }
+    rd_kafka_conf_set_offset_commit_cb(conf, on_commit);
+    if (!c->embedded) {
+        rd_kafka_conf_set_rebalance_cb(conf, osara__kafka_on_rebalance);
+    }
+    return rc;
+}
+
+/* The producer's own settings; the embedded cluster starts with it. */
+static int producer_conf(kclient_t *c, rd_kafka_conf_t *conf, char *errstr, size_t cap)
+{
+    int rc = 0;
+    rd_kafka_conf_set_dr_msg_cb(conf, osara__kafka_on_delivery);
+    if (c->embedded) {
+        char n[16];
+        snprintf(n, sizeof(n), "%d", c->embedded);
+        rc = conf_set(conf, "test.mock.num.brokers", n, errstr, cap);
+        /* Sticky partitioning fills one mock partition (~5 MiB each) first. */
+        if (rc == 0) {
+            rc = conf_set(conf, "sticky.partitioning.linger.ms", "0", errstr, cap);
+        }
+    }
+    return rc;
+}
+
 static rd_kafka_conf_t *build_conf(kclient_t *c, int consumer, char *errstr, size_t cap)
 {
     rd_kafka_conf_t *conf = rd_kafka_conf_new();
-    for (int i = 0; i < c->nconf; i++) {
+    int rc = 0;
+    for (int i = 0; rc == 0 && i < c->nconf; i++) {
         const char *k = c->conf[2 * i], *v = c->conf[2 * i + 1];
-        if (!consumer && is_consumer_property(k)) {
-            continue; /* keep the producer from warning about them */
-        }
-        if (rd_kafka_conf_set(conf, k, v, errstr, cap) != RD_KAFKA_CONF_OK) {
-            rd_kafka_conf_destroy(conf);
-            return NULL;
+        if (consumer || !is_consumer_property(k)) { /* keep the producer from warning */
+            rc = conf_set(conf, k, v, errstr, cap);
         }
     }
-    rd_kafka_conf_set(conf, "bootstrap.servers", c->bootstrap, errstr, cap);
+    if (rc == 0) {
+        rc = conf_set(conf, "bootstrap.servers", c->bootstrap, errstr, cap);
+    }
+    if (rc == 0) {
+        rc = consumer ? consumer_conf(c, conf, errstr, cap) : producer_conf(c, conf, errstr, cap);
+    }
+    if (rc != 0) {
+        rd_kafka_conf_destroy(conf);
+        return NULL;
+    }
     rd_kafka_conf_set_opaque(conf, c);
     rd_kafka_conf_set_error_cb(conf, on_error);
     rd_kafka_conf_set_log_cb(conf, osara__kafka_on_log);
-    if (consumer) {
-        rd_kafka_conf_set(conf, "enable.auto.offset.store", "false", errstr, cap);
-        if (c->embedded && !has_conf(c, "fetch.wait.max.ms")) {
-            /* The mock broker holds every fetch for the full wait. */
-            rd_kafka_conf_set(conf, "fetch.wait.max.ms", "5", errstr, cap);
-        }
-        if (c->embedded && !has_conf(c, "fetch.error.backoff.ms")) {
-            /* First fetches race topic creation; retry fast, not in 500 ms. */
-            rd_kafka_conf_set(conf, "fetch.error.backoff.ms", "10", errstr, cap);
-        }
-    } else {
-        rd_kafka_conf_set_dr_msg_cb(conf, osara__kafka_on_delivery);
-    }
     return conf;
 }
 
+/* ---- closing, off the loop thread ---------------------------------------- */
 
-void osara__kafka_client_close(void *ptr)
+static void client_free(kclient_t *c)
 {
-    kclient_t *c = ptr;
-    c->closing = 1;
-    if (c->producer) {
-        /* Delivery reports advance the offsets of finished inputs. */
-        rd_kafka_flush(c->producer, 10000);
-    }
-    if (c->consumer) {
-        if (c->revoking) {
-            osara__kafka_finish_revoke(c);
-        }
-        OSARA_KAFKA_FOR_EACH_PART (c, p) {
-            osara__kafka_store_offsets(p);
-        }
-        osara__kafka_free_parts(c);
-        rd_kafka_consumer_close(c->consumer); /* commits what was stored */
-        rd_kafka_queue_destroy(c->cq);
-        rd_kafka_destroy(c->consumer);
-    }
-    if (c->cpoll) {
-        uv_close((uv_handle_t *)c->cpoll, osara__kafka_handle_free);
-        close(c->cfd);
-    }
-    if (c->ppoll) {
-        uv_close((uv_handle_t *)c->ppoll, osara__kafka_handle_free);
-        close(c->pfd);
-    }
-    if (c->resub_timer) {
-        uv_close((uv_handle_t *)c->resub_timer, osara__kafka_handle_free);
-    }
-    if (c->revoke_timer) {
-        uv_close((uv_handle_t *)c->revoke_timer, osara__kafka_handle_free);
-    }
-    if (c->pq) {
-        rd_kafka_queue_destroy(c->pq);
-    }
-    if (c->producer) {
-        rd_kafka_destroy(c->producer); /* also destroys the mock cluster */
-    }
-    osara__kafka_free_parts(c); /* none without a consumer; retired ones otherwise freed above */
+    osara__kafka_free_parts(c); /* none left when a consumer closed them */
     free(c->buckets);
     while (c->free_outs) {
         kout_t *o = c->free_outs;
@@ -186,18 +229,118 @@ void osara__kafka_client_close(void *ptr)
     free(c);
 }
 
+/* A thread of libuv's pool: everything that may wait - the last delivery
+ * reports (up to 10 s), the group's final commit and leave, librdkafka's
+ * threads ending. Nothing else touches c meanwhile: its libuv handles are
+ * closed, no VM holds it, no job runs. */
+static void close_work(uv_work_t *req)
+{
+    kclient_t *c = req->data;
+    if (c->producer) {
+        /* Delivery reports advance the offsets of finished inputs. */
+        rd_kafka_flush(c->producer, 10000);
+    }
+    c->inputs_freed = 1; /* later reports (of purged outputs) find no input */
+    if (c->consumer) {
+        if (c->revoking) {
+            osara__kafka_finish_revoke(c);
+        }
+        OSARA_KAFKA_FOR_EACH_PART (c, p) {
+            osara__kafka_store_offsets(p);
+        }
+        osara__kafka_free_parts(c);
+        rd_kafka_consumer_close(c->consumer); /* commits what was stored */
+        rd_kafka_queue_destroy(c->cq);
+        rd_kafka_destroy(c->consumer);
+    }
+    if (c->pq) {
+        rd_kafka_queue_destroy(c->pq);
+    }
+    if (c->producer) {
+        rd_kafka_destroy(c->producer); /* also destroys the mock cluster */
+    }
+}
+
+static void close_after(uv_work_t *req, int status)
+{
+    (void)status;
+    kclient_t *c = req->data;
+    free(req);
+    OSARA_DEBUG("kafka: client %s closed", c->bootstrap);
+    client_free(c);
+}
+
+/* Closes what lives on the loop, then hands the rest to the pool once no
+ * job (an assignment, a metadata fetch) uses the handles. The pending work
+ * keeps the loop running, so a stop still waits for the last outputs. */
+static void close_when_idle(kclient_t *c)
+{
+    if (c->jobs > 0 || c->close_queued) {
+        return;
+    }
+    c->close_queued = 1;
+    uv_work_t *req = osara_xcalloc(1, sizeof(*req));
+    req->data = c;
+    if (uv_queue_work(&c->w->loop, req, close_work, close_after) != 0) {
+        close_work(req); /* the loop is gone: close here */
+        close_after(req, 0);
+    }
+}
+
+static void close_timer(uv_timer_t **t)
+{
+    if (*t) {
+        uv_close((uv_handle_t *)*t, osara__kafka_handle_free);
+        *t = NULL;
+    }
+}
+
+void osara__kafka_client_close(void *ptr)
+{
+    kclient_t *c = ptr;
+    c->closing = 1;
+    if (c->producer == NULL && c->consumer == NULL) {
+        client_free(c); /* validated only (check mode), or failed to start */
+        return;
+    }
+    unwatch_queue(c->cq, &c->cfd, &c->cpoll);
+    unwatch_queue(c->pq, &c->pfd, &c->ppoll);
+    close_timer(&c->resub_timer);
+    close_timer(&c->revoke_timer);
+    OSARA_KAFKA_FOR_EACH_PART (c, p) {
+        close_timer(&p->retry_timer);
+    }
+    for (kpart_t *p = c->retired; p; p = p->next) {
+        close_timer(&p->retry_timer);
+    }
+    close_when_idle(c);
+}
+
+/* ---- jobs: librdkafka calls that wait, run on libuv's pool -------------- */
+
+void osara__kafka_job_queue(kclient_t *c, uv_work_t *req, uv_work_cb work,
+                            uv_after_work_cb after)
+{
+    c->jobs++;
+    if (uv_queue_work(&c->w->loop, req, work, after) != 0) {
+        work(req);
+        after(req, UV_ECANCELED);
+    }
+}
+
+void osara__kafka_job_done(kclient_t *c)
+{
+    c->jobs--;
+    if (c->closing) {
+        close_when_idle(c);
+    }
+}
+
 int osara__kafka_start_producer(kclient_t *c, char *errstr, size_t cap)
 {
     rd_kafka_conf_t *conf = build_conf(c, 0, errstr, cap);
     if (conf == NULL) {
         return -1;
-    }
-    if (c->embedded) {
-        char n[16];
-        snprintf(n, sizeof(n), "%d", c->embedded);
-        rd_kafka_conf_set(conf, "test.mock.num.brokers", n, errstr, cap);
-        /* Sticky partitioning fills one mock partition (~5 MiB each) first. */
-        rd_kafka_conf_set(conf, "sticky.partitioning.linger.ms", "0", errstr, cap);
     }
     c->producer = rd_kafka_new(RD_KAFKA_PRODUCER, conf, errstr, cap);
     if (c->producer == NULL) {
@@ -219,21 +362,60 @@ int osara__kafka_start_consumer(kclient_t *c)
     if (conf == NULL) {
         return osara_err_set(OSARA_EINVAL, "kafka: %s", errstr);
     }
-    if (!c->embedded) {
-        rd_kafka_conf_set_rebalance_cb(conf, osara__kafka_on_rebalance);
-    }
     c->consumer = rd_kafka_new(RD_KAFKA_CONSUMER, conf, errstr, sizeof(errstr));
     if (c->consumer == NULL) {
         return osara_err_set(OSARA_EINVAL, "kafka: %s", errstr);
     }
-    rd_kafka_poll_set_consumer(c->consumer);
+    rd_kafka_resp_err_t err = rd_kafka_poll_set_consumer(c->consumer);
+    if (err) {
+        return osara_err_set(OSARA_EBROKER, "kafka: %s", rd_kafka_err2str(err));
+    }
     c->cq = rd_kafka_queue_get_consumer(c->consumer);
     return watch_queue(c, c->cq, &c->cfd, &c->cpoll, osara__kafka_on_consumer_ready);
+}
+
+typedef struct {
+    uv_work_t req;
+    kclient_t *c;
+    rd_kafka_topic_t *rkt;
+} topic_job_t;
+
+static void topic_work(uv_work_t *req)
+{
+    topic_job_t *job = req->data;
+    const struct rd_kafka_metadata *md = NULL;
+    if (rd_kafka_metadata(job->c->producer, 0, job->rkt, &md, 2000) ==
+        RD_KAFKA_RESP_ERR_NO_ERROR) {
+        rd_kafka_metadata_destroy(md);
+    }
+}
+
+static void topic_after(uv_work_t *req, int status)
+{
+    (void)status;
+    topic_job_t *job = req->data;
+    kclient_t *c = job->c;
+    rd_kafka_topic_destroy(job->rkt);
+    free(job);
+    osara__kafka_job_done(c);
 }
 
 void osara__kafka_ensure_topic(kclient_t *c, const char *topic)
 {
     if (c->mock && topic[0] != '^') {
-        rd_kafka_mock_topic_create(c->mock, topic, c->partitions, 1);
+        rd_kafka_resp_err_t err = rd_kafka_mock_topic_create(c->mock, topic, c->partitions, 1);
+        if (err && err != RD_KAFKA_RESP_ERR_TOPIC_ALREADY_EXISTS) {
+            OSARA_WARN("kafka: cannot create topic %s in the embedded cluster: %s", topic,
+                       rd_kafka_err2str(err));
+        }
     }
+    rd_kafka_topic_t *rkt = rd_kafka_topic_new(c->producer, topic, NULL);
+    if (rkt == NULL) {
+        return; /* an invalid name: the first send reports it */
+    }
+    topic_job_t *job = osara_xcalloc(1, sizeof(*job));
+    job->c = c;
+    job->rkt = rkt;
+    job->req.data = job;
+    osara__kafka_job_queue(c, &job->req, topic_work, topic_after);
 }

@@ -1,8 +1,5 @@
 /* consume.c - partitions as ordered lanes, backpressure, offsets. */
 
-#include <errno.h>
-#include <unistd.h>
-
 #include "core/log.h"
 #include "kafka/kafka_int.h"
 
@@ -426,10 +423,7 @@ void osara__kafka_on_consumer_ready(uv_poll_t *h, int status, int events)
     (void)status;
     (void)events;
     kclient_t *c = h->data;
-    uint64_t v;
-    if (read(c->cfd, &v, sizeof(v)) < 0 && errno != EAGAIN) {
-        OSARA_DEBUG("kafka: wake-up read failed: %s", strerror(errno));
-    }
+    osara__kafka_wakeup_clear(c->cfd);
     rd_kafka_message_t *batch[BATCH];
     ssize_t n;
     /* Drain in batches: one wake-up, many messages. */

@@ -68,16 +68,24 @@ struct khandler_s {
     khandler_t *next;
 };
 
-/* One produced message waiting for its delivery report. */
+/* One produced message waiting for its delivery report. Its future holds
+ * a reference for the report and one for the receipt, if any. */
 typedef struct kout_s {
+    osara_sched_future_t f;        /* first: the future's free finds the kout */
+    kclient_t *c;
     osara_delivery_t *d;           /* input it was sent for, or NULL */
-    int refs;                      /* DR pending + receipt userdata */
-    int done;
     rd_kafka_resp_err_t err;
-    osara_co_t *waiter;
-    unsigned waiter_seq;
     struct kout_s *next_free;
 } kout_t;
+
+/* What produce sends; hdrs pass to librdkafka (destroyed on failure). */
+typedef struct {
+    const char *topic;
+    const char *payload, *key;
+    size_t len, klen;
+    int32_t partition;
+    rd_kafka_headers_t *hdrs;
+} kafka_msg_t;
 
 struct kclient_s {
     osara_worker_t *w;
@@ -108,6 +116,10 @@ struct kclient_s {
     kout_t *free_outs;
     kinput_t *free_inputs;         /* recycled: no allocation per message */
     int closing;
+    int jobs;                      /* pool work using the handles */
+    int close_queued;
+    int inputs_freed;              /* closing: delivery reports find no input */
+    unsigned assign_gen;           /* the newest embedded assignment */
     rd_kafka_resp_err_t last_error;
 };
 
@@ -133,10 +145,19 @@ int osara__kafka_start_producer(kclient_t *c, char *errstr, size_t cap);
 int osara__kafka_start_consumer(kclient_t *c);
 /* Closes and frees c (the worker's shared-resource close). */
 void osara__kafka_client_close(void *ptr);
-/* Creates a topic in the embedded cluster (nothing on a real one). */
+/* Creates a topic in the embedded cluster (nothing on a real one) and
+ * fetches its metadata for the producer in the background. */
 void osara__kafka_ensure_topic(kclient_t *c, const char *topic);
+/* Runs work(req) on libuv's pool (req->data is the caller's); after(req)
+ * runs on the loop and must call job_done. The client waits for its jobs
+ * before it closes. */
+void osara__kafka_job_queue(kclient_t *c, uv_work_t *req, uv_work_cb work,
+                            uv_after_work_cb after);
+void osara__kafka_job_done(kclient_t *c);
 /* librdkafka's log callback: errors at ERROR, the rest at DEBUG. */
 void osara__kafka_on_log(const rd_kafka_t *rk, int level, const char *fac, const char *buf);
+/* Resets a queue's wake-up eventfd (librdkafka wrote to it). */
+void osara__kafka_wakeup_clear(int fd);
 /* uv_close callback freeing a malloc'ed handle. */
 void osara__kafka_handle_free(uv_handle_t *h);
 
@@ -164,9 +185,10 @@ void osara__kafka_on_consumer_ready(uv_poll_t *h, int status, int events);
 
 /* ---- produce.c ---- */
 
-kout_t *osara__kafka_out_get(kclient_t *c);
-/* Drops a reference (delivery report or receipt); recycled at 0. */
-void osara__kafka_out_unref(kclient_t *c, kout_t *o);
+/* Enqueues m for d's input (or none): the output, holding the delivery
+ * report's reference of its future, or NULL with *err. */
+kout_t *osara__kafka_produce(kclient_t *c, const kafka_msg_t *m, osara_delivery_t *d,
+                             rd_kafka_resp_err_t *err);
 /* librdkafka's delivery report callback (served on the loop). */
 void osara__kafka_on_delivery(rd_kafka_t *rk, const rd_kafka_message_t *rkm, void *opaque);
 /* The producer queue's wake-up: serves delivery reports. */

@@ -69,8 +69,7 @@ static const osara_reg_kind_t kafka_kind = {
 
 
 typedef struct {
-    kout_t *o;
-    kclient_t *c;
+    kout_t *o; /* holds a reference of the output's future */
 } receipt_ud_t;
 
 static kclient_t *check_client_at(lua_State *L, int idx)
@@ -203,7 +202,7 @@ static int l_client_bootstrap(lua_State *L)
     return 1;
 }
 
-/* client:osara__kafka_ensure_topic(name): creates it in the embedded cluster and
+/* client:ensure_topic(name): creates it in the embedded cluster and
  * fetches its metadata now, so the first send does not wait for the
  * producer's once-a-second scan of unknown topics. */
 static int l_client_ensure_topic(lua_State *L)
@@ -214,95 +213,47 @@ static int l_client_ensure_topic(lua_State *L)
         return 0;
     }
     osara__kafka_ensure_topic(c, name);
-    rd_kafka_topic_t *rkt = rd_kafka_topic_new(c->producer, name, NULL);
-    const struct rd_kafka_metadata *md = NULL;
-    if (rkt && rd_kafka_metadata(c->producer, 0, rkt, &md, 2000) == RD_KAFKA_RESP_ERR_NO_ERROR) {
-        rd_kafka_metadata_destroy(md);
-    }
-    if (rkt) {
-        rd_kafka_topic_destroy(rkt);
-    }
     return 0;
 }
 
-static void receipt_wait_cleanup(void *data)
+/* The message's headers from the Lua table at idx (string keys and
+ * values), or NULL. */
+static rd_kafka_headers_t *read_headers(lua_State *L, int idx)
 {
-    kout_t *o = data;
-    o->waiter = NULL;
+    if (!lua_istable(L, idx)) {
+        return NULL;
+    }
+    rd_kafka_headers_t *hdrs = rd_kafka_headers_new(4);
+    lua_pushnil(L);
+    while (lua_next(L, idx) != 0) { /* [k, v] */
+        size_t vlen;
+        const char *v = lua_tolstring(L, -1, &vlen);
+        if (lua_type(L, -2) == LUA_TSTRING && v) {
+            rd_kafka_header_add(hdrs, lua_tostring(L, -2), -1, v, (ssize_t)vlen);
+        }
+        lua_pop(L, 1);
+    }
+    return hdrs;
 }
 
 /* client:produce(topic, payload, key|nil, headers|nil, partition|nil, want)
- * -> receipt | true. Enqueues without waiting; the output counts against
- * the input being handled by the calling coroutine, if any. */
+ * -> receipt | true, or nil, err. Enqueues without waiting; the output
+ * counts against the input being handled by the calling coroutine, if any. */
 static int l_client_produce(lua_State *L)
 {
     kclient_t *c = live_client(L, 1);
-    const char *topic = luaL_checkstring(L, 2);
-    size_t len, klen = 0;
-    const char *payload = luaL_checklstring(L, 3, &len);
-    const char *key = lua_isnoneornil(L, 4) ? NULL : luaL_checklstring(L, 4, &klen);
-    int32_t partition = lua_isnoneornil(L, 6) ? RD_KAFKA_PARTITION_UA : (int32_t)luaL_checkinteger(L, 6);
+    kafka_msg_t m = {.topic = luaL_checkstring(L, 2)};
+    m.payload = luaL_checklstring(L, 3, &m.len);
+    m.key = lua_isnoneornil(L, 4) ? NULL : luaL_checklstring(L, 4, &m.klen);
+    m.partition = lua_isnoneornil(L, 6) ? RD_KAFKA_PARTITION_UA : (int32_t)luaL_checkinteger(L, 6);
     int want = lua_toboolean(L, 7);
-    rd_kafka_headers_t *hdrs = NULL;
-    if (lua_istable(L, 5)) {
-        hdrs = rd_kafka_headers_new(4);
+    m.hdrs = read_headers(L, 5);
+    rd_kafka_resp_err_t err;
+    kout_t *o = osara__kafka_produce(c, &m, osara_delivery_of(osara_sched_current(L)), &err);
+    if (o == NULL) {
         lua_pushnil(L);
-        while (lua_next(L, 5) != 0) {
-            size_t vlen;
-            const char *v = lua_tolstring(L, -1, &vlen);
-            if (lua_type(L, -2) == LUA_TSTRING && v) {
-                rd_kafka_header_add(hdrs, lua_tostring(L, -2), -1, v, (ssize_t)vlen);
-            }
-            lua_pop(L, 1);
-        }
-    }
-    kout_t *o = osara__kafka_out_get(c);
-    o->refs = 1 + (want ? 1 : 0);
-    osara_co_t *co = osara_sched_current(L);
-    osara_delivery_t *d = osara_delivery_of(co);
-    rd_kafka_vu_t vu[8];
-    size_t nvu = 0;
-    vu[nvu].vtype = RD_KAFKA_VTYPE_TOPIC;
-    vu[nvu++].u.cstr = topic;
-    vu[nvu].vtype = RD_KAFKA_VTYPE_MSGFLAGS;
-    vu[nvu++].u.i = RD_KAFKA_MSG_F_COPY;
-    vu[nvu].vtype = RD_KAFKA_VTYPE_VALUE;
-    vu[nvu].u.mem.ptr = (void *)payload;
-    vu[nvu++].u.mem.size = len;
-    if (key) {
-        vu[nvu].vtype = RD_KAFKA_VTYPE_KEY;
-        vu[nvu].u.mem.ptr = (void *)key;
-        vu[nvu++].u.mem.size = klen;
-    }
-    vu[nvu].vtype = RD_KAFKA_VTYPE_PARTITION;
-    vu[nvu++].u.i32 = partition;
-    vu[nvu].vtype = RD_KAFKA_VTYPE_OPAQUE;
-    vu[nvu++].u.ptr = o;
-    if (hdrs) {
-        vu[nvu].vtype = RD_KAFKA_VTYPE_HEADERS;
-        vu[nvu++].u.headers = hdrs;
-    }
-    rd_kafka_error_t *error = rd_kafka_produceva(c->producer, vu, nvu);
-    rd_kafka_resp_err_t err = RD_KAFKA_RESP_ERR_NO_ERROR;
-    if (error) {
-        err = rd_kafka_error_code(error);
-        rd_kafka_error_destroy(error);
-    }
-    if (err) {
-        if (hdrs) {
-            rd_kafka_headers_destroy(hdrs);
-        }
-        o->refs = 1;
-        osara__kafka_out_unref(c, o);
-        osara_metric_add(osara__kafka_metrics.delivery_errors, 1);
-        lua_pushnil(L);
-        lua_pushfstring(L, "kafka: cannot produce to %s: %s", topic, rd_kafka_err2str(err));
+        lua_pushfstring(L, "kafka: cannot produce to %s: %s", m.topic, rd_kafka_err2str(err));
         return 2;
-    }
-    osara_metric_add(osara__kafka_metrics.produced, 1);
-    if (d) { /* the input is not done before this output is delivered */
-        o->d = d;
-        osara_delivery_output_begin(d);
     }
     if (!want) {
         lua_pushboolean(L, 1);
@@ -310,41 +261,26 @@ static int l_client_produce(lua_State *L)
     }
     receipt_ud_t *ud = lua_newuserdata(L, sizeof(*ud));
     ud->o = o;
-    ud->c = c;
+    osara_sched_future_ref(&o->f); /* the receipt's */
     luaL_getmetatable(L, RECEIPT_MT);
     lua_setmetatable(L, -2);
     return 1;
 }
 
-/* receipt:wait() -> true | nil, err: yields until the delivery report */
+/* receipt:wait([timeout]) -> true | nil, err: yields until the delivery
+ * report (or nil, "timeout"). The receipt stays alive while waited on. */
 static int l_receipt_wait(lua_State *L)
 {
     receipt_ud_t *ud = luaL_checkudata(L, 1, RECEIPT_MT);
-    kout_t *o = ud->o;
-    if (o->done) {
-        if (o->err) {
-            lua_pushnil(L);
-            lua_pushstring(L, rd_kafka_err2str(o->err));
-            return 2;
-        }
-        lua_pushboolean(L, 1);
-        return 1;
-    }
-    osara_co_t *co = osara_sched_current(L);
-    if (co == NULL) {
-        return luaL_error(L, "kafka: wait() only inside a handler, timer or task");
-    }
-    o->waiter = co;
-    o->waiter_seq = osara_co_seq(co) + 1;
-    return osara_sched_wait(L, 1, receipt_wait_cleanup, o);
+    double timeout = luaL_optnumber(L, 2, -1);
+    return osara_sched_future_wait(L, &ud->o->f, 1, timeout);
 }
 
 static int l_receipt_gc(lua_State *L)
 {
     receipt_ud_t *ud = luaL_checkudata(L, 1, RECEIPT_MT);
     if (ud->o) {
-        ud->o->waiter = NULL;
-        osara__kafka_out_unref(ud->c, ud->o);
+        osara_sched_future_unref(&ud->o->f);
         ud->o = NULL;
     }
     return 0;
@@ -388,14 +324,15 @@ static int l_client_mock_push_errors(lua_State *L)
         return luaL_error(L, "kafka: mock_push_errors needs the embedded cluster");
     }
     int16_t api = (int16_t)luaL_checkinteger(L, 2);
-    int n = (int)luaL_checkinteger(L, 3);
+    lua_Integer n = luaL_checkinteger(L, 3);
+    luaL_argcheck(L, n >= 0 && n <= 64, 3, "count must be 0 to 64");
     rd_kafka_resp_err_t err = (rd_kafka_resp_err_t)luaL_optinteger(
         L, 4, RD_KAFKA_RESP_ERR_NOT_ENOUGH_REPLICAS);
     rd_kafka_resp_err_t errs[64];
-    for (int i = 0; i < n && i < 64; i++) {
+    for (int i = 0; i < n; i++) {
         errs[i] = err;
     }
-    rd_kafka_mock_push_request_errors_array(c->mock, api, (size_t)(n < 64 ? n : 64), errs);
+    rd_kafka_mock_push_request_errors_array(c->mock, api, (size_t)n, errs);
     return 0;
 }
 

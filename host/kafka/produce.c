@@ -1,30 +1,89 @@
 /* produce.c - outputs, delivery reports, receipts. */
 
-#include <errno.h>
-#include <unistd.h>
-
 #include "core/log.h"
 #include "kafka/kafka_int.h"
 
 /* ---- producing ---------------------------------------------------------- */
 
-kout_t *osara__kafka_out_get(kclient_t *c)
+/* The last reference is gone: back to the client's pool. */
+static void out_free(osara_sched_future_t *f)
+{
+    kout_t *o = (kout_t *)f;
+    o->next_free = o->c->free_outs;
+    o->c->free_outs = o;
+}
+
+static kout_t *out_get(kclient_t *c)
 {
     kout_t *o = c->free_outs;
     if (o) {
         c->free_outs = o->next_free;
-        memset(o, 0, sizeof(*o));
-        return o;
+    } else {
+        o = osara_xmalloc(sizeof(*o));
     }
-    return osara_xcalloc(1, sizeof(*o));
+    memset(o, 0, sizeof(*o));
+    osara_sched_future_init(&o->f, out_free); /* the delivery report's reference */
+    o->c = c;
+    return o;
 }
 
-void osara__kafka_out_unref(kclient_t *c, kout_t *o)
+kout_t *osara__kafka_produce(kclient_t *c, const kafka_msg_t *m, osara_delivery_t *d,
+                             rd_kafka_resp_err_t *err)
 {
-    if (--o->refs == 0) {
-        o->next_free = c->free_outs;
-        c->free_outs = o;
+    kout_t *o = out_get(c);
+    rd_kafka_vu_t vu[8];
+    size_t nvu = 0;
+    vu[nvu].vtype = RD_KAFKA_VTYPE_TOPIC;
+    vu[nvu++].u.cstr = m->topic;
+    vu[nvu].vtype = RD_KAFKA_VTYPE_MSGFLAGS;
+    vu[nvu++].u.i = RD_KAFKA_MSG_F_COPY;
+    vu[nvu].vtype = RD_KAFKA_VTYPE_VALUE;
+    vu[nvu].u.mem.ptr = (void *)m->payload;
+    vu[nvu++].u.mem.size = m->len;
+    if (m->key) {
+        vu[nvu].vtype = RD_KAFKA_VTYPE_KEY;
+        vu[nvu].u.mem.ptr = (void *)m->key;
+        vu[nvu++].u.mem.size = m->klen;
     }
+    vu[nvu].vtype = RD_KAFKA_VTYPE_PARTITION;
+    vu[nvu++].u.i32 = m->partition;
+    vu[nvu].vtype = RD_KAFKA_VTYPE_OPAQUE;
+    vu[nvu++].u.ptr = o;
+    if (m->hdrs) { /* owned by librdkafka once produced */
+        vu[nvu].vtype = RD_KAFKA_VTYPE_HEADERS;
+        vu[nvu++].u.headers = m->hdrs;
+    }
+    rd_kafka_error_t *error = rd_kafka_produceva(c->producer, vu, nvu);
+    *err = RD_KAFKA_RESP_ERR_NO_ERROR;
+    if (error) {
+        *err = rd_kafka_error_code(error);
+        rd_kafka_error_destroy(error);
+        if (m->hdrs) {
+            rd_kafka_headers_destroy(m->hdrs);
+        }
+        osara_sched_future_unref(&o->f);
+        osara_metric_add(osara__kafka_metrics.delivery_errors, 1);
+        return NULL;
+    }
+    osara_metric_add(osara__kafka_metrics.produced, 1);
+    if (d) { /* the input is not done before this output is delivered */
+        o->d = d;
+        osara_delivery_output_begin(d);
+    }
+    return o;
+}
+
+/* The receipt's results: true, or nil and librdkafka's reason. */
+static int push_delivery(lua_State *L, void *ud)
+{
+    kout_t *o = ud;
+    if (o->err) {
+        lua_pushnil(L);
+        lua_pushstring(L, rd_kafka_err2str(o->err));
+        return 2;
+    }
+    lua_pushboolean(L, 1);
+    return 1;
 }
 
 void osara__kafka_on_delivery(rd_kafka_t *rk, const rd_kafka_message_t *rkm, void *opaque)
@@ -35,32 +94,20 @@ void osara__kafka_on_delivery(rd_kafka_t *rk, const rd_kafka_message_t *rkm, voi
     if (o == NULL) {
         return;
     }
-    o->done = 1;
     o->err = rkm->err;
     if (rkm->err) {
         osara_metric_add(osara__kafka_metrics.delivery_errors, 1);
         OSARA_ERROR("kafka: delivery to %s [%d] failed: %s", rd_kafka_topic_name(rkm->rkt),
                     (int)rkm->partition, rd_kafka_err2str(rkm->err));
     }
-    if (o->d) { /* a lost output fails its input: handled again, never committed past */
+    if (o->d && !c->inputs_freed) { /* a lost output fails its input: handled again */
         osara_delivery_output_end(o->d, rkm->err == RD_KAFKA_RESP_ERR_NO_ERROR);
         o->d = NULL;
     }
-    if (o->waiter && osara_co_waiting(o->waiter) && osara_co_seq(o->waiter) == o->waiter_seq) {
-        osara_co_t *co = o->waiter;
-        lua_State *T = osara_co_thread(co);
-        o->waiter = NULL;
-        int n = 1;
-        if (rkm->err) {
-            lua_pushnil(T);
-            lua_pushstring(T, rd_kafka_err2str(rkm->err));
-            n = 2;
-        } else {
-            lua_pushboolean(T, 1);
-        }
-        osara_sched_resume(co, n);
+    if (!c->closing) { /* closing runs on libuv's pool: no VM holds c any more */
+        osara_sched_future_complete(&o->f, push_delivery, o);
     }
-    osara__kafka_out_unref(c, o);
+    osara_sched_future_unref(&o->f); /* the delivery report's */
 }
 
 void osara__kafka_on_producer_ready(uv_poll_t *h, int status, int events)
@@ -68,9 +115,6 @@ void osara__kafka_on_producer_ready(uv_poll_t *h, int status, int events)
     (void)status;
     (void)events;
     kclient_t *c = h->data;
-    uint64_t v;
-    if (read(c->pfd, &v, sizeof(v)) < 0 && errno != EAGAIN) {
-        OSARA_DEBUG("kafka: wake-up read failed: %s", strerror(errno));
-    }
+    osara__kafka_wakeup_clear(c->pfd);
     rd_kafka_poll(c->producer, 0);
 }

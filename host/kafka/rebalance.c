@@ -19,6 +19,7 @@ static int part_busy(const kpart_t *p)
 void osara__kafka_finish_revoke(kclient_t *c)
 {
     rd_kafka_topic_partition_list_t *parts = c->revoking;
+    rd_kafka_topic_partition_list_t *commit = rd_kafka_topic_partition_list_new(parts->cnt);
     int busy = 0;
     c->revoking = NULL;
     if (c->revoke_timer) {
@@ -30,6 +31,10 @@ void osara__kafka_finish_revoke(kclient_t *c)
             continue;
         }
         osara__kafka_store_offsets(p);
+        if (p->track.committable >= 0) {
+            rd_kafka_topic_partition_list_add(commit, p->topic, p->partition)->offset =
+                p->track.committable;
+        }
         busy += part_busy(p);
         osara__kafka_set_paused(p, 0);
         p->revoking = 0;
@@ -44,14 +49,22 @@ void osara__kafka_finish_revoke(kclient_t *c)
         OSARA_INFO("kafka: revoked %d partition(s) after %.0f ms", parts->cnt,
                    (osara_monotonic() - c->revoke_started) * 1000);
     }
-    rd_kafka_topic_partition_list_destroy(parts);
-    rd_kafka_resp_err_t err = rd_kafka_commit(c->consumer, NULL, 0);
-    if (err && err != RD_KAFKA_RESP_ERR__NO_OFFSET) {
-        /* the mock coordinator refuses commits once a rebalance started */
-        OSARA_WARN("kafka: commit on revoke failed: %s (the new owner handles "
-                   "what finished since the last auto-commit again)", rd_kafka_err2str(err));
+    /* Asynchronous, with the offsets spelled out: the unassign below
+     * would empty the assignment a NULL commit reads from. The result
+     * reaches on_commit on the loop. */
+    if (commit->cnt > 0) {
+        rd_kafka_resp_err_t err = rd_kafka_commit(c->consumer, commit, 1);
+        if (err) {
+            OSARA_WARN("kafka: commit on revoke failed: %s (the new owner handles what "
+                       "finished since the last auto-commit again)", rd_kafka_err2str(err));
+        }
     }
-    rd_kafka_assign(c->consumer, NULL);
+    rd_kafka_topic_partition_list_destroy(commit);
+    rd_kafka_topic_partition_list_destroy(parts);
+    rd_kafka_resp_err_t err = rd_kafka_assign(c->consumer, NULL);
+    if (err) {
+        OSARA_WARN("kafka: cannot unassign the revoked partitions: %s", rd_kafka_err2str(err));
+    }
 }
 
 static void check_revoke(kclient_t *c)
@@ -79,15 +92,20 @@ void osara__kafka_on_rebalance(rd_kafka_t *rk, rd_kafka_resp_err_t err,
 {
     kclient_t *c = opaque;
     if (err == RD_KAFKA_RESP_ERR__ASSIGN_PARTITIONS) {
-        OSARA_INFO("kafka: assigned %d partition(s)", parts->cnt);
-        rd_kafka_assign(rk, parts);
+        rd_kafka_resp_err_t aerr = rd_kafka_assign(rk, parts);
+        if (aerr) {
+            OSARA_ERROR("kafka: cannot take %d assigned partition(s): %s", parts->cnt,
+                        rd_kafka_err2str(aerr));
+        } else {
+            OSARA_INFO("kafka: assigned %d partition(s)", parts->cnt);
+        }
         return;
     }
     /* Revoked: inputs that had not started are dropped (the new owner
      * consumes them from the committed position); running handlers and
      * pending outputs get up to osara.revoke_timeout_ms to finish, so their
      * work is committed here instead of done twice. librdkafka waits for
-     * the unassign, which osara__kafka_finish_revoke makes from the loop. */
+     * the unassign, which finish_revoke makes from the loop. */
     if (c->revoking) {
         osara__kafka_finish_revoke(c);
     }
@@ -127,42 +145,84 @@ static int reset_to_end(kclient_t *c)
 
 /* Embedded: no group join (the mock's initial rebalance takes ~3 s), so
  * assign every partition of the handled topics, resuming from committed
- * offsets. */
-static void assign_embedded(kclient_t *c)
+ * offsets. Metadata and committed offsets are asked on libuv's pool (each
+ * may wait up to 5 s); the assignment is made on the loop. */
+typedef struct {
+    uv_work_t req;
+    kclient_t *c;
+    unsigned gen;
+    double t0;
+    rd_kafka_topic_partition_list_t *all; /* every partition, committed offsets */
+} assign_job_t;
+
+static void assign_work(uv_work_t *req)
 {
-    double t0 = osara_monotonic();
-    rd_kafka_topic_partition_list_t *l = rd_kafka_topic_partition_list_new(16);
+    assign_job_t *job = req->data;
+    rd_kafka_t *rk = job->c->consumer;
     const struct rd_kafka_metadata *md = NULL;
     /* Asked through the consumer: its cache then knows every leader, so the
      * assigned partitions start fetching at once instead of on a refresh. */
-    if (rd_kafka_metadata(c->consumer, 1, NULL, &md, 5000) == RD_KAFKA_RESP_ERR_NO_ERROR) {
-        for (int i = 0; i < md->topic_cnt; i++) {
-            const char *t = md->topics[i].topic;
-            khandler_t *h = osara__kafka_handler_for(c, t);
-            if (h == NULL) {
-                continue;
-            }
-            for (int j = 0; j < md->topics[i].partition_cnt; j++) {
-                rd_kafka_topic_partition_list_add(l, t, md->topics[i].partitions[j].id);
-            }
-        }
-        rd_kafka_metadata_destroy(md);
+    if (rd_kafka_metadata(rk, 1, NULL, &md, 5000) != RD_KAFKA_RESP_ERR_NO_ERROR) {
+        return;
     }
-    /* Resume from the group's committed position. Without one, start at 0:
-     * the embedded cluster lives in this process, so every log starts at 0,
-     * and asking the broker (auto.offset.reset) costs a second at start-up
-     * while the consumer's connection comes up. */
-    rd_kafka_committed(c->consumer, l, 5000);
+    for (int i = 0; i < md->topic_cnt; i++) {
+        for (int j = 0; j < md->topics[i].partition_cnt; j++) {
+            rd_kafka_topic_partition_list_add(job->all, md->topics[i].topic,
+                                              md->topics[i].partitions[j].id);
+        }
+    }
+    rd_kafka_metadata_destroy(md);
+    if (job->all->cnt > 0) {
+        rd_kafka_committed(rk, job->all, 5000); /* failed: offsets stay invalid */
+    }
+}
+
+/* Resume from the group's committed position. Without one, start at 0:
+ * the embedded cluster lives in this process, so every log starts at 0,
+ * and asking the broker (auto.offset.reset) costs a second at start-up
+ * while the consumer's connection comes up. */
+static void assign_handled(kclient_t *c, const rd_kafka_topic_partition_list_t *all, double t0)
+{
+    rd_kafka_topic_partition_list_t *l = rd_kafka_topic_partition_list_new(all->cnt);
     int64_t start = reset_to_end(c) ? RD_KAFKA_OFFSET_END : 0;
-    for (int i = 0; i < l->cnt; i++) {
-        if (l->elems[i].offset < 0) {
-            l->elems[i].offset = start;
+    for (int i = 0; i < all->cnt; i++) {
+        if (osara__kafka_handler_for(c, all->elems[i].topic)) {
+            rd_kafka_topic_partition_list_add(l, all->elems[i].topic, all->elems[i].partition)
+                ->offset = all->elems[i].offset < 0 ? start : all->elems[i].offset;
         }
     }
-    rd_kafka_assign(c->consumer, l);
-    OSARA_DEBUG("kafka: embedded mode assigned %d partition(s) in %.1f ms", l->cnt,
-                (osara_monotonic() - t0) * 1000);
+    rd_kafka_resp_err_t err = rd_kafka_assign(c->consumer, l);
+    if (err) {
+        OSARA_ERROR("kafka: cannot assign %d partition(s): %s", l->cnt, rd_kafka_err2str(err));
+    } else {
+        OSARA_DEBUG("kafka: embedded mode assigned %d partition(s) in %.1f ms", l->cnt,
+                    (osara_monotonic() - t0) * 1000);
+    }
     rd_kafka_topic_partition_list_destroy(l);
+}
+
+static void assign_after(uv_work_t *req, int status)
+{
+    (void)status;
+    assign_job_t *job = req->data;
+    kclient_t *c = job->c;
+    if (!c->closing && job->gen == c->assign_gen) { /* a newer one replaces it */
+        assign_handled(c, job->all, job->t0);
+    }
+    rd_kafka_topic_partition_list_destroy(job->all);
+    free(job);
+    osara__kafka_job_done(c);
+}
+
+static void assign_embedded(kclient_t *c)
+{
+    assign_job_t *job = osara_xcalloc(1, sizeof(*job));
+    job->c = c;
+    job->gen = ++c->assign_gen;
+    job->t0 = osara_monotonic();
+    job->all = rd_kafka_topic_partition_list_new(16);
+    job->req.data = job;
+    osara__kafka_job_queue(c, &job->req, assign_work, assign_after);
 }
 
 static void resubscribe(kclient_t *c)
