@@ -286,21 +286,27 @@ static int l_receipt_gc(lua_State *L)
     return 0;
 }
 
-/* client:stats() -> {inflight=, partitions=, paused=} */
+/* client:stats() -> {inflight=, partitions=, paused=, retired=} */
 static int l_client_stats(lua_State *L)
 {
     kclient_t *c = live_client(L, 1);
-    int paused = 0;
+    int paused = 0, retired = 0;
     OSARA_KAFKA_FOR_EACH_PART (c, p) {
         paused += p->paused;
     }
-    lua_createtable(L, 0, 3);
+    osara__kafka_sweep_retired(c);
+    for (kpart_t *p = c->retired; p; p = p->next) {
+        retired++;
+    }
+    lua_createtable(L, 0, 4);
     lua_pushinteger(L, c->inflight);
     lua_setfield(L, -2, "inflight");
     lua_pushinteger(L, c->nparts);
     lua_setfield(L, -2, "partitions");
     lua_pushinteger(L, paused);
     lua_setfield(L, -2, "paused");
+    lua_pushinteger(L, retired);
+    lua_setfield(L, -2, "retired"); /* revoked, still finishing their inputs */
     return 1;
 }
 
