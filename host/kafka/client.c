@@ -68,6 +68,12 @@ static int watch_queue(kclient_t *c, rd_kafka_queue_t *q, int *fd, uv_poll_t **p
     uv_poll_start(*poll, UV_READABLE, cb); /* cannot fail on an initialised poll */
     static const uint64_t one = 1;
     rd_kafka_queue_io_event_enable(q, *fd, &one, sizeof(one));
+    /* librdkafka writes only when the queue turns non-empty: what its
+     * threads queued before this (a refused connection's error, at once)
+     * would never wake the loop. Wake it once now. */
+    if (write(*fd, &one, sizeof(one)) < 0) {
+        OSARA_DEBUG("kafka: wake-up write failed: %s", strerror(errno));
+    }
     return 0;
 }
 
