@@ -242,12 +242,19 @@ local function make_runner(client, topic, opts, fn, at)
   local sinks = opts.sink
   if sinks and getmetatable(sinks) == Topic then sinks = { sinks } end
   local eo = opts.store and make_store_step(client, opts)
+  -- true | nil, err (the first sink that refused it), as every send.
+  local function send_to_sinks(value, send_opts)
+    for i = 1, #sinks do
+      local ok, err
+      if eo then ok, err = sinks[i]:send(value, send_opts) else ok, err = sinks[i]:_send_fast(value, send_opts) end
+      if not ok then return nil, err end
+    end
+    return true
+  end
   local function emit(value, send_opts)
     if not sinks then error("emit: this handler has no sink (opts.sink)", 2) end
     if send_opts then send_opts = options.check("topic:send", send_opts) end
-    for i = 1, #sinks do
-      if eo then sinks[i]:send(value, send_opts) else sinks[i]:_send_fast(value, send_opts) end
-    end
+    return send_to_sinks(value, send_opts)
   end
   local function place(msg)
     return ("%s[%d]@%d"):format(msg.topic, msg.partition, msg.offset)
@@ -255,10 +262,16 @@ local function make_runner(client, topic, opts, fn, at)
   local max_bytes = opts.max_bytes
 
   -- The handler's results, without packing them into a table per message.
+  -- A result the client refuses is not dropped silently: logged with its input.
   local function outputs(msg, key_opts, ...)
     for i = 1, select("#", ...) do
       local v = select(i, ...)
-      if v ~= nil then emit(v, key_opts) end
+      if v ~= nil then
+        local ok, err = send_to_sinks(v, key_opts)
+        if not ok then
+          require("osara.log_c").write("error", ("kafka %s: output of %s not sent: %s"):format(topic, place(msg), tostring(err)))
+        end
+      end
     end
   end
   local function finish(msg, ok, first, ...)

@@ -67,6 +67,27 @@ kafka:handle("prices", function(msg) return { to = msg.reply } end)
     assert.are.same({ { to = "r", value = { to = "r" }, meta = { reply = true } } }, out.sent)
   end)
 
+  it("gives Kafka's emit the failure convention of every send: nil, err from the client", function()
+    local app = load [[
+local osara = require "osara"
+local kafka = osara.kafka {}
+local refusing = { _send_fast = function() return nil, "Local: Queue full" end,
+                   send = function() return nil, "Local: Queue full" end }
+kafka:handle("in", { sink = { refusing } }, function(msg, emit)
+  local ok, err = emit(1)
+  osara.log.info("emit gave %s %s", tostring(ok), tostring(err))
+  return 2
+end)
+]]
+    local real, lines = log_c.write, {}
+    log_c.write = function(level, msg) lines[#lines + 1] = level .. " " .. msg end
+    local ok, out = pcall(app.deliver, app, "kafka", "in (group osara-app)", { value = 1 })
+    log_c.write = real
+    assert(ok, out)
+    assert.are.same({ "info emit gave nil Local: Queue full",
+                      "error kafka in: output of in[0]@0 not sent: Local: Queue full" }, lines)
+  end)
+
   it("keeps msg.data working with one warning per line that reads it", function()
     local app = load [[
 local osara = require "osara"
