@@ -134,6 +134,36 @@ describe("osara.cache", function()
     assert.matches("cannot encode the value of 'k'", err, 1, true)
   end)
 
+  it("keeps a waiting call safe through full garbage collections", function()
+    local collections = 0
+    local gc = osara.every(0.001, function()
+      collectgarbage("collect")
+      collections = collections + 1
+    end)
+    local ok, err = pcall(function()
+      -- BLPOP holds the reply 50 ms: the cache object and its client
+      -- handle are garbage while the call waits.
+      local before = collections
+      assert.is_nil(osara.cache(options_of("redis")).b.c:call { "BLPOP", "nothing", "0.05" })
+      assert.is_true(collections > before, "no collection ran during the wait")
+      -- 2000 keys keep memcached's thread busy for a while
+      local map, keys = {}, {}
+      for i = 1, 2000 do
+        keys[i] = "gc" .. i
+        map[keys[i]] = i
+      end
+      before = collections
+      assert.is_true(osara.cache(options_of("memcached")):set_multi(map))
+      local got, gerr = osara.cache(options_of("memcached")):get_multi(keys)
+      local n = 0
+      for _ in pairs(got) do n = n + 1 end
+      assert.are.equal(2000, n, tostring(gerr))
+      assert.is_true(collections > before, "no collection ran during the waits")
+    end)
+    gc:cancel()
+    assert(ok, err)
+  end)
+
   describe("osara.cached over a cache (kata's Attribute)", function()
     it("does one get_multi, pulls only the misses, returns values in the order asked", function()
       local asked = {}
@@ -303,6 +333,26 @@ end)
     r.stop()
     m1.stop()
     m2.stop()
+  end)
+
+  it("is read again when the script reloads (and --watch watches it)", function()
+    local dir = H.tmpdir()
+    H.write(dir .. "/config.yaml", "greeting: hello\n")
+    H.write(dir .. "/app.lua", [[
+local osara = require "osara"
+osara.route("GET", "/greeting", function() return { text = osara.config.greeting } end)
+]])
+    local p = H.osara { "run", "--watch", "--http", "127.0.0.1:0", dir .. "/app.lua" }
+    local port = T.listening(p)
+    local function greeting()
+      local _, _, body = T.curl { ("http://127.0.0.1:%d/greeting"):format(port) }
+      return cjson.decode(body).text
+    end
+    assert.are.equal("hello", greeting())
+    H.write(dir .. "/config.yaml", "greeting: bonjour\n")
+    H.expect(p, "reloaded", 10)
+    assert.are.equal("bonjour", greeting())
+    H.stop(p)
   end)
 
   it("reports a malformed config file in one line with file:line:column", function()
