@@ -2,7 +2,10 @@
  *
  * Statements are short and local (docs/sql.md gives the measurements):
  * WAL journal with synchronous=NORMAL, so a commit appends to the log
- * without an fsync. One connection per pool (a transaction that yields
+ * without an fsync. The checkpoint, which does fsync, runs off the loop:
+ * auto-checkpoints are off and a commit that leaves 1000 pages in the log
+ * queues a PASSIVE checkpoint on libuv's thread pool, on a connection of
+ * its own (it never takes the write lock). One connection per pool (a transaction that yields
  * keeps it; others wait for it in the pool, never in SQLite's busy
  * handler). Placeholders are $1, $2, ...: SQLite reads `$1` as a named
  * parameter, so they are bound by name and the SQL text is never
@@ -16,11 +19,66 @@
 #include <string.h>
 #include <strings.h>
 
+#include "core/mem.h"
 #include "sql/sql_int.h"
 
 /* Longest a statement waits on a lock held by another process (osara sql
  * migrate from a shell): bounded, since it blocks the loop meanwhile. */
-enum { BUSY_TIMEOUT_MS = 250 };
+enum { BUSY_TIMEOUT_MS = 250, CHECKPOINT_PAGES = 1000 };
+
+typedef struct sql_ckpt_s {
+    uv_work_t req;
+    sql_conn_t *conn; /* NULL once the connection closed meanwhile */
+    char *path;
+} sql_ckpt_t;
+
+static void checkpoint_work(uv_work_t *req)
+{
+    sql_ckpt_t *job = req->data;
+    sqlite3 *db = NULL;
+    if (sqlite3_open_v2(job->path, &db, SQLITE_OPEN_READWRITE, NULL) == SQLITE_OK &&
+        sqlite3_exec(db, "PRAGMA schema_version", NULL, NULL, NULL) == SQLITE_OK) {
+        /* (a first read opens the WAL: before it, the checkpoint is a no-op) */
+        sqlite3_wal_checkpoint_v2(db, "main", SQLITE_CHECKPOINT_PASSIVE, NULL, NULL);
+    }
+    sqlite3_close_v2(db);
+}
+
+static void checkpoint_done(uv_work_t *req, int status)
+{
+    (void)status;
+    sql_ckpt_t *job = req->data;
+    if (job->conn) {
+        job->conn->ckpt = NULL;
+        job->conn->pool->checkpoints++;
+    }
+    free(job->path);
+    free(job);
+}
+
+/* After each commit, with the pages now in the log. */
+static int on_wal(void *arg, sqlite3 *db, const char *name, int pages)
+{
+    (void)db;
+    (void)name;
+    sql_conn_t *conn = arg;
+    if (pages < conn->ckpt_pages) {
+        conn->ckpt_pages = 0; /* the log restarted from its beginning */
+    }
+    /* Every 1000 new pages: a writer that outpaces the checkpoint keeps
+     * the log from restarting, and must not keep the thread busy. */
+    if (pages - conn->ckpt_pages < CHECKPOINT_PAGES || conn->ckpt != NULL) {
+        return SQLITE_OK;
+    }
+    conn->ckpt_pages = pages;
+    sql_ckpt_t *job = osara_xcalloc(1, sizeof(*job));
+    job->req.data = job;
+    job->conn = conn;
+    job->path = osara_xstrdup(conn->pool->target);
+    conn->ckpt = job;
+    uv_queue_work(&conn->pool->w->loop, &job->req, checkpoint_work, checkpoint_done);
+    return SQLITE_OK;
+}
 
 void osara__sql_lite_connect(sql_conn_t *conn)
 {
@@ -39,6 +97,7 @@ void osara__sql_lite_connect(sql_conn_t *conn)
     sqlite3_exec(db, "PRAGMA journal_mode=WAL; PRAGMA synchronous=NORMAL; "
                      "PRAGMA foreign_keys=ON",
                  NULL, NULL, NULL);
+    sqlite3_wal_hook(db, on_wal, conn); /* replaces the auto-checkpoint */
     conn->db = db;
     osara__sql_conn_ready(conn, 1, NULL);
 }
@@ -50,6 +109,9 @@ int osara__sql_lite_reusable(sql_conn_t *conn)
 
 void osara__sql_lite_close(sql_conn_t *conn)
 {
+    if (conn->ckpt) {
+        conn->ckpt->conn = NULL; /* it finishes on its own */
+    }
     for (int b = 0; b < SQL_STMT_BUCKETS; b++) {
         for (sql_stmt_t *st = conn->stmts[b]; st; st = st->next) {
             sqlite3_finalize(st->handle);

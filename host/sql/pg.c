@@ -35,6 +35,7 @@ typedef struct sql_op_s {
     int *lengths;
     int *formats;   /* 1 (binary) for bytea parameters */
     char errmsg[128]; /* an error found before sending */
+    int replanned;    /* prepared again after a stale cached plan */
     PGresult *result; /* the last result */
     PGresult *error;  /* the first error */
 } sql_op_t;
@@ -397,6 +398,34 @@ static void collect(sql_op_t *op, PGresult *res)
     PQclear(res);
 }
 
+static int send_op(sql_conn_t *conn, sql_op_t *op);
+
+/* "cached plan must not change result type": a migration changed the
+ * columns under a statement this connection prepared. The statement is
+ * forgotten (the next run prepares it again); outside a transaction the
+ * run is retried once at once, since the failed execute did nothing. */
+static int stale_plan(sql_conn_t *conn, sql_op_t *op)
+{
+    const char *state = op->error ? PQresultErrorField(op->error, PG_DIAG_SQLSTATE) : NULL;
+    if (state == NULL || strcmp(state, "0A000") != 0 || op->stage != STAGE_EXECUTE) {
+        return 0;
+    }
+    free(osara__sql_stmt_remove(conn, op->sql));
+    return !op->replanned && PQtransactionStatus(conn->db) == PQTRANS_IDLE;
+}
+
+static void replan(sql_conn_t *conn, sql_op_t *op)
+{
+    op->replanned = 1;
+    PQclear(op->error);
+    PQclear(op->result);
+    op->error = op->result = NULL;
+    int sent = send_op(conn, op);
+    if (sent != 1 || flush(conn) < 0) {
+        send_failed(conn, sent);
+    }
+}
+
 /* Reads what arrived; finishes the stage when libpq has no more results. */
 static void op_read(sql_conn_t *conn)
 {
@@ -415,6 +444,8 @@ static void op_read(sql_conn_t *conn)
                 prepared(conn, op);
             } else if (op->stage == STAGE_DESCRIBE && op->error == NULL) {
                 described(conn, op);
+            } else if (stale_plan(conn, op)) {
+                replan(conn, op);
             } else {
                 op_complete(conn);
             }

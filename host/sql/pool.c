@@ -61,6 +61,22 @@ sql_stmt_t *osara__sql_stmt_find(sql_conn_t *conn, const char *sql)
     return NULL;
 }
 
+void *osara__sql_stmt_remove(sql_conn_t *conn, const char *sql)
+{
+    for (sql_stmt_t **p = &conn->stmts[hash_sql(sql)]; *p; p = &(*p)->next) {
+        sql_stmt_t *st = *p;
+        if (strcmp(st->sql, sql) == 0) {
+            void *handle = st->handle;
+            *p = st->next;
+            conn->nstmts--;
+            free(st->sql);
+            free(st);
+            return handle;
+        }
+    }
+    return NULL;
+}
+
 sql_stmt_t *osara__sql_stmt_add(sql_conn_t *conn, const char *sql, void *handle)
 {
     if (conn->nstmts >= SQL_STMT_MAX) {
@@ -323,11 +339,10 @@ static void on_dispatch(void *arg, void *unused)
     pool_unref(pool);
 }
 
-/* Hands idle connections to waiters in arrival order. No Lua code may be
- * running (loop callbacks, inbox drain). */
+/* Hands idle connections to waiters in arrival order. The caller holds a
+ * reference (the resumed Lua code may drop every other one). */
 static void dispatch(sql_pool_t *pool)
 {
-    pool_ref(pool);
     while (pool->idle && pool->waits) {
         sql_wait_t *wt = pool->waits;
         pool->waits = wt->next;
@@ -348,7 +363,6 @@ static void dispatch(sql_pool_t *pool)
             osara_sched_resume(co, 1);
         }
     }
-    pool_unref(pool);
 }
 
 static void dispatch_later(sql_pool_t *pool)
@@ -356,11 +370,10 @@ static void dispatch_later(sql_pool_t *pool)
     if (pool->dispatch_posted || pool->waits == NULL) {
         return;
     }
-    pool_ref(pool);
     if (osara_inbox_post(&pool->w->inbox, on_dispatch, pool, NULL) != 0) {
-        pool_unref(pool);
-        return;
+        return; /* the worker is stopping */
     }
+    pool_ref(pool); /* dropped by on_dispatch (the loop thread drains later) */
     pool->dispatch_posted = 1;
 }
 
@@ -486,7 +499,9 @@ static int push_unavailable(lua_State *L, sql_pool_t *pool)
 }
 
 /* pool:acquire() -> lease | nil, err. Waits (yields) for a connection when
- * none is idle; raises when it would have to wait outside a coroutine. */
+ * none is idle or others wait already (first come, first served: a
+ * newcomer never takes the connection a waiter is about to get); raises
+ * when it would have to wait outside a coroutine. */
 static int l_pool_acquire(lua_State *L)
 {
     sql_pool_t *pool = check_pool(L);
@@ -501,7 +516,7 @@ static int l_pool_acquire(lua_State *L)
             return 2;
         }
     }
-    if (pool->idle) {
+    if (pool->idle && pool->waits == NULL) { /* waiters first: no barging */
         push_lease(L, pool, take_idle(pool));
         return 1;
     }
@@ -519,10 +534,13 @@ static int l_pool_acquire(lua_State *L)
         pool->waits = wt;
     }
     pool->waits_tail = wt;
+    if (pool->idle) {
+        dispatch_later(pool); /* the idle connection goes to the first waiter */
+    }
     return osara_sched_wait_for(L, 1, pool->timeout, wait_cleanup, wt, push_exhausted);
 }
 
-/* pool:stats() -> { size, open, idle, waiting, down } */
+/* pool:stats() -> { size, open, idle, waiting, down, checkpoints } */
 static int l_pool_stats(lua_State *L)
 {
     sql_pool_t *pool = check_pool(L);
@@ -533,7 +551,7 @@ static int l_pool_stats(lua_State *L)
     for (sql_wait_t *wt = pool->waits; wt; wt = wt->next) {
         nwait++;
     }
-    lua_createtable(L, 0, 5);
+    lua_createtable(L, 0, 6);
     lua_pushinteger(L, pool->size);
     lua_setfield(L, -2, "size");
     lua_pushinteger(L, pool->nopen);
@@ -544,6 +562,8 @@ static int l_pool_stats(lua_State *L)
     lua_setfield(L, -2, "waiting");
     lua_pushboolean(L, pool->down);
     lua_setfield(L, -2, "down");
+    lua_pushnumber(L, (lua_Number)pool->checkpoints);
+    lua_setfield(L, -2, "checkpoints");
     return 1;
 }
 

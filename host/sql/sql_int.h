@@ -40,6 +40,8 @@ typedef struct sql_conn_s {
     int leased, broken, busy, connecting;
     osara_sched_waiter_t waiter; /* the coroutine waiting on this conn's op */
     struct sql_op_s *op;         /* Postgres: the operation in flight */
+    struct sql_ckpt_s *ckpt;     /* SQLite: the checkpoint running off the loop */
+    int ckpt_pages;              /* SQLite: pages in the log when it started */
     sql_stmt_t *stmts[SQL_STMT_BUCKETS];
     unsigned nstmts, next_stmt_id;
     struct sql_conn_s *next_idle;
@@ -65,6 +67,7 @@ struct sql_pool_s {
     double backoff;   /* seconds before the next reconnect attempt */
     uv_timer_t *reconnect;
     int dispatch_posted;
+    unsigned long checkpoints; /* SQLite WAL checkpoints done off the loop */
     sql_conn_t *idle;
     sql_wait_t *waits, *waits_tail;
 };
@@ -80,6 +83,8 @@ void osara__sql_conn_broken(sql_conn_t *conn, const char *why);
 void osara__sql_conn_free(sql_conn_t *conn);
 
 sql_stmt_t *osara__sql_stmt_find(sql_conn_t *conn, const char *sql);
+/* Forgets a statement; returns its handle for the driver to free (or NULL). */
+void *osara__sql_stmt_remove(sql_conn_t *conn, const char *sql);
 /* Adds a statement; NULL when the connection caches SQL_STMT_MAX already. */
 sql_stmt_t *osara__sql_stmt_add(sql_conn_t *conn, const char *sql, void *handle);
 

@@ -121,23 +121,6 @@ local function run_once(db, mode, what, sql, ...)
   return a, b, c
 end
 
--- db:query(sql, ...) -> rows | nil, err
--- (No tail calls below: error levels count these frames.)
-function DB:query(sql, ...)
-  local a, b, c = run_once(self, "rows", "db:query", sql, ...)
-  return a, b, c
-end
--- db:exec(sql, ...) -> affected, last_id | nil, err
-function DB:exec(sql, ...)
-  local a, b, c = run_once(self, "exec", "db:exec", sql, ...)
-  return a, b, c
-end
--- Several statements, no parameters (migrations).
-function DB:_script(sql)
-  local a, b = run_once(self, "script", "db:_script", sql)
-  return a, b
-end
-
 function DB:stats() return self._pool:stats() end
 
 local function tx_run(tx, mode, what, sql, ...)
@@ -151,17 +134,19 @@ local function tx_run(tx, mode, what, sql, ...)
   return a, b, c
 end
 
-function Tx:query(sql, ...)
-  local a, b, c = tx_run(self, "rows", "tx:query", sql, ...)
-  return a, b, c
-end
-function Tx:exec(sql, ...)
-  local a, b, c = tx_run(self, "exec", "tx:exec", sql, ...)
-  return a, b, c
-end
-function Tx:_script(sql)
-  local a, b = tx_run(self, "script", "tx:_script", sql)
-  return a, b
+-- db:query(sql, ...) / tx:query -> rows | nil, err
+-- db:exec(sql, ...) / tx:exec -> affected, last_id | nil, err
+-- _script(sql): several statements, no parameters (migrations)
+-- (No tail calls: error levels count these frames.)
+for name, mode in pairs { query = "rows", exec = "exec", _script = "script" } do
+  DB[name] = function(self, sql, ...)
+    local a, b, c = run_once(self, mode, "db:" .. name, sql, ...)
+    return a, b, c
+  end
+  Tx[name] = function(self, sql, ...)
+    local a, b, c = tx_run(self, mode, "tx:" .. name, sql, ...)
+    return a, b, c
+  end
 end
 
 local function finish(lease, how)

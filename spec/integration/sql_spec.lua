@@ -23,6 +23,7 @@ local EXPECTED_LOG = {
   "current transaction is aborted",
   "the database system is shutting down", -- the pools reconnecting meanwhile
   "the database system is starting up",
+  "cached plan must not change result type", -- replanned, on purpose
 }
 
 local APP = [[
@@ -107,6 +108,23 @@ describe("osara.sql (postgres)", function()
     local rows = assert(one:query("SELECT statement FROM pg_prepared_statements WHERE statement LIKE $1",
       "SELECT $1::int + 1%"))
     assert.are.equal(1, #rows)
+  end)
+
+  it("prepares again when a table changed under a cached statement", function()
+    local one = osara.sql(pg.url, { pool_size = 1 })
+    assert(one:exec("CREATE TABLE shifty (a int)"))
+    assert(one:exec("INSERT INTO shifty VALUES (1)"))
+    assert.are.same({ { a = 1 } }, one:query("SELECT * FROM shifty"))
+    assert(one:exec("ALTER TABLE shifty ADD COLUMN b int"))
+    assert.are.same({ { a = 1, b = null } }, one:query("SELECT * FROM shifty"))
+    local r, err = one:tx(function(tx)
+      assert(tx:query("SELECT * FROM shifty"))
+      assert(tx:exec("ALTER TABLE shifty ADD COLUMN c int"))
+      return tx:query("SELECT * FROM shifty") -- inside a transaction: fails once
+    end)
+    assert.is_nil(r)
+    assert.matches("cached plan must not change result type", err)
+    assert.are.same({ { a = 1, b = null } }, one:query("SELECT * FROM shifty")) -- rolled back, re-prepared
   end)
 
   it("commits, and rolls back on raise and on a failed statement", function()

@@ -151,6 +151,38 @@ describe("osara.sql (sqlite)", function()
     assert.are.same({ { n = 1 } }, rows) -- waited for the commit, then saw it
   end)
 
+  it("serves waiters first come, first served (a newcomer queues behind them)", function()
+    local db = fresh()
+    local order, holding = {}, true
+    osara.spawn(function()
+      db:tx(function() while holding do osara.sleep(0.01) end end)
+      order[#order + 1] = "holder done"
+      assert(db:query("SELECT 1")) -- arrives while the waiter waits
+      order[#order + 1] = "newcomer"
+    end)
+    osara.spawn(function()
+      osara.sleep(0.02) -- the holder has the connection now
+      assert(db:query("SELECT 1"))
+      order[#order + 1] = "waiter"
+    end)
+    osara.sleep(0.06)
+    holding = false
+    H.eventually(function() return #order == 3 end, 5, "all three")
+    assert.are.same({ "holder done", "waiter", "newcomer" }, order)
+  end)
+
+  it("checkpoints the WAL off the loop every 1000 pages", function()
+    local db = fresh()
+    assert(db:exec("CREATE TABLE t (v TEXT)"))
+    local pad = ("x"):rep(3000) -- about one page per row
+    for i = 1, 1100 do
+      assert(db:exec("INSERT INTO t (v) VALUES ($1)", pad .. i))
+      if i % 100 == 0 then osara.sleep(0.001) end
+    end
+    H.eventually(function() return db:stats().checkpoints >= 1 end, 10, "a checkpoint on the thread pool")
+    assert.are.equal(1100, db:query("SELECT count(*) AS n FROM t")[1].n)
+  end)
+
   it("checks options: unknown keys name the caller's line and suggest", function()
     local ok, err = pcall(function()
       osara.sql("sqlite::memory:", { pool = 2 })
