@@ -121,16 +121,68 @@ static int read_conf(lua_State *L, int idx, kclient_t *c, char *errstr, size_t c
     return 0;
 }
 
+/* osara's own settings from the table at idx (numbers, checked in Lua);
+ * returns how many brokers an embedded cluster gets. */
+static int read_settings(lua_State *L, int idx, kclient_t *c)
+{
+    lua_getfield(L, idx, "brokers");
+    lua_getfield(L, idx, "partitions");
+    lua_getfield(L, idx, "max_per_partition");
+    lua_getfield(L, idx, "max_inflight");
+    lua_getfield(L, idx, "revoke_timeout_ms"); /* [brokers, ..., revoke_timeout_ms] */
+    int brokers = (int)lua_tointeger(L, -5);
+    c->partitions = lua_isnumber(L, -4) ? (int)lua_tointeger(L, -4) : 4;
+    c->max_per_partition = lua_isnumber(L, -3) ? (int)lua_tointeger(L, -3) : 1000;
+    c->max_inflight = lua_isnumber(L, -2) ? (int)lua_tointeger(L, -2) : 10000;
+    c->revoke_timeout_ms = lua_isnumber(L, -1) ? (int)lua_tointeger(L, -1) : 10000;
+    lua_pop(L, 5);
+    return brokers > 0 ? brokers : 1;
+}
+
+/* A client for conf (idx) and settings (idx + 2), started unless checking;
+ * NULL with errstr set. */
+static kclient_t *client_new(lua_State *L, osara_worker_t *w, const char *skey, int checking,
+                             char *errstr, size_t cap)
+{
+    kclient_t *c = osara_xcalloc(1, sizeof(*c));
+    c->w = w;
+    c->key = osara_xstrdup(skey);
+    c->bootstrap = osara_xstrdup("embedded");
+    if (read_conf(L, 1, c, errstr, cap) != 0) {
+        osara__kafka_client_close(c);
+        return NULL;
+    }
+    int brokers = read_settings(L, 3, c);
+    c->embedded = strcmp(c->bootstrap, "embedded") == 0 || c->bootstrap[0] == '\0' ? brokers : 0;
+    if (checking) {
+        return c;
+    }
+    errstr[0] = '\0';
+    if (osara__kafka_start_producer(c, errstr, cap) != 0) {
+        if (errstr[0] == '\0') {
+            snprintf(errstr, cap, "%s", osara_err_msg());
+        }
+        osara__kafka_client_close(c);
+        return NULL;
+    }
+    if (c->embedded) {
+        OSARA_INFO("kafka: embedded broker (in memory, for development and tests) at %s",
+                   c->bootstrap);
+    }
+    return c;
+}
+
 /* client(conf, key, settings) -> client | raises with librdkafka's message.
  * key identifies the configuration (shared across reloads). settings:
- * {brokers=, partitions=, max_per_partition=, max_inflight=}. */
+ * {brokers=, partitions=, max_per_partition=, max_inflight=,
+ * revoke_timeout_ms=, check=}. In check mode the configuration is
+ * validated and nothing connects (the userdata holds NULL). */
 static int l_kafka_client(lua_State *L)
 {
     luaL_checktype(L, 1, LUA_TTABLE);
     const char *key = luaL_checkstring(L, 2);
     luaL_checktype(L, 3, LUA_TTABLE);
-    osara_vm_t *vm = osara_vm_from_L(L);
-    osara_worker_t *w = vm->w;
+    osara_worker_t *w = osara_vm_from_L(L)->w;
     osara__kafka_metrics_init();
     lua_getfield(L, 3, "check");
     int checking = w->opts.mode == OSARA_MODE_CHECK || lua_toboolean(L, -1);
@@ -139,42 +191,15 @@ static int l_kafka_client(lua_State *L)
     snprintf(skey, sizeof(skey), "kafka:%s", key);
     kclient_t *c = checking ? NULL : osara_worker_shared_get(w, skey);
     if (c == NULL) {
-        c = osara_xcalloc(1, sizeof(*c));
-        c->w = w;
-        c->key = osara_xstrdup(skey);
-        c->bootstrap = osara_xstrdup("embedded");
         char errstr[512];
-        if (read_conf(L, 1, c, errstr, sizeof(errstr)) != 0) {
-            osara__kafka_client_close(c);
+        c = client_new(L, w, skey, checking, errstr, sizeof(errstr));
+        if (c == NULL) {
             return luaL_error(L, "kafka: %s", errstr);
         }
-        lua_getfield(L, 3, "brokers");
-        lua_getfield(L, 3, "partitions");
-        lua_getfield(L, 3, "max_per_partition");
-        lua_getfield(L, 3, "max_inflight");
-        lua_getfield(L, 3, "revoke_timeout_ms");
-        c->revoke_timeout_ms = (int)luaL_optinteger(L, -1, 10000);
-        lua_pop(L, 1);
-        int brokers = (int)luaL_optinteger(L, -4, 1);
-        c->partitions = (int)luaL_optinteger(L, -3, 4);
-        c->max_per_partition = (int)luaL_optinteger(L, -2, 1000);
-        c->max_inflight = (int)luaL_optinteger(L, -1, 10000);
-        lua_pop(L, 4);
-        c->embedded = strcmp(c->bootstrap, "embedded") == 0 || c->bootstrap[0] == '\0' ? brokers : 0;
         if (checking) {
             osara__kafka_client_close(c); /* validated; connect nothing */
             c = NULL;
         } else {
-            if (osara__kafka_start_producer(c, errstr, sizeof(errstr)) != 0) {
-                char msg[600];
-                snprintf(msg, sizeof(msg), "%s", errstr[0] ? errstr : osara_err_msg());
-                osara__kafka_client_close(c);
-                return luaL_error(L, "kafka: %s", msg);
-            }
-            if (c->embedded) {
-                OSARA_INFO("kafka: embedded broker (in memory, for development and tests) "
-                           "at %s", c->bootstrap);
-            }
             osara_worker_shared_put(w, skey, c, osara__kafka_client_close);
         }
     }
