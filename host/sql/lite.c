@@ -20,6 +20,7 @@
 #include <strings.h>
 
 #include "core/mem.h"
+#include "core/metrics.h"
 #include "sql/sql_int.h"
 
 /* Longest a statement waits on a lock held by another process (osara sql
@@ -51,6 +52,7 @@ static void checkpoint_done(uv_work_t *req, int status)
     if (job->conn) {
         job->conn->ckpt = NULL;
         job->conn->pool->checkpoints++;
+        osara_metric_add(job->conn->pool->m_checkpoints, 1);
     }
     free(job->path);
     free(job);

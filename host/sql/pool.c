@@ -20,6 +20,7 @@
 #include "core/err.h"
 #include "core/log.h"
 #include "core/mem.h"
+#include "core/metrics.h"
 #include "sql/sql.h"
 #include "sql/sql_int.h"
 
@@ -246,6 +247,7 @@ void osara__sql_conn_ready(sql_conn_t *conn, int ok, const char *err)
         dispatch(pool);
     } else {
         snprintf(pool->last_err, sizeof(pool->last_err), "%s", err);
+        osara_metric_add(pool->m_connect_failures, 1);
         pool->nopen--;
         osara__sql_conn_free(conn);
         if (pool->driver == SQL_PG) {
@@ -272,6 +274,7 @@ void osara__sql_conn_broken(sql_conn_t *conn, const char *why)
         return;
     }
     conn->broken = 1;
+    osara_metric_add(pool->m_lost, 1);
     snprintf(pool->last_err, sizeof(pool->last_err), "%s", why);
     OSARA_WARN("sql: connection to %s lost: %s (reconnecting)", pool->label, why);
     if (!conn->leased) {
@@ -318,6 +321,7 @@ static void push_lease(lua_State *L, sql_pool_t *pool, sql_conn_t *conn)
     lease->pool = pool;
     conn->leased = 1;
     pool_ref(pool);
+    osara_metric_add(pool->m_acquires, 1);
     luaL_getmetatable(L, LEASE_MT);
     lua_setmetatable(L, -2); /* [lease] */
 }
@@ -483,6 +487,7 @@ static void wait_cleanup(void *data) { wait_remove(data); }
 static int push_exhausted(lua_State *T, void *data)
 {
     sql_pool_t *pool = ((sql_wait_t *)data)->pool;
+    osara_metric_add(pool->m_timeouts, 1);
     lua_pushnil(T);
     lua_pushfstring(T, "sql: pool exhausted: no connection to %s free within %f s "
                        "(pool_size %d, pool_timeout %f)",
@@ -534,6 +539,7 @@ static int l_pool_acquire(lua_State *L)
         pool->waits = wt;
     }
     pool->waits_tail = wt;
+    osara_metric_add(pool->m_waits, 1);
     if (pool->idle) {
         dispatch_later(pool); /* the idle connection goes to the first waiter */
     }
@@ -577,6 +583,33 @@ static int l_pool_gc(lua_State *L)
     return 0;
 }
 
+/* The pool's counters, labelled db="<url without password>". */
+static void pool_metrics(sql_pool_t *pool)
+{
+    char labels[600] = "db=\"";
+    size_t n = strlen(labels);
+    for (const char *c = pool->label; *c && n + 3 < sizeof(labels); c++) {
+        if (*c == '"' || *c == '\\') {
+            labels[n++] = '\\';
+        }
+        labels[n++] = *c;
+    }
+    labels[n++] = '"';
+    labels[n] = '\0';
+    pool->m_acquires = osara_metrics_counter("osara_sql_acquires_total",
+        "connections taken from the pool (one per query or transaction)", labels);
+    pool->m_waits = osara_metrics_counter("osara_sql_pool_waits_total",
+        "acquires that had to wait for a connection", labels);
+    pool->m_timeouts = osara_metrics_counter("osara_sql_pool_timeouts_total",
+        "acquires that gave up after pool_timeout (pool exhausted)", labels);
+    pool->m_lost = osara_metrics_counter("osara_sql_connections_lost_total",
+        "connections the server closed or that broke", labels);
+    pool->m_connect_failures = osara_metrics_counter("osara_sql_connect_failures_total",
+        "connection attempts that failed", labels);
+    pool->m_checkpoints = osara_metrics_counter("osara_sql_checkpoints_total",
+        "SQLite WAL checkpoints run on the thread pool", labels);
+}
+
 static sql_pool_t *pool_new(osara_worker_t *w, sql_driver_t driver, const char *target,
                             const char *label, int size, double timeout)
 {
@@ -588,6 +621,7 @@ static sql_pool_t *pool_new(osara_worker_t *w, sql_driver_t driver, const char *
     pool->timeout = timeout;
     pool->w = w;
     pool->refs = 1; /* the worker's shared entry */
+    pool_metrics(pool);
     return pool;
 }
 

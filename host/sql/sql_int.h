@@ -68,6 +68,8 @@ struct sql_pool_s {
     uv_timer_t *reconnect;
     int dispatch_posted;
     unsigned long checkpoints; /* SQLite WAL checkpoints done off the loop */
+    struct osara_metric_s *m_acquires, *m_waits, *m_timeouts, *m_lost, *m_connect_failures,
+        *m_checkpoints; /* osara_sql_*_total{db="<label>"} */
     sql_conn_t *idle;
     sql_wait_t *waits, *waits_tail;
 };

@@ -257,6 +257,9 @@ describe("osara.sql (postgres)", function()
       up = true
       pg:_launch()
       H.expect(p, "sql: connected to postgres://postgres@127.0.0.1:" .. pg.port .. "/postgres again", 10)
+      local _, _, metrics = T.curl { url "/metrics" }
+      assert.matches('osara_sql_connections_lost_total{db="postgres://postgres@127.0.0.1:%d+/postgres"} [1-9]', metrics)
+      assert.matches('osara_sql_connect_failures_total{db="postgres://postgres@127.0.0.1:%d+/postgres"} [1-9]', metrics)
       status, _, body = T.curl { url "/one" }
       assert.are.equal(200, status, body)
       stop_host()
@@ -275,6 +278,31 @@ describe("osara.sql (postgres)", function()
       end, 10, "the server to end the killed session")
       assert.are.equal("0", pg:psql("SELECT count(*) FROM killed"))
     end)
+  end)
+
+  it("keeps the pool and its connections across a reload", function()
+    local dir = H.tmpdir()
+    local function app(v)
+      return ([[
+local osara = require "osara"
+local db = osara.sql(%q, { pool_size = 1 })
+osara.route("GET", "/pid", function()
+  local rows = assert(db:query("SELECT pg_backend_pid() AS pid"))
+  return { pid = rows[1].pid, version = %d }
+end)
+]]):format(pg.url, v)
+    end
+    H.write(dir .. "/app.lua", app(1))
+    local p = H.osara { "run", "--watch", "--http", "127.0.0.1:0", dir .. "/app.lua" }
+    local port = T.listening(p)
+    local _, _, b1 = T.curl { "http://127.0.0.1:" .. port .. "/pid" }
+    H.write(dir .. "/app.lua", app(2))
+    H.expect(p, "reloaded")
+    local _, _, b2 = T.curl { "http://127.0.0.1:" .. port .. "/pid" }
+    local v1, v2 = cjson.decode(b1), cjson.decode(b2)
+    assert.are.same({ 1, 2 }, { v1.version, v2.version })
+    assert.are.equal(v1.pid, v2.pid) -- the same server session: nothing reconnected
+    H.stop(p)
   end)
 
   it("raises a clear error for a Postgres query at load time", function()

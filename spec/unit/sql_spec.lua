@@ -149,6 +149,9 @@ describe("osara.sql (sqlite)", function()
     osara.after(0.05, function() release = true end)
     rows = assert(db:query("SELECT count(*) AS n FROM t"))
     assert.are.same({ { n = 1 } }, rows) -- waited for the commit, then saw it
+    local labels = { db = "sqlite:" .. path }
+    assert.are.equal(1, osara.metrics.value("osara_sql_pool_timeouts_total", labels))
+    assert.are.equal(2, osara.metrics.value("osara_sql_pool_waits_total", labels))
   end)
 
   it("serves waiters first come, first served (a newcomer queues behind them)", function()
@@ -180,6 +183,7 @@ describe("osara.sql (sqlite)", function()
       if i % 100 == 0 then osara.sleep(0.001) end
     end
     H.eventually(function() return db:stats().checkpoints >= 1 end, 10, "a checkpoint on the thread pool")
+    assert.is_true(osara.metrics.value("osara_sql_checkpoints_total", { db = db.url }) >= 1)
     assert.are.equal(1100, db:query("SELECT count(*) AS n FROM t")[1].n)
   end)
 
