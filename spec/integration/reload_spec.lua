@@ -51,8 +51,8 @@ describe("reload", function()
     local port = listening_port(p)
     for round = 2, 5 do
       -- A request to the serving version, in flight during the reload.
-      local inflight = assert(osara.process.spawn { argv = { "curl", "-s",
-        "--max-time", "10", "http://127.0.0.1:" .. port .. "/slow?id=r" .. round } })
+      local inflight = H.child { "curl", "-s",
+        "--max-time", "10", "http://127.0.0.1:" .. port .. "/slow?id=r" .. round }
       H.expect(p, ("slow request r%d of version %d"):format(round, round - 1), 10)
       H.write(dir .. "/app.lua", app(round))
       p:kill("HUP")

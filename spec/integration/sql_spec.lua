@@ -222,7 +222,7 @@ describe("osara.sql (postgres)", function()
     it("keeps answering HTTP while a query sleeps on the server", function()
       local _, _, body = T.curl { url "/one" }
       assert.are.same({ n = 1, driver = "postgres" }, cjson.decode(body)) -- OSARA_SQL_URL won
-      local slow = assert(osara.process.spawn { argv = { "curl", "-s", "-w", " %{time_total}", url "/slow" } })
+      local slow = H.child { "curl", "-s", "-w", " %{time_total}", url "/slow" }
       H.eventually(function()
         return pg:psql("SELECT count(*) FROM pg_stat_activity WHERE query LIKE 'SELECT pg_sleep(1)::text%'") == "1"
       end, 5, "the slow query to start")
@@ -267,7 +267,7 @@ describe("osara.sql (postgres)", function()
 
     it("leaves no half-applied transaction when the host is killed inside db:tx", function()
       pg:psql("CREATE TABLE killed (v text)")
-      local req = assert(osara.process.spawn { argv = { "curl", "-s", "-X", "POST", url "/tx" } })
+      local req = H.child({ "curl", "-s", "-X", "POST", url "/tx" }, { status = false }) -- its server is killed
       H.expect(p, "tx: first row written", 10)
       assert.are.equal("1", pg:psql("SELECT count(*) FROM pg_stat_activity WHERE state = 'idle in transaction'"))
       local _, sig = H.kill9(p)
