@@ -277,6 +277,10 @@ static void watch_files(osara_worker_t *w)
         }
         free(dir);
     }
+    /* A change written between loading and watching raised no event. */
+    if (osara_vm_files_changed(w->vm)) {
+        uv_timer_start(&w->watch_timer, on_watch_debounced, WATCH_DEBOUNCE_MS, 0);
+    }
 }
 
 /* ---- load / reload --------------------------------------------------------- */

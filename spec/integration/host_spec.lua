@@ -188,6 +188,23 @@ osara.every(0.05, function() osara.log.info("version %s") end)
     H.stop(p)
   end)
 
+  it("gh_12_watch: picks up a change written while it was loading or re-arming its watch", function()
+    -- the load line comes before the watch is armed (at start and after
+    -- each reload): a write right after it raised no event and was missed
+    local dir = H.tmpdir()
+    local function loads(v)
+      return ("local osara = require 'osara'\nosara.log.info('loaded v%d')\n"):format(v)
+    end
+    H.write(dir .. "/app.lua", loads(0))
+    local p = H.osara { "run", "--watch", dir .. "/app.lua" }
+    H.expect(p, "loaded v0")
+    for v = 1, 20 do
+      H.write(dir .. "/app.lua", loads(v))
+      H.expect(p, "loaded v" .. v, 5)
+    end
+    H.stop(p)
+  end)
+
   it("keeps the old code and prints file:line when the new one is broken", function()
     local dir = H.tmpdir()
     H.write(dir .. "/app.lua", app("one"))
