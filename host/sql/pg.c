@@ -6,9 +6,13 @@
  * PQsendQueryPrepared), flushes without blocking, yields the coroutine and
  * reads results as the socket becomes readable (PQconsumeInput, PQisBusy,
  * PQgetResult); the last result resumes the coroutine. An idle socket stays
- * watched so a server that goes away is noticed before the next query. */
+ * watched so a server that goes away is noticed before the next query. A
+ * host name is resolved on libuv's thread pool first (libpq's own lookup
+ * would block). */
+#include <arpa/inet.h>
 #include <lauxlib.h>
 #include <libpq-fe.h>
+#include <netdb.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
@@ -159,14 +163,130 @@ static void connect_step(sql_conn_t *conn)
     }
 }
 
-void osara__sql_pg_connect(sql_conn_t *conn)
+static void connect_begin(sql_conn_t *conn)
 {
-    conn->db = PQconnectStart(conn->pool->target);
     if (conn->db == NULL || PQstatus(conn->db) == CONNECTION_BAD) {
         connect_failed(conn);
         return;
     }
     watch(conn, UV_WRITABLE);
+}
+
+/* ---- host names: resolved on libuv's thread pool ----------------------------
+ *
+ * PQconnectStart resolves a host name with a blocking getaddrinfo. A single
+ * host name (not an IP address, a socket folder or a list) is resolved with
+ * uv_getaddrinfo first and passed as hostaddr, so connecting never blocks. */
+
+typedef struct {
+    uv_getaddrinfo_t req;
+    sql_conn_t *conn;
+    PQconninfoOption *opts; /* the URL's settings (only those it gives) */
+} pg_lookup_t;
+
+static const char *option(const PQconninfoOption *opts, const char *key)
+{
+    for (; opts->keyword; opts++) {
+        if (strcmp(opts->keyword, key) == 0) {
+            return opts->val;
+        }
+    }
+    return NULL;
+}
+
+static int needs_lookup(const PQconninfoOption *opts)
+{
+    const char *host = option(opts, "host");
+    unsigned char addr[sizeof(struct in6_addr)];
+    if (option(opts, "hostaddr") || host == NULL || host[0] == '\0' || host[0] == '/' ||
+        host[0] == '@' || strchr(host, ',')) {
+        return 0;
+    }
+    return inet_pton(AF_INET, host, addr) != 1 && inet_pton(AF_INET6, host, addr) != 1;
+}
+
+/* Connects with the URL's settings, host repeated once per address and
+ * hostaddr listing the addresses: libpq tries them in order, as it does
+ * with the addresses it resolves itself. */
+static void connect_with_addrs(sql_conn_t *conn, const PQconninfoOption *opts,
+                               const char *hosts, const char *addrs)
+{
+    size_t n = 0;
+    for (const PQconninfoOption *o = opts; o->keyword; o++) {
+        n++;
+    }
+    const char **keys = osara_xcalloc(n + 2, sizeof(char *));
+    const char **vals = osara_xcalloc(n + 2, sizeof(char *));
+    size_t k = 0;
+    for (const PQconninfoOption *o = opts; o->keyword; o++) {
+        if (o->val) {
+            keys[k] = o->keyword;
+            vals[k++] = strcmp(o->keyword, "host") == 0 ? hosts : o->val;
+        }
+    }
+    keys[k] = "hostaddr";
+    vals[k] = addrs;
+    conn->db = PQconnectStartParams(keys, vals, 0);
+    free(keys);
+    free(vals);
+    connect_begin(conn);
+}
+
+enum { MAX_ADDRS = 8 };
+
+static void on_resolved(uv_getaddrinfo_t *req, int status, struct addrinfo *res)
+{
+    pg_lookup_t *lk = req->data;
+    const char *host = option(lk->opts, "host");
+    char addrs[MAX_ADDRS * (INET6_ADDRSTRLEN + 1)] = "", hosts[2048] = "";
+    int count = 0;
+    for (struct addrinfo *ai = res; ai && count < MAX_ADDRS; ai = ai->ai_next) {
+        char ip[INET6_ADDRSTRLEN];
+        const void *a = ai->ai_family == AF_INET6
+                            ? (const void *)&((struct sockaddr_in6 *)ai->ai_addr)->sin6_addr
+                            : (const void *)&((struct sockaddr_in *)ai->ai_addr)->sin_addr;
+        if (inet_ntop(ai->ai_family, a, ip, sizeof(ip)) == NULL ||
+            strlen(hosts) + strlen(host) + 2 > sizeof(hosts)) {
+            continue;
+        }
+        snprintf(addrs + strlen(addrs), sizeof(addrs) - strlen(addrs), "%s%s", count ? "," : "", ip);
+        snprintf(hosts + strlen(hosts), sizeof(hosts) - strlen(hosts), "%s%s", count ? "," : "", host);
+        count++;
+    }
+    if (count > 0) {
+        connect_with_addrs(lk->conn, lk->opts, hosts, addrs);
+    } else {
+        char err[256];
+        snprintf(err, sizeof(err), "could not resolve host \"%s\": %s", host,
+                 uv_strerror(status ? status : UV_EAI_NODATA));
+        osara__sql_conn_ready(lk->conn, 0, err);
+    }
+    uv_freeaddrinfo(res);
+    PQconninfoFree(lk->opts);
+    free(lk);
+}
+
+void osara__sql_pg_connect(sql_conn_t *conn)
+{
+    char *perr = NULL;
+    PQconninfoOption *opts = PQconninfoParse(conn->pool->target, &perr);
+    if (opts == NULL || !needs_lookup(opts)) {
+        PQconninfoFree(opts);
+        PQfreemem(perr);
+        conn->db = PQconnectStart(conn->pool->target); /* reports a bad URL itself */
+        connect_begin(conn);
+        return;
+    }
+    pg_lookup_t *lk = osara_xcalloc(1, sizeof(*lk));
+    lk->req.data = lk;
+    lk->conn = conn;
+    lk->opts = opts;
+    struct addrinfo hints = {.ai_family = AF_UNSPEC, .ai_socktype = SOCK_STREAM};
+    int rc = uv_getaddrinfo(&conn->pool->w->loop, &lk->req, on_resolved, option(opts, "host"),
+                            NULL, &hints);
+    if (rc != 0) {
+        on_resolved(&lk->req, rc, NULL);
+    }
 }
 
 int osara__sql_pg_reusable(sql_conn_t *conn)

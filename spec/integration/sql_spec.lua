@@ -95,6 +95,12 @@ describe("osara.sql (postgres)", function()
     assert.are.same({ nil, 'postgres: relation "missing" does not exist', "42P01" }, { r, err, state })
   end)
 
+  it("connects by host name, resolved off the loop", function()
+    local byname = osara.sql(pg.url:gsub("127%.0%.0%.1", "localhost"), { pool_size = 1 })
+    assert.matches("^postgres://postgres@localhost:", byname.url)
+    assert.are.same({ { n = 1 } }, byname:query("SELECT 1 AS n"))
+  end)
+
   it("keeps injection attempts through values as data", function()
     assert(db:exec("CREATE TABLE notes (v text)"))
     local evil = "x'); DROP TABLE notes; --"
