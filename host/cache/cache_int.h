@@ -2,12 +2,19 @@
 #ifndef OSARA_CACHE_INT_H
 #define OSARA_CACHE_INT_H
 
+#include <lauxlib.h>
 #include <lua.h>
 
 /* Each client file registers its metatable and sets its constructor on the
  * module table at the top of L's stack. */
 void osara__redis_register(lua_State *L);
 void osara__memcached_register(lua_State *L);
+
+/* Registers a client type: metatable `mt` with `methods` as __index and
+ * `gc`, and the constructor `ctor` as `name` on the module table at the
+ * top of L's stack. */
+void osara__cache_register(lua_State *L, const char *mt, const luaL_Reg *methods,
+                           lua_CFunction gc, const char *name, lua_CFunction ctor);
 
 /* Strings of the array at `idx` (strings or numbers), copied by pointer:
  * valid while the table is on the stack. Returns the count; raises on

@@ -32,6 +32,20 @@ int osara__cache_strings(lua_State *L, int idx, const char *what,
     return n;
 }
 
+void osara__cache_register(lua_State *L, const char *mt, const luaL_Reg *methods,
+                           lua_CFunction gc, const char *name, lua_CFunction ctor)
+{
+    luaL_newmetatable(L, mt); /* [mod, mt] */
+    lua_newtable(L);
+    luaL_register(L, NULL, methods);
+    lua_setfield(L, -2, "__index");
+    lua_pushcfunction(L, gc);
+    lua_setfield(L, -2, "__gc");
+    lua_pop(L, 1);
+    lua_pushcfunction(L, ctor);
+    lua_setfield(L, -2, name);
+}
+
 int osara_cache_open(lua_State *L)
 {
     lua_newtable(L);

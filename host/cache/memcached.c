@@ -434,13 +434,5 @@ void osara__memcached_register(lua_State *L)
 {
     static const luaL_Reg methods[] = {
         {"get", l_get}, {"set", l_set}, {"delete", l_delete}, {NULL, NULL}};
-    luaL_newmetatable(L, MC_MT); /* [mod, mt] */
-    lua_newtable(L);
-    luaL_register(L, NULL, methods);
-    lua_setfield(L, -2, "__index");
-    lua_pushcfunction(L, l_gc);
-    lua_setfield(L, -2, "__gc");
-    lua_pop(L, 1);
-    lua_pushcfunction(L, l_memcached);
-    lua_setfield(L, -2, "memcached");
+    osara__cache_register(L, MC_MT, methods, l_gc, "memcached", l_memcached);
 }

@@ -434,13 +434,5 @@ void osara__redis_register(lua_State *L)
 {
     static const luaL_Reg methods[] = {
         {"call", l_call}, {"pipeline", l_pipeline}, {NULL, NULL}};
-    luaL_newmetatable(L, REDIS_MT); /* [mod, mt] */
-    lua_newtable(L);
-    luaL_register(L, NULL, methods);
-    lua_setfield(L, -2, "__index");
-    lua_pushcfunction(L, l_gc);
-    lua_setfield(L, -2, "__gc");
-    lua_pop(L, 1);
-    lua_pushcfunction(L, l_redis);
-    lua_setfield(L, -2, "redis");
+    osara__cache_register(L, REDIS_MT, methods, l_gc, "redis", l_redis);
 }

@@ -290,9 +290,13 @@ function Cache:set_multi(map, expire)
     values[#values + 1] = self:_encode(k, v)
   end
   if #keys == 0 then return true end
-  local ok, err = self.b:set(keys, values, expire)
+  return self:_outcome("set", self.b:set(keys, values, expire))
+end
+
+-- Counts and logs a failed write (then nil, err), or notes the server answers.
+function Cache:_outcome(op, ok, err)
   if not ok then
-    self:_failed("set", err)
+    self:_failed(op, err)
     return nil, err
   end
   self:_ok()
@@ -303,13 +307,7 @@ end
 function Cache:set(key, value, expire)
   key = check_key(key)
   check_expire(expire)
-  local ok, err = self.b:set({ self.prefix .. key }, { self:_encode(key, value) }, expire)
-  if not ok then
-    self:_failed("set", err)
-    return nil, err
-  end
-  self:_ok()
-  return true
+  return self:_outcome("set", self.b:set({ self.prefix .. key }, { self:_encode(key, value) }, expire))
 end
 
 -- c:delete_multi(keys) -> true | nil, err
@@ -318,13 +316,7 @@ function Cache:delete_multi(keys)
   local full = {}
   for i, k in ipairs(keys) do full[i] = self.prefix .. check_key(k) end
   if #full == 0 then return true end
-  local ok, err = self.b:delete(full)
-  if not ok then
-    self:_failed("delete", err)
-    return nil, err
-  end
-  self:_ok()
-  return true
+  return self:_outcome("delete", self.b:delete(full))
 end
 
 function Cache:delete(key)
