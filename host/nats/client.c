@@ -115,14 +115,23 @@ int osara__nats_push_closed(lua_State *L, const char *what)
     return 2;
 }
 
-/* Thread pool: what may wait (fetch threads ending, the last flush). */
+#define DRAIN_MS 2000
+
+/* Thread pool: the connection's drain, which may take up to DRAIN_MS. */
 static void teardown_work(uv_work_t *work)
 {
     nclient_t *c = work->data;
-    if (c->nc) {
-        natsConnection_FlushTimeout(c->nc, 2000); /* buffered publishes reach the server */
-        natsConnection_Close(c->nc);
+    if (c->nc == NULL) {
+        return;
     }
+    /* Drain: subscriptions unsubscribe and deliver what the server sent
+     * them, buffered publishes reach the server, then it closes. */
+    if (natsConnection_DrainTimeout(c->nc, DRAIN_MS) == NATS_OK) {
+        for (int ms = 0; ms < DRAIN_MS + 500 && !natsConnection_IsClosed(c->nc); ms += 10) {
+            nats_Sleep(10);
+        }
+    }
+    natsConnection_Close(c->nc);
 }
 
 static void teardown_after(uv_work_t *work, int status)

@@ -48,6 +48,15 @@ typedef struct nsub_s {
     int blocked, released;      /* on_msg waits for room / must not wait */
     int refs;
     int stopped;                /* loop only: deliver nothing more */
+    /* A reload restarted the handler on another client: the predecessor
+     * stays subscribed, its messages going to this handler, until this
+     * subscription is confirmed; then it drains. Held until this one
+     * stops. */
+    struct nsub_s *prev;
+    int handed;                 /* this is such a predecessor */
+    int handing;                /* holds a job on its client: its connection
+                                 * closes only after the successor is
+                                 * confirmed */
     struct nsub_s *next;
 } nsub_t;
 

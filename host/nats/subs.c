@@ -184,45 +184,61 @@ static void deliver_msg(void *arg, void *msg)
 
 typedef struct {
     uv_work_t work;
-    nclient_t *c;
-    char *subject;
+    nsub_t *sub;  /* held */
+    nclient_t *c; /* its job count holds it */
+    natsConnection *nc;
     natsStatus status;
 } nflush_t;
 
 static void flush_work(uv_work_t *work)
 {
     nflush_t *f = work->data;
-    f->status = natsConnection_FlushTimeout(f->c->nc, 10000);
+    f->status = natsConnection_FlushTimeout(f->nc, 10000);
 }
+
+static void sub_drain_prev(nsub_t *sub);
+static void handover_done(nsub_t *prev);
 
 static void flush_after(uv_work_t *work, int status)
 {
     (void)status;
     nflush_t *f = work->data;
-    if (f->status == NATS_OK) {
-        OSARA_INFO("nats: subscribed to %s", f->subject);
-    } else if (!f->c->closing) {
-        OSARA_WARN("nats: subscribing to %s not confirmed by the server yet: %s", f->subject,
-                   natsStatus_GetText(f->status));
-    }
-    osara__nats_job_end(f->c);
-    free(f->subject);
+    nsub_t *sub = f->sub;
+    nclient_t *c = f->c;
+    natsStatus s = f->status;
     free(f);
+    if (s == NATS_OK) {
+        OSARA_INFO("nats: subscribed to %s", sub->subject);
+    } else if (!sub->stopped) {
+        OSARA_WARN("nats: subscribing to %s not confirmed by the server yet: %s", sub->subject,
+                   natsStatus_GetText(s));
+    }
+    sub_drain_prev(sub); /* confirmed or not: never both for long */
+    if (sub->prev) {
+        handover_done(sub->prev);
+    }
+    osara__nats_job_end(c); /* the sub holds c */
+    sub_unref(sub, 1);
 }
 
 /* Logs "nats: subscribed to <subject>" once the server confirmed the
- * interest (a PING/PONG round trip in the thread pool, never on the loop). */
-static void confirm_subscribed(nclient_t *c, const char *subject)
+ * interest (a PING/PONG round trip in the thread pool, never on the loop),
+ * then lets a predecessor on the old client go. */
+static void confirm_subscribed(nsub_t *sub)
 {
+    nclient_t *c = sub->client;
     nflush_t *f = osara_xcalloc(1, sizeof(*f));
+    f->sub = sub;
     f->c = c;
-    f->subject = osara_xstrdup(subject);
+    f->nc = c->nc;
     f->work.data = f;
+    uv_mutex_lock(&sub->mu);
+    sub->refs++; /* the job's */
+    uv_mutex_unlock(&sub->mu);
     osara__nats_job_begin(c);
     if (uv_queue_work(&c->w->loop, &f->work, flush_work, flush_after) != 0) {
-        osara__nats_job_end(c);
-        free(f->subject);
-        free(f);
+        f->status = NATS_ERR;
+        flush_after(&f->work, 0);
     }
 }
 
@@ -291,7 +307,8 @@ static void sub_stop(nsub_t *sub)
     release_sub(sub);
     if (sub->sub) {
         natsStatus s = NATS_OK;
-        if (sub->client && !sub->client->closing) {
+        /* (a drained one is closed already) */
+        if (sub->client && !sub->client->closing && natsSubscription_IsValid(sub->sub)) {
             s = natsSubscription_Unsubscribe(sub->sub);
         }
         if (s != NATS_OK) { /* the server drops the interest when the connection goes */
@@ -318,23 +335,77 @@ static void sub_unlink(nsub_t *sub)
     osara__nats_client_unref(c);
 }
 
-/* The entry stops serving: what is queued is dropped, running handlers
- * finish; the subscription goes with its last reference. */
-static void sub_retire(osara_reg_entry_t *e)
+/* Stops sub and drops the registry's reference: what is queued is
+ * dropped, running handlers finish; it goes with its last reference. */
+static void sub_release(nsub_t *sub)
 {
-    nsub_t *sub = e->impl;
-    if (sub == NULL) {
-        return;
+    handover_done(sub);
+    if (sub->prev) {
+        sub_release(sub->prev);
+        sub->prev = NULL;
     }
-    e->impl = NULL;
     osara_lane_set_entry(&sub->lane, NULL);
     sub_stop(sub);
     sub_unlink(sub);
     sub_unref(sub, 1);
 }
 
+static void sub_retire(osara_reg_entry_t *e)
+{
+    nsub_t *sub = e->impl;
+    if (sub != NULL) {
+        e->impl = NULL;
+        sub_release(sub);
+    }
+}
+
+/* The successor is confirmed (or gone): the predecessor's connection may
+ * close; it drains then, delivering what the server sent it. */
+static void handover_done(nsub_t *prev)
+{
+    if (prev->handing) {
+        prev->handing = 0;
+        osara__nats_job_end(prev->client);
+    }
+}
+
+/* The successor is confirmed: the predecessor unsubscribes, still
+ * delivering (to the successor's handler) what the server sent it. */
+static void sub_drain_prev(nsub_t *sub)
+{
+    nsub_t *prev = sub->prev;
+    if (prev == NULL || prev->stopped || prev->sub == NULL ||
+        !natsSubscription_IsValid(prev->sub)) {
+        return;
+    }
+    natsStatus s = natsSubscription_Drain(prev->sub);
+    if (s != NATS_OK) {
+        OSARA_WARN("nats: draining the old subscription to %s: %s", prev->subject,
+                   natsStatus_GetText(s));
+    }
+}
+
+/* The entry of the new script version with e's key that is about to start
+ * (a handler restarted because its client or options changed), or NULL. */
+static osara_reg_entry_t *successor(osara_reg_entry_t *e)
+{
+    osara_vm_t *serving = e->vm->w->vm;
+    if (serving == NULL || serving == e->vm) {
+        return NULL;
+    }
+    for (osara_reg_entry_t *n = serving->reg.head; n; n = n->next) {
+        if (n->kind == e->kind && !n->active && n->impl == NULL &&
+            strcmp(n->key, e->key) == 0) {
+            return n;
+        }
+    }
+    return NULL;
+}
+
 static int kind_start(osara_reg_entry_t *e)
 {
+    nsub_t *prev = e->impl; /* handed over by kind_stop, or NULL */
+    e->impl = NULL;
     lua_State *L = e->vm->L;
     lua_rawgeti(L, LUA_REGISTRYINDEX, e->optsref);
     lua_getfield(L, -1, "client"); /* [opts, client] */
@@ -342,6 +413,9 @@ static int kind_start(osara_reg_entry_t *e)
     lua_pop(L, 1);
     if (ud == NULL || ud->c == NULL || ud->c->closing) {
         lua_pop(L, 1);
+        if (prev) {
+            sub_release(prev);
+        }
         return osara_err_set(OSARA_EBROKER, "nats: the client of this handler is closed");
     }
     nclient_t *c = ud->c;
@@ -349,6 +423,7 @@ static int kind_start(osara_reg_entry_t *e)
     osara__nats_client_ref(c);
     sub->next = c->subs;
     c->subs = sub;
+    sub->prev = prev;
     e->impl = sub;
     natsStatus s = subscribe(sub, L, lua_gettop(L));
     lua_pop(L, 1);
@@ -359,7 +434,10 @@ static int kind_start(osara_reg_entry_t *e)
         return rc;
     }
     osara_lane_set_entry(&sub->lane, e);
-    confirm_subscribed(c, sub->subject);
+    if (prev) {
+        osara_lane_set_entry(&prev->lane, e); /* its messages: the new handler */
+    }
+    confirm_subscribed(sub);
     return 0;
 }
 
@@ -370,16 +448,48 @@ static void kind_adopt(osara_reg_entry_t *e, osara_reg_entry_t *old)
     e->impl = sub;
     if (sub) {
         osara_lane_set_entry(&sub->lane, e);
+        if (sub->prev) {
+            osara_lane_set_entry(&sub->prev->lane, e);
+        }
     }
 }
 
+/* A handler restarted on another client hands its subscription to its
+ * successor, which keeps it until its own is confirmed: no gap in which
+ * the subject has no subscriber (core NATS would drop what is published
+ * then). Otherwise the subscription stops. */
 static void kind_stop(osara_reg_entry_t *e)
 {
-    sub_retire(e);
+    nsub_t *sub = e->impl;
+    osara_reg_entry_t *next = sub && !sub->stopped ? successor(e) : NULL;
+    if (next == NULL) {
+        sub_retire(e);
+        return;
+    }
+    e->impl = NULL;
+    if (sub->prev) { /* an older handover: its successor stops now */
+        sub_release(sub->prev);
+        sub->prev = NULL;
+    }
+    osara_lane_set_entry(&sub->lane, NULL); /* queued: wait for the successor */
+    sub->handed = 1;
+    sub->handing = 1;
+    osara__nats_job_begin(sub->client);
+    next->impl = sub;
+}
+
+/* An entry that never started may hold a handed-over subscription. */
+static void kind_release(osara_reg_entry_t *e)
+{
+    if (!e->active && e->impl) {
+        sub_release(e->impl);
+        e->impl = NULL;
+    }
 }
 
 static const osara_reg_kind_t nats_kind = {
     .name = "nats", .start = kind_start, .adopt = kind_adopt, .stop = kind_stop,
+    .release = kind_release,
 };
 
 void osara__nats_subs_close(nclient_t *c)
@@ -387,7 +497,9 @@ void osara__nats_subs_close(nclient_t *c)
     /* The entries keep e->impl: their stop finds the subscription stopped
      * and drops the registry's reference then. */
     for (nsub_t *sub = c->subs; sub; sub = sub->next) {
-        sub_stop(sub);
+        if (!sub->handed) { /* a successor's: the connection's drain delivers it */
+            sub_stop(sub);
+        }
     }
 }
 

@@ -301,6 +301,50 @@ nats:handle("work.b", function(msg) osara.log.info("v2 b %d", msg.data.n) end)
     H.stop(server)
   end)
 
+  -- gh_12: a handler whose client changes hands its subscription to its
+  -- successor, which keeps it until its own is confirmed: no request falls
+  -- into a gap between the two connections.
+  it("gh_12 answers every request while reloads change the client", function()
+    local server, url = N.server()
+    local dir = H.tmpdir()
+    local function app(v)
+      return ([[
+local osara = require "osara"
+local V = %d
+local nats = osara.nats { servers = os.getenv("NATS_URL"), name = "h-v" .. V }
+nats:handle("h.req", function(msg) return { id = msg.value.id, v = V } end)
+]]):format(v)
+    end
+    H.write(dir .. "/app.lua", app(0))
+    local p = H.osara({ "run", dir .. "/app.lua" }, { NATS_URL = url })
+    N.subscribed(p, { "h.req" })
+    local nats = osara.nats { servers = url }
+    local sent, pending, stopped, lost = 0, 0, false, {}
+    osara.spawn(function()
+      while not stopped do
+        sent = sent + 1
+        local id = sent
+        pending = pending + 1
+        osara.spawn(function()
+          local r, err = nats:request("h.req", { id = id }, { timeout = 3 })
+          if not (r and r.value.id == id) then lost[#lost + 1] = id .. ": " .. tostring(err) end
+          pending = pending - 1
+        end)
+        osara.sleep(0.005)
+      end
+    end)
+    for v = 1, 10 do
+      H.eventually(function() return sent >= 40 * v end, 10, "requests between reloads")
+      H.write(dir .. "/app.lua", app(v))
+      p:kill("HUP") -- one signal, one reload
+      assert.matches("1 restarted", H.expect(p, "reloaded", 20))
+    end
+    stopped = true
+    H.eventually(function() return pending == 0 end, 20, "every request answered or timed out")
+    assert.are.same({}, lost)
+    stop(p, server)
+  end)
+
   it("reports bad input on one line each and keeps going", function()
     local server, url = N.server()
     local dir = H.tmpdir()
