@@ -48,12 +48,13 @@ typedef struct nsub_s {
     int blocked, released;      /* on_msg waits for room / must not wait */
     int refs;
     int stopped;                /* loop only: deliver nothing more */
-    /* A reload restarted the handler on another client: the predecessor
-     * stays subscribed, its messages going to this handler, until this
-     * subscription is confirmed; then it drains. Held until this one
-     * stops. */
+    /* A reload restarted the handler on another client: the predecessors
+     * (a chain, when reloads come faster than a confirmation) stay
+     * subscribed, their messages going to this handler, until this
+     * subscription is confirmed; then they drain. Held until finished. */
     struct nsub_s *prev;
     int handed;                 /* this is such a predecessor */
+    int completed;              /* under mu: nats.c is done with it */
     int handing;                /* holds a job on its client: its connection
                                  * closes only after the successor is
                                  * confirmed */

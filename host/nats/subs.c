@@ -102,7 +102,11 @@ static void on_msg(natsConnection *nc, natsSubscription *s, natsMsg *msg, void *
 /* nats.c's delivery thread, after its last on_msg for sub. */
 static void on_sub_complete(void *closure)
 {
-    sub_unref(closure, 0);
+    nsub_t *sub = closure;
+    uv_mutex_lock(&sub->mu);
+    sub->completed = 1;
+    uv_mutex_unlock(&sub->mu);
+    sub_unref(sub, 0);
 }
 
 void osara__nats_push_msg(lua_State *T, natsMsg *msg)
@@ -198,6 +202,7 @@ static void flush_work(uv_work_t *work)
 
 static void sub_drain_prev(nsub_t *sub);
 static void handover_done(nsub_t *prev);
+static void sub_release(nsub_t *sub);
 
 static void flush_after(uv_work_t *work, int status)
 {
@@ -214,8 +219,8 @@ static void flush_after(uv_work_t *work, int status)
                    natsStatus_GetText(s));
     }
     sub_drain_prev(sub); /* confirmed or not: never both for long */
-    if (sub->prev) {
-        handover_done(sub->prev);
+    for (nsub_t *prev = sub->prev; prev; prev = prev->prev) {
+        handover_done(prev);
     }
     osara__nats_job_end(c); /* the sub holds c */
     sub_unref(sub, 1);
@@ -373,15 +378,43 @@ static void handover_done(nsub_t *prev)
  * delivering (to the successor's handler) what the server sent it. */
 static void sub_drain_prev(nsub_t *sub)
 {
-    nsub_t *prev = sub->prev;
-    if (prev == NULL || prev->stopped || prev->sub == NULL ||
-        !natsSubscription_IsValid(prev->sub)) {
-        return;
+    for (nsub_t *prev = sub->prev; prev; prev = prev->prev) {
+        if (prev->stopped || prev->sub == NULL || !natsSubscription_IsValid(prev->sub)) {
+            continue;
+        }
+        natsStatus s = natsSubscription_Drain(prev->sub);
+        if (s != NATS_OK) {
+            OSARA_WARN("nats: draining the old subscription to %s: %s", prev->subject,
+                       natsStatus_GetText(s));
+        }
     }
-    natsStatus s = natsSubscription_Drain(prev->sub);
-    if (s != NATS_OK) {
-        OSARA_WARN("nats: draining the old subscription to %s: %s", prev->subject,
-                   natsStatus_GetText(s));
+}
+
+/* Points sub's predecessors at the entry now serving (NULL: hold). */
+static void prev_set_entry(nsub_t *sub, osara_reg_entry_t *e)
+{
+    for (nsub_t *prev = sub->prev; prev; prev = prev->prev) {
+        osara_lane_set_entry(&prev->lane, e);
+    }
+}
+
+/* Drops the predecessors that are finished: drained by nats.c and with
+ * nothing left in osara. */
+static void prev_trim(nsub_t *sub)
+{
+    nsub_t **link = &sub->prev;
+    while (*link) {
+        nsub_t *prev = *link;
+        uv_mutex_lock(&prev->mu);
+        int finished = prev->completed && prev->queued == 0;
+        uv_mutex_unlock(&prev->mu);
+        if (finished) {
+            *link = prev->prev;
+            prev->prev = NULL;
+            sub_release(prev);
+        } else {
+            link = &prev->prev;
+        }
     }
 }
 
@@ -434,9 +467,7 @@ static int kind_start(osara_reg_entry_t *e)
         return rc;
     }
     osara_lane_set_entry(&sub->lane, e);
-    if (prev) {
-        osara_lane_set_entry(&prev->lane, e); /* its messages: the new handler */
-    }
+    prev_set_entry(sub, e); /* their messages: the new handler */
     confirm_subscribed(sub);
     return 0;
 }
@@ -448,9 +479,7 @@ static void kind_adopt(osara_reg_entry_t *e, osara_reg_entry_t *old)
     e->impl = sub;
     if (sub) {
         osara_lane_set_entry(&sub->lane, e);
-        if (sub->prev) {
-            osara_lane_set_entry(&sub->prev->lane, e);
-        }
+        prev_set_entry(sub, e);
     }
 }
 
@@ -467,11 +496,9 @@ static void kind_stop(osara_reg_entry_t *e)
         return;
     }
     e->impl = NULL;
-    if (sub->prev) { /* an older handover: its successor stops now */
-        sub_release(sub->prev);
-        sub->prev = NULL;
-    }
+    prev_trim(sub); /* older handovers: the unfinished ones go along */
     osara_lane_set_entry(&sub->lane, NULL); /* queued: wait for the successor */
+    prev_set_entry(sub, NULL);
     sub->handed = 1;
     sub->handing = 1;
     osara__nats_job_begin(sub->client);
