@@ -5,7 +5,9 @@
 local osara = require "osara"
 
 osara.http { listen = os.getenv("BENCH_LISTEN") }
-local db = osara.sql(os.getenv("BENCH_PG"), { pool_size = tonumber(os.getenv("BENCH_POOL")) })
+local size = tonumber(os.getenv("BENCH_POOL"))
+-- pool_min: opened at start, as the aiohttp peer's asyncpg pool (min_size)
+local db = osara.sql(os.getenv("BENCH_PG"), { pool_size = size, pool_min = size })
 
 osara.route("GET", "/orders/{id:int}", function(req, id)
   local rows, err = db:query("SELECT id, user_name, amount, status FROM orders WHERE id = $1", id)

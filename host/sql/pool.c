@@ -625,8 +625,9 @@ static sql_pool_t *pool_new(osara_worker_t *w, sql_driver_t driver, const char *
     return pool;
 }
 
-/* pool(driver, target, label, size, timeout) -> pool handle. One pool per
- * worker and (driver, target, size, timeout): it survives reloads. */
+/* pool(driver, target, label, size, timeout[, min]) -> pool handle. One
+ * pool per worker and (driver, target, size, timeout): it survives reloads.
+ * min: connections to start opening now (Postgres), before any query. */
 static int l_sql_pool(lua_State *L)
 {
     static const char *const drivers[] = {"sqlite", "postgres", NULL};
@@ -635,6 +636,7 @@ static int l_sql_pool(lua_State *L)
     const char *label = luaL_checkstring(L, 3);
     int size = (int)luaL_checkinteger(L, 4);
     double timeout = luaL_checknumber(L, 5);
+    int min = (int)luaL_optinteger(L, 6, 0);
     osara_worker_t *w = osara_worker_from_L(L);
     luaL_argcheck(L, size >= 1, 4, "pool_size must be >= 1");
     char key[1200];
@@ -644,6 +646,9 @@ static int l_sql_pool(lua_State *L)
     if (pool == NULL) {
         pool = pool_new(w, driver, target, label, size, timeout);
         osara_worker_shared_put(w, key, pool, pool_shared_close);
+    }
+    while (driver == SQL_PG && pool->nopen < min && pool->nopen < size && !pool->down) {
+        open_conn(pool); /* ready (idle) before the first query needs it */
     }
     pool_handle_t *h = lua_newuserdata(L, sizeof(*h));
     h->pool = pool;

@@ -245,6 +245,7 @@ define("osara.cache", {
 define("osara.sql", {
   { "url", "string", nil, "`sqlite:PATH` or `postgres://user:pass@host:port/db` (the table form)", shown = "`sqlite:osara.db`" },
   { "pool_size", "integer", nil, "connections in the pool (SQLite: always 1)", shown = "4 (postgres), 1 (sqlite)" },
+  { "pool_min", "integer", 0, "PostgreSQL connections opened when the pool is created, before any query (asyncpg's min_size): the first requests after a start do not wait for connection set-up, and a wrong URL shows in the log at once" },
   { "pool_timeout", "number", 5, "seconds a caller waits for a free connection before `nil, \"sql: pool exhausted ...\"`" },
   { "host", "string", nil, "kata's `database:` settings: become a postgres URL" },
   { "port", "integer", nil, "the server's port", shown = "5432" },

@@ -81,7 +81,12 @@ local function open(url_or_cfg, opts, level, from_env)
   end
   local timeout = opts.pool_timeout
   if timeout < 0 then error("osara.sql: pool_timeout must be >= 0", level + 1) end
-  local pool = sql_c.pool(driver, target, label, size, timeout)
+  local min = opts.pool_min or 0
+  if min > size then
+    error(("osara.sql: pool_min (%d) is larger than pool_size (%d)"):format(min, size), level + 1)
+  end
+  if vm_c.mode() == "check" then min = 0 end -- osara check connects nothing
+  local pool = sql_c.pool(driver, target, label, size, timeout, min)
   return setmetatable({ _pool = pool, _columns = {}, driver = driver, url = label }, DB)
 end
 

@@ -95,6 +95,13 @@ describe("osara.sql (postgres)", function()
     assert.are.same({ nil, 'postgres: relation "missing" does not exist', "42P01" }, { r, err, state })
   end)
 
+  it("opens pool_min connections before the first query", function()
+    local warm = osara.sql(pg.url, { pool_size = 3, pool_min = 2 })
+    H.eventually(function() return warm:stats().idle == 2 end, 10, "two connections open")
+    assert.are.equal(2, warm:stats().open)
+    assert.has_error(function() osara.sql(pg.url, { pool_size = 1, pool_min = 2 }) end)
+  end)
+
   it("connects by host name, resolved off the loop", function()
     local byname = osara.sql(pg.url:gsub("127%.0%.0%.1", "localhost"), { pool_size = 1 })
     assert.matches("^postgres://postgres@localhost:", byname.url)
