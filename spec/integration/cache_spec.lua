@@ -283,6 +283,32 @@ end)
   end)
 end)
 
+describe("a cache server that accepts but never answers", function()
+  after_each(H.cleanup)
+
+  it("costs a call its timeout, then a miss or a failed set", function()
+    -- listens (the kernel completes connections) and never reads or writes
+    local mute = H.child({ "/usr/bin/python3", "-c", "import socket, time\n"
+      .. "s = socket.socket(); s.bind(('127.0.0.1', 0)); s.listen(16)\n"
+      .. "print(s.getsockname()[1], flush=True); time.sleep(60)" }, { status = false })
+    local addr = "127.0.0.1:" .. assert(tonumber(mute:line(10)))
+    for _, opts in ipairs { { type = "redis", host = addr, timeout = 0.3 },
+                            { type = "memcached", hosts = { addr }, timeout = 0.3 } } do
+      local c = osara.cache(opts)
+      local t0 = osara.monotonic()
+      local v, err = c:get("k")
+      local took = osara.monotonic() - t0
+      assert.is_nil(v)
+      assert.is_string(err)
+      assert.is_true(took >= 0.25 and took < 2, opts.type .. " get took " .. took .. " s")
+      local ok, serr = c:set("k", 1)
+      assert.is_nil(ok)
+      assert.is_string(serr)
+    end
+    mute:kill("KILL")
+  end)
+end)
+
 describe("caches named in config.yaml", function()
   after_each(H.cleanup)
 
