@@ -13,9 +13,7 @@
 #include "core/log.h"
 #include "core/mem.h"
 #include "core/metrics.h"
-#include "sys/process.h"
 #include "core/sched.h"
-#include "sys/timer.h"
 #include "core/worker.h"
 
 /* Registry key of the VM pointer (address of this variable). */
