@@ -71,10 +71,16 @@ static int watch_queue(kclient_t *c, rd_kafka_queue_t *q, int *fd, uv_poll_t **p
     /* librdkafka writes only when the queue turns non-empty: what its
      * threads queued before this (a refused connection's error, at once)
      * would never wake the loop. Wake it once now. */
-    if (write(*fd, &one, sizeof(one)) < 0) {
+    osara__kafka_wakeup_set(*fd);
+    return 0;
+}
+
+void osara__kafka_wakeup_set(int fd)
+{
+    static const uint64_t one = 1;
+    if (write(fd, &one, sizeof(one)) < 0) {
         OSARA_DEBUG("kafka: wake-up write failed: %s", strerror(errno));
     }
-    return 0;
 }
 
 void osara__kafka_wakeup_clear(int fd)
@@ -311,6 +317,14 @@ void osara__kafka_client_close(void *ptr)
     }
     unwatch_queue(c->cq, &c->cfd, &c->cpoll);
     unwatch_queue(c->pq, &c->pfd, &c->ppoll);
+    if (c->dr_event) { /* reports served halfway: serve the rest now */
+        const rd_kafka_message_t *rkm;
+        while ((rkm = rd_kafka_event_message_next(c->dr_event)) != NULL) {
+            osara__kafka_on_delivery(c->producer, rkm, c);
+        }
+        rd_kafka_event_destroy(c->dr_event);
+        c->dr_event = NULL;
+    }
     close_timer(&c->resub_timer);
     close_timer(&c->revoke_timer);
     OSARA_KAFKA_FOR_EACH_PART (c, p) {

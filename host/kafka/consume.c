@@ -425,12 +425,15 @@ void osara__kafka_on_consumer_ready(uv_poll_t *h, int status, int events)
     kclient_t *c = h->data;
     osara__kafka_wakeup_clear(c->cfd);
     rd_kafka_message_t *batch[BATCH];
-    ssize_t n;
-    /* Drain in batches: one wake-up, many messages. */
-    while (!c->closing && (n = rd_kafka_consume_batch_queue(c->cq, 0, batch, BATCH)) > 0) {
-        for (ssize_t i = 0; i < n; i++) {
-            accept_message(c, batch[i]);
-        }
+    /* One batch per loop turn: a backlog (queued.min.messages is a
+     * million) drained at once would run thousands of handlers in one turn
+     * while timers and HTTP wait. A full batch wakes the next turn. */
+    ssize_t n = rd_kafka_consume_batch_queue(c->cq, 0, batch, BATCH);
+    for (ssize_t i = 0; i < n; i++) {
+        accept_message(c, batch[i]);
+    }
+    if (n == BATCH && !c->closing) {
+        osara__kafka_wakeup_set(c->cfd);
     }
     osara__kafka_sweep_retired(c);
 }

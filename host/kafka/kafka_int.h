@@ -107,6 +107,7 @@ struct kclient_s {
     rd_kafka_queue_t *cq, *pq;
     int cfd, pfd;
     uv_poll_t *cpoll, *ppoll;
+    rd_kafka_event_t *dr_event;    /* delivery reports being served */
     khandler_t *handlers;
     int subscription_dirty;
     uv_timer_t *resub_timer;
@@ -156,7 +157,10 @@ void osara__kafka_job_queue(kclient_t *c, uv_work_t *req, uv_work_cb work,
 void osara__kafka_job_done(kclient_t *c);
 /* librdkafka's log callback: errors at ERROR, the rest at DEBUG. */
 void osara__kafka_on_log(const rd_kafka_t *rk, int level, const char *fac, const char *buf);
-/* Resets a queue's wake-up eventfd (librdkafka wrote to it). */
+/* Sets / resets a queue's wake-up eventfd: set wakes the loop for that
+ * queue on its next turn (librdkafka sets it when the queue turns
+ * non-empty, and only then). */
+void osara__kafka_wakeup_set(int fd);
 void osara__kafka_wakeup_clear(int fd);
 /* uv_close callback freeing a malloc'ed handle. */
 void osara__kafka_handle_free(uv_handle_t *h);

@@ -110,11 +110,52 @@ void osara__kafka_on_delivery(rd_kafka_t *rk, const rd_kafka_message_t *rkm, voi
     osara_sched_future_unref(&o->f); /* the delivery report's */
 }
 
+/* Delivery reports served per loop turn: 100,000 outputs acknowledged at
+ * once would otherwise be served in one turn (about a second). */
+#define REPORTS_PER_TURN 2048
+
+/* The next report of the event being served, taking the next event off
+ * the producer's queue as needed; errors are logged on the way. NULL when
+ * the queue is empty. */
+static const rd_kafka_message_t *next_report(kclient_t *c)
+{
+    for (;;) {
+        if (c->dr_event == NULL) {
+            c->dr_event = rd_kafka_queue_poll(c->pq, 0);
+            if (c->dr_event == NULL) {
+                return NULL;
+            }
+            if (rd_kafka_event_type(c->dr_event) == RD_KAFKA_EVENT_ERROR) {
+                osara__kafka_log_error(c, rd_kafka_event_error(c->dr_event),
+                                       rd_kafka_event_error_string(c->dr_event));
+            }
+        }
+        const rd_kafka_message_t *rkm = rd_kafka_event_type(c->dr_event) == RD_KAFKA_EVENT_DR
+                                            ? rd_kafka_event_message_next(c->dr_event)
+                                            : NULL;
+        if (rkm) {
+            return rkm;
+        }
+        rd_kafka_event_destroy(c->dr_event);
+        c->dr_event = NULL;
+    }
+}
+
+/* Serves the producer's queue as events (the same reports and errors the
+ * callbacks get when rd_kafka_flush serves it at close), a bounded number
+ * per turn; a full turn wakes the next one. */
 void osara__kafka_on_producer_ready(uv_poll_t *h, int status, int events)
 {
     (void)status;
     (void)events;
     kclient_t *c = h->data;
     osara__kafka_wakeup_clear(c->pfd);
-    rd_kafka_poll(c->producer, 0);
+    for (int i = 0; i < REPORTS_PER_TURN; i++) {
+        const rd_kafka_message_t *rkm = next_report(c);
+        if (rkm == NULL) {
+            return;
+        }
+        osara__kafka_on_delivery(c->producer, rkm, c);
+    }
+    osara__kafka_wakeup_set(c->pfd);
 }
