@@ -287,7 +287,7 @@ static void close_after(uv_work_t *req, int status)
  * keeps the loop running, so a stop still waits for the last outputs. */
 static void close_when_idle(kclient_t *c)
 {
-    if (c->jobs > 0 || c->close_queued) {
+    if (c->jobs > 0 || c->handover || c->close_queued) {
         return;
     }
     c->close_queued = 1;
@@ -305,6 +305,13 @@ static void close_timer(uv_timer_t **t)
         uv_close((uv_handle_t *)*t, osara__kafka_handle_free);
         *t = NULL;
     }
+}
+
+static void on_handover(uv_timer_t *t)
+{
+    kclient_t *c = t->data;
+    close_timer(&c->handover);
+    close_when_idle(c);
 }
 
 void osara__kafka_client_close(void *ptr)
@@ -333,7 +340,13 @@ void osara__kafka_client_close(void *ptr)
     for (kpart_t *p = c->retired; p; p = p->next) {
         close_timer(&p->retry_timer);
     }
-    close_when_idle(c);
+    /* Hand over on the next turn: close may be called from deep inside a
+     * callback of this client (a delivery report resumed the last handler
+     * of a closing VM), which goes on using c on the loop once we return. */
+    c->handover = osara_xmalloc(sizeof(*c->handover));
+    uv_timer_init(&c->w->loop, c->handover);
+    c->handover->data = c;
+    uv_timer_start(c->handover, on_handover, 0, 0);
 }
 
 /* ---- jobs: librdkafka calls that wait, run on libuv's pool -------------- */

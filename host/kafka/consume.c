@@ -430,7 +430,11 @@ void osara__kafka_on_consumer_ready(uv_poll_t *h, int status, int events)
      * while timers and HTTP wait. A full batch wakes the next turn. */
     ssize_t n = rd_kafka_consume_batch_queue(c->cq, 0, batch, BATCH);
     for (ssize_t i = 0; i < n; i++) {
-        accept_message(c, batch[i]);
+        if (c->closing) { /* a handler's end closed the client (its VM went) */
+            rd_kafka_message_destroy(batch[i]);
+        } else {
+            accept_message(c, batch[i]);
+        }
     }
     if (n == BATCH && !c->closing) {
         osara__kafka_wakeup_set(c->cfd);

@@ -119,6 +119,7 @@ struct kclient_s {
     int closing;
     int jobs;                      /* pool work using the handles */
     int close_queued;
+    uv_timer_t *handover;          /* closing: to the pool on the next turn */
     int inputs_freed;              /* closing: delivery reports find no input */
     unsigned assign_gen;           /* the newest embedded assignment */
     rd_kafka_resp_err_t last_error;

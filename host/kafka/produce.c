@@ -151,7 +151,7 @@ void osara__kafka_on_producer_ready(uv_poll_t *h, int status, int events)
     kclient_t *c = h->data;
     osara__kafka_wakeup_clear(c->pfd);
     for (int i = 0; i < REPORTS_PER_TURN; i++) {
-        const rd_kafka_message_t *rkm = next_report(c);
+        const rd_kafka_message_t *rkm = c->closing ? NULL : next_report(c);
         if (rkm == NULL) {
             return;
         }
