@@ -38,6 +38,7 @@ static const option_t options[] = {
     {"--log-format", "F", "text|json (default text, or OSARA_LOG_FORMAT)", "rct"},
     {"--grace", "SECS", "time in-flight work may take at stop and reload (default 10)", "rt"},
     {"--load-timeout", "SECS", "time a script may take to load (default 5)", "rct"},
+    {"--loop-stall-ms", "MS", "warn about a loop turn longer than MS, e.g. 100; 0: off (default, or OSARA_LOOP_STALL_MS)", "r"},
     {"--output", "NAME", "busted output handler (default utfTerminal on a tty, else plainTerminal)", "t"},
     {NULL, NULL, NULL, NULL},
 };
@@ -87,6 +88,7 @@ static void usage(FILE *f)
 typedef struct {
     osara_worker_opts_t w;
     const char *log_level, *log_format;
+    int stall_given; /* --loop-stall-ms on the command line */
     const char *paths[256];
     int npaths;
 } cli_t;
@@ -99,6 +101,18 @@ static int find_command(const char *name)
         }
     }
     return -1;
+}
+
+/* A whole number of milliseconds from 0 to one hour. */
+static int parse_ms(const char *s, unsigned *out)
+{
+    char *end;
+    long v = strtol(s, &end, 10);
+    if (*s == '\0' || *end != '\0' || v < 0 || v > 3600000) {
+        return -1;
+    }
+    *out = (unsigned)v;
+    return 0;
 }
 
 static int parse_seconds(const char *s, double *out)
@@ -130,6 +144,13 @@ static int apply_option(cli_t *cli, const option_t *o, const char *val)
         cli->log_format = val;
     } else if (strcmp(n, "--output") == 0) {
         cli->w.test_output = val;
+    } else if (strcmp(n, "--loop-stall-ms") == 0) {
+        if (parse_ms(val, &cli->w.loop_stall_ms) != 0) {
+            fprintf(stderr, "osara: --loop-stall-ms expects milliseconds (0-3600000), "
+                            "got '%s'\n", val);
+            return EXIT_USAGE;
+        }
+        cli->stall_given = 1;
     } else if (strcmp(n, "--grace") == 0 || strcmp(n, "--load-timeout") == 0) {
         double *dst = n[2] == 'g' ? &cli->w.grace : &cli->w.load_timeout;
         if (parse_seconds(val, dst) != 0) {
@@ -185,6 +206,21 @@ static int parse_args(cli_t *cli, int ci, int argc, char **argv)
         if (rc != 0) {
             return rc;
         }
+    }
+    return 0;
+}
+
+/* OSARA_LOOP_STALL_MS, unless the command line set it; checked the same. */
+static int stall_from_env(cli_t *cli)
+{
+    const char *env = getenv("OSARA_LOOP_STALL_MS");
+    if (cli->stall_given || env == NULL || *env == '\0') {
+        return 0;
+    }
+    if (parse_ms(env, &cli->w.loop_stall_ms) != 0) {
+        fprintf(stderr, "osara: OSARA_LOOP_STALL_MS expects milliseconds "
+                        "(0-3600000), got '%s'\n", env);
+        return EXIT_USAGE;
     }
     return 0;
 }
@@ -271,8 +307,12 @@ int main(int argc, char **argv)
         usage(stderr);
         return EXIT_USAGE;
     }
-    cli_t cli = {.w = {.grace = 10, .load_timeout = 5}};
+    cli_t cli = {.w = {.grace = 10, .load_timeout = 5,
+                       .loop_stall_ms = OSARA_LOOP_STALL_DEFAULT_MS}};
     int rc = parse_args(&cli, ci, argc, argv);
+    if (rc == 0) {
+        rc = stall_from_env(&cli);
+    }
     if (rc != 0) {
         return rc;
     }

@@ -20,6 +20,7 @@ struct osara_co_s {
     osara_co_done_fn done;
     void *done_ud;
     char what[128];
+    uint32_t what_hash;      /* of what, for the watchdog's per-label sums */
     osara_wait_cleanup_fn cleanup;
     void *wait_data;
     int anchor_ref;          /* the object waited on, kept alive (registry) */
@@ -56,6 +57,66 @@ static void count(osara_metric_t **m)
 static _Thread_local osara_co_t *running;
 
 osara_co_t *osara_sched_running(void) { return running; }
+
+/* Time spent in Lua this turn, per entry label, for the watchdog: a turn
+ * is often many short runs of one handler. A few labels are kept; a new
+ * one replaces the least busy when they are all taken. */
+#define TURN_LABELS 8
+
+typedef struct {
+    uint32_t hash;
+    unsigned runs;
+    uint64_t ns;
+    char what[128];
+} turn_label_t;
+
+static _Thread_local turn_label_t turn[TURN_LABELS];
+
+static uint32_t label_hash(const char *s)
+{
+    uint32_t h = 2166136261u;
+    while (*s) {
+        h = (h ^ (unsigned char)*s++) * 16777619u;
+    }
+    return h ? h : 1;
+}
+
+const char *osara_sched_turn_top(uint64_t *ns, unsigned *runs)
+{
+    turn_label_t *top = &turn[0];
+    for (int i = 1; i < TURN_LABELS; i++) {
+        top = turn[i].ns > top->ns ? &turn[i] : top;
+    }
+    *ns = top->ns;
+    *runs = top->runs;
+    return top->ns ? top->what : NULL;
+}
+
+void osara_sched_turn_reset(void)
+{
+    memset(turn, 0, sizeof(turn));
+}
+
+static void note_duration(osara_co_t *co, uint64_t ns)
+{
+    turn_label_t *slot = &turn[0];
+    for (int i = 0; i < TURN_LABELS; i++) {
+        if (turn[i].hash == co->what_hash) {
+            slot = &turn[i];
+            break;
+        }
+        slot = turn[i].ns < slot->ns ? &turn[i] : slot;
+    }
+    if (slot->hash != co->what_hash) {
+        if (slot->ns > ns) {
+            return; /* busier labels hold every slot */
+        }
+        *slot = (turn_label_t){.hash = co->what_hash};
+        memcpy(slot->what, co->what, sizeof(slot->what));
+    }
+    slot->runs++;
+    slot->ns += ns;
+}
 lua_State *osara_co_thread(osara_co_t *co) { return co->thread; }
 void osara_co_set_user(osara_co_t *co, void *user) { co->user = user; }
 void *osara_co_user(osara_co_t *co) { return co->user; }
@@ -183,7 +244,9 @@ static int resume(osara_co_t *co, int nargs)
     osara_co_t *prev = running;
     running = co;
     end_wait(co);
+    uint64_t t0 = uv_hrtime();
     int rc = lua_resume(co->thread, nargs);
+    note_duration(co, uv_hrtime() - t0);
     running = prev;
     if (rc == LUA_YIELD) {
         if (!co->waiting) {
@@ -216,6 +279,7 @@ int osara_sched_run(osara_co_t *co, int nargs, osara_co_done_fn done,
     }
     memcpy(co->what, what ? what : "", n); /* per entry: no printf on the hot path */
     co->what[n] = '\0';
+    co->what_hash = label_hash(co->what);
     co->vm->inflight++;
     count(&m_started);
     return resume(co, nargs);

@@ -12,6 +12,7 @@
 #define OSARA_SCHED_H
 
 #include <lua.h>
+#include <stdint.h>
 
 struct osara_vm_s;
 typedef struct osara_co_s osara_co_t;
@@ -52,6 +53,13 @@ osara_co_t *osara_sched_current(lua_State *L);
 /* The pooled coroutine resumed on this thread now, whatever its state; NULL
  * when no Lua code runs from the scheduler. */
 osara_co_t *osara_sched_running(void);
+
+/* For the loop-stall watchdog: the entry label (a handler, a timer) whose
+ * coroutines ran longest in total on this thread since the last reset
+ * (NULL if no Lua ran), with that total in *ns and how many resumes it took
+ * in *runs. */
+const char *osara_sched_turn_top(uint64_t *ns, unsigned *runs);
+void osara_sched_turn_reset(void);
 
 /* Pushes the results of a wait onto L; returns how many it pushed. */
 typedef int (*osara_push_fn)(lua_State *L, void *ud);

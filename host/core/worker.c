@@ -182,6 +182,11 @@ int osara_worker_init(osara_worker_t *w, const osara_worker_opts_t *opts)
     if (rc != 0) {
         return osara_err_set(rc, "cannot start the inbox: %s", uv_strerror(rc));
     }
+    unsigned stall_ms = opts->mode == OSARA_MODE_RUN ? opts->loop_stall_ms : 0;
+    rc = osara_watchdog_init(&w->watchdog, &w->loop, stall_ms);
+    if (rc != 0) {
+        return osara_err_set(rc, "cannot start the watchdog: %s", uv_strerror(rc));
+    }
     if (opts->script) {
         w->script_path = osara_xstrdup(opts->script);
         w->script_dir = dir_of(opts->script);
@@ -304,6 +309,7 @@ static void vm_idle(osara_vm_t *vm)
 static void vm_closed(osara_vm_t *vm)
 {
     osara_worker_t *w = vm->w;
+    osara_watchdog_skip_turn(&w->watchdog); /* lua_close of a whole state */
     for (osara_vm_t **p = &w->retiring; *p; p = &(*p)->next_retiring) {
         if (*p == vm) {
             *p = vm->next_retiring;
@@ -348,6 +354,7 @@ int osara_worker_reload(osara_worker_t *w, const char *why)
     }
     double t0 = w->reload_started ? w->reload_started : osara_monotonic();
     w->reload_started = 0;
+    osara_watchdog_skip_turn(&w->watchdog); /* timed in the "reloaded" line */
     osara_vm_t *old = w->vm;
     osara_vm_t *vm = load_new_vm(w);
     osara_reg_diff_t diff;
@@ -401,6 +408,7 @@ static void close_walk(uv_handle_t *h, void *arg)
 static void finish_stop(osara_worker_t *w)
 {
     uv_timer_stop(&w->stop_timer);
+    osara_watchdog_close(&w->watchdog); /* closing clients may take a while */
     while (w->retiring) {
         osara_vm_close(w->retiring);
     }
@@ -509,6 +517,7 @@ int osara_worker_run(osara_worker_t *w)
         osara_worker_stop(w, 1);
     }
     watch_files(w);
+    osara_watchdog_start(&w->watchdog);
     uv_run(&w->loop, UV_RUN_DEFAULT);
     uv_walk(&w->loop, close_walk, NULL);
     uv_run(&w->loop, UV_RUN_DEFAULT);

@@ -11,6 +11,7 @@
 #include <uv.h>
 
 #include "core/loop.h"
+#include "core/watchdog.h"
 
 struct osara_vm_s;
 struct osara_co_s;
@@ -28,6 +29,7 @@ typedef struct {
     int watch;               /* reload when the script or its modules change */
     double grace;            /* seconds in-flight work may take at stop/reload */
     double load_timeout;     /* seconds a script's main chunk may run */
+    unsigned loop_stall_ms;  /* watchdog threshold (run mode); 0: off */
     const char **test_paths; /* osara test */
     int ntest_paths;
     const char *test_output; /* busted output handler name */
@@ -67,6 +69,7 @@ typedef struct osara_worker_s {
     int signals_seen;
     uv_signal_t sigint, sigterm, sighup;
     uv_timer_t stop_timer;
+    osara_watchdog_t watchdog;
     uv_timer_t watch_timer;
     uv_fs_event_t *watchers;
     uv_fs_event_t *old_watchers; /* closing; freed on the next reload */

@@ -1,0 +1,51 @@
+/* watchdog.h - the loop-stall watchdog.
+ *
+ * Everything a worker does runs on its loop thread: one callback that runs
+ * long delays every message, timer and request behind it. The watchdog
+ * measures each loop turn (from one prepare phase to the next, minus the
+ * time libuv spent waiting in poll, as uv_metrics_idle_time reports it) and
+ * logs one WARN line for a turn longer than the threshold, naming the
+ * coroutine that ran longest in it:
+ *
+ *   loop stall: 312 ms in timer at app.lua:3
+ *
+ * and counts it in osara_loop_stalls_total. A turn that loaded or closed a
+ * VM (a reload, measured in its own "reloaded ... in N ms" line) or that
+ * runs while the worker stops is not counted. */
+#ifndef OSARA_WATCHDOG_H
+#define OSARA_WATCHDOG_H
+
+#include <stdint.h>
+#include <uv.h>
+
+/* Off by default for now. The threshold to use is 100 ms (1000 in a
+ * sanitizer build, which runs C code several times slower), but the store
+ * commits (and fsyncs) on the loop thread and a transport lane starts every
+ * queued delivery in one turn: a burst of store writes after a reload
+ * stalls the loop for seconds (spec/integration/reload50_spec.lua). */
+#define OSARA_LOOP_STALL_DEFAULT_MS 0
+
+typedef struct {
+    uv_prepare_t prepare;
+    uint64_t threshold_ns; /* 0: off */
+    uint64_t turn_start;   /* uv_hrtime at this turn's start, 0 before the first */
+    uint64_t idle_start;   /* uv_metrics_idle_time then */
+    int skip;              /* this turn is not counted */
+    int started;
+} osara_watchdog_t;
+
+/* Enables libuv's idle-time metric on loop; call before the loop first
+ * runs. Returns 0 or a negative uv error. */
+int osara_watchdog_init(osara_watchdog_t *wd, uv_loop_t *loop,
+                        unsigned threshold_ms);
+
+/* Starts watching (the prepare handle does not keep the loop alive). */
+void osara_watchdog_start(osara_watchdog_t *wd);
+
+/* The current turn is expected to be long (a reload): do not count it. */
+void osara_watchdog_skip_turn(osara_watchdog_t *wd);
+
+/* Stops and closes the handle (loop thread). */
+void osara_watchdog_close(osara_watchdog_t *wd);
+
+#endif
