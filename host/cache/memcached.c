@@ -76,12 +76,11 @@ static void job_free(osara_sched_future_t *f)
     free(job);
 }
 
+/* The first failure of the job (the Lua layer names the hosts). */
 static void job_error(mc_job_t *job, const char *what)
 {
     if (job->err == NULL) {
-        char buf[300];
-        snprintf(buf, sizeof(buf), "memcached: %s", what);
-        job->err = osara_xstrdup(buf);
+        job->err = osara_xstrdup(what);
     }
 }
 
@@ -126,7 +125,7 @@ static void run_get(memcached_st *mc, mc_job_t *job)
     memcached_return_t rc =
         memcached_mget(mc, (const char *const *)job->keys, job->klens, (size_t)job->n);
     if (is_error(rc)) {
-        job_error(job, memcached_last_error_message(mc));
+        job_error(job, memcached_strerror(mc, rc));
     }
     memcached_result_st *res;
     while ((res = memcached_fetch_result(mc, NULL, &rc)) != NULL) {
@@ -143,7 +142,7 @@ static void run_get(memcached_st *mc, mc_job_t *job)
         memcached_result_free(res);
     }
     if (is_error(rc)) {
-        job_error(job, memcached_last_error_message(mc));
+        job_error(job, memcached_strerror(mc, rc));
     }
 }
 
@@ -160,7 +159,7 @@ static void run_job(memcached_st *mc, mc_job_t *job)
                                 job->expire, 0)
                 : memcached_delete(mc, job->keys[i], job->klens[i], 0);
         if (is_error(rc)) {
-            job_error(job, memcached_last_error_message(mc));
+            job_error(job, memcached_strerror(mc, rc));
         }
     }
 }

@@ -142,8 +142,14 @@ end
 local Memcached = {}
 Memcached.__index = Memcached
 
-function Memcached:get(keys) return self.c:get(keys) end
-function Memcached:delete(keys) return self.c:delete(keys) end
+-- Errors come from libmemcached without the hosts: name them.
+local function named(label, first, err)
+  if err then return first, label .. ": " .. err end
+  return first
+end
+
+function Memcached:get(keys) return named(self.label, self.c:get(keys)) end
+function Memcached:delete(keys) return named(self.label, self.c:delete(keys)) end
 function Memcached:set(keys, values, expire)
   local e = 0
   if expire and expire > 0 then
@@ -151,7 +157,7 @@ function Memcached:set(keys, values, expire)
     -- memcached reads more than 30 days as a Unix time
     if e > 30 * 24 * 3600 then e = math.floor(timer_c.now()) + e end
   end
-  return self.c:set(keys, values, e)
+  return named(self.label, self.c:set(keys, values, e))
 end
 
 local Store = {}
@@ -192,7 +198,8 @@ local function new_backend(kind, opts)
   for i, h in ipairs(hosts) do list[i] = tostring(h):gsub("^localhost:", "127.0.0.1:") end
   local timeout = opts.timeout or 1
   local c = cache_c.memcached(table.concat(list, ",") .. "/" .. timeout, list, timeout)
-  return setmetatable({ c = c }, Memcached), "memcached " .. table.concat(list, ",")
+  local label = "memcached " .. table.concat(list, ",")
+  return setmetatable({ c = c, label = label }, Memcached), label
 end
 
 -- ---- the one interface ----------------------------------------------------------
@@ -201,16 +208,19 @@ local Cache = {}
 Cache.__index = Cache
 
 -- Up/down state per server, so a server that is down is logged once per
--- change, however many calls fail meanwhile.
+-- change, however many calls fail meanwhile. _failed returns the error as
+-- the caller sees it.
 local down = {}
 
 function Cache:_failed(op, err)
+  if err == "timeout" then err = self.label .. ": timed out" end -- the wait's own timeout
   metrics.add("osara_cache_errors_total", { type = self.type, op = op },
               "cache operations that failed (server down, timeout)")
   if not down[self.label] then
     down[self.label] = err
     log_c.write("warn", ("cache %s failing: %s (gets miss, sets are dropped until it answers)"):format(self.label, tostring(err)))
   end
+  return err
 end
 
 function Cache:_ok()
@@ -258,7 +268,7 @@ function Cache:get_multi(keys)
   end
   if #full == 0 then return {} end
   local got, err = self.b:get(full)
-  if err then self:_failed("get", err) else self:_ok() end
+  if err then err = self:_failed("get", err) else self:_ok() end
   local out, np = {}, #self.prefix
   for fk, bytes in pairs(got or {}) do
     local v, derr = self.codec.decode(bytes)
@@ -296,8 +306,7 @@ end
 -- Counts and logs a failed write (then nil, err), or notes the server answers.
 function Cache:_outcome(op, ok, err)
   if not ok then
-    self:_failed(op, err)
-    return nil, err
+    return nil, self:_failed(op, err)
   end
   self:_ok()
   return true
