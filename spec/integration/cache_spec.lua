@@ -381,6 +381,27 @@ osara.route("GET", "/greeting", function() return { text = osara.config.greeting
     H.stop(p)
   end)
 
+  it("gives osara.kafka and osara.nats their settings by name", function()
+    local dir = H.tmpdir()
+    H.write(dir .. "/config.yaml", "kafka:\n  main:\n    bootstrap.servers: embedded\n    group.id: by-name\n"
+      .. "nats:\n  bus:\n    servers: nats://127.0.0.1:4222\n")
+    H.write(dir .. "/app.lua", [[
+local osara = require "osara"
+local kafka = osara.kafka "main"
+local nats = osara.nats "bus"
+kafka:handle("orders", function(msg) end)
+nats:handle("prices", function(msg) end)
+]])
+    local status, out = H.run({ "check", dir .. "/app.lua" })
+    assert.are.equal(0, status, out)
+    assert.matches("orders", out, 1, true)
+    assert.matches("prices", out, 1, true)
+    H.write(dir .. "/app.lua", 'local osara = require "osara"\nlocal k = osara.kafka "nope"\n')
+    status, out = H.run({ "check", dir .. "/app.lua" }, 20, nil, { errors = { "no 'kafka.nope'" } })
+    assert.are.equal(1, status, out)
+    assert.matches("app.lua:2: osara.kafka: no 'kafka.nope' in " .. dir .. "/config.yaml", out, 1, true)
+  end)
+
   it("reports a malformed config file in one line with file:line:column", function()
     local dir = H.tmpdir()
     H.write(dir .. "/config.yaml", "cache:\n  redis:\n    host: 'a\n  memory: {\n")
