@@ -46,6 +46,32 @@ static int fx_free(osara_worker_t *w)
     return uv_loop_close(&w->loop);
 }
 
+static osara_sched_future_t fut;
+static int fut_freed;
+
+static void fut_free(osara_sched_future_t *f)
+{
+    (void)f;
+    fut_freed++;
+}
+
+/* A worker's loop and inbox with one VM (NULL if it cannot be made), and a
+ * fresh future for the tests that wait on one. */
+static osara_vm_t *fx_vm(osara_worker_t *w)
+{
+    fx_init(w);
+    fut_freed = 0;
+    osara_sched_future_init(&fut, fut_free);
+    return osara_vm_new(w, 1);
+}
+
+/* Closes the VM and the loop; 0 if no libuv handle leaked. */
+static int fx_done(osara_worker_t *w, osara_vm_t *vm)
+{
+    osara_vm_close(vm);
+    return fx_free(w);
+}
+
 static void count_cleanup(void *data)
 {
     (void)data;
@@ -63,15 +89,6 @@ static int l_wait_for(lua_State *L)
 {
     return osara_sched_wait_for(L, 0, luaL_checknumber(L, 1), count_cleanup,
                                 NULL, NULL);
-}
-
-static osara_sched_future_t fut;
-static int fut_freed;
-
-static void fut_free(osara_sched_future_t *f)
-{
-    (void)f;
-    fut_freed++;
 }
 
 /* future_wait([timeout]) -> the future's results */
@@ -140,8 +157,7 @@ static void run_until_done(osara_worker_t *w, int n)
 void test_sched_ignores_a_stale_queued_resume(void)
 {
     osara_worker_t w;
-    fx_init(&w);
-    osara_vm_t *vm = osara_vm_new(&w, 1);
+    osara_vm_t *vm = fx_vm(&w);
     CHECK(vm != NULL);
     int fn = entry_fn(vm, "return wait()");
     osara_co_t *a = run_entry(vm, fn);
@@ -154,15 +170,13 @@ void test_sched_ignores_a_stale_queued_resume(void)
     CHECK(b == a && osara_co_waiting(b)); /* the pooled coroutine, reused */
     osara_inbox_drain(&w.inbox);          /* delivers the stale wake-up */
     CHECK(osara_co_waiting(b) && fx.dones == 1);
-    osara_vm_close(vm);
-    CHECK(fx_free(&w) == 0);
+    CHECK(fx_done(&w, vm) == 0);
 }
 
 void test_sched_cancel_runs_cleanup_and_reports(void)
 {
     osara_worker_t w;
-    fx_init(&w);
-    osara_vm_t *vm = osara_vm_new(&w, 1);
+    osara_vm_t *vm = fx_vm(&w);
     CHECK(vm != NULL);
     int fn = entry_fn(vm, "return wait()");
     osara_co_t *waiting = run_entry(vm, fn), *woken = run_entry(vm, fn);
@@ -178,8 +192,7 @@ void test_sched_cancel_runs_cleanup_and_reports(void)
 void test_sched_deadline_resumes_with_timeout(void)
 {
     osara_worker_t w;
-    fx_init(&w);
-    osara_vm_t *vm = osara_vm_new(&w, 1);
+    osara_vm_t *vm = fx_vm(&w);
     CHECK(vm != NULL);
     int fn = entry_fn(vm, "local v, err = wait_for(0.01) return err");
     run_entry(vm, fn);
@@ -191,18 +204,14 @@ void test_sched_deadline_resumes_with_timeout(void)
     osara_sched_resume_later(co, 1);
     run_until_done(&w, 2);
     CHECK(strcmp(fx.last, "woken") == 0 && fx.cleanups == 1);
-    osara_vm_close(vm);
-    CHECK(fx_free(&w) == 0);
+    CHECK(fx_done(&w, vm) == 0);
 }
 
 void test_sched_future_completes_once_and_frees_at_last_ref(void)
 {
     osara_worker_t w;
-    fx_init(&w);
-    fut_freed = 0;
-    osara_vm_t *vm = osara_vm_new(&w, 1);
+    osara_vm_t *vm = fx_vm(&w);
     CHECK(vm != NULL);
-    osara_sched_future_init(&fut, fut_free);
     int fn = entry_fn(vm, "return future_wait()");
     run_entry(vm, fn);
     CHECK(fut.refs == 2 && fx.dones == 0); /* the waiter holds one */
@@ -213,18 +222,14 @@ void test_sched_future_completes_once_and_frees_at_last_ref(void)
     CHECK(fx.dones == 2 && strcmp(fx.last, "42") == 0);
     osara_sched_future_unref(&fut);
     CHECK(fut_freed == 1);
-    osara_vm_close(vm);
-    CHECK(fx_free(&w) == 0);
+    CHECK(fx_done(&w, vm) == 0);
 }
 
 void test_sched_future_timeout_detaches_the_waiter(void)
 {
     osara_worker_t w;
-    fx_init(&w);
-    fut_freed = 0;
-    osara_vm_t *vm = osara_vm_new(&w, 1);
+    osara_vm_t *vm = fx_vm(&w);
     CHECK(vm != NULL);
-    osara_sched_future_init(&fut, fut_free);
     run_entry(vm, entry_fn(vm, "local v, err = future_wait(0.01) return err"));
     run_until_done(&w, 1);
     CHECK(strcmp(fx.last, "timeout") == 0 && fut.refs == 1);
@@ -232,8 +237,7 @@ void test_sched_future_timeout_detaches_the_waiter(void)
     CHECK(fx.dones == 1 && fut.done);
     osara_sched_future_unref(&fut);
     CHECK(fut_freed == 1);
-    osara_vm_close(vm);
-    CHECK(fx_free(&w) == 0);
+    CHECK(fx_done(&w, vm) == 0);
 }
 
 /* ---- inbox cancellation ------------------------------------------------------ */
@@ -365,8 +369,7 @@ static void add(osara_registry_t *reg, const char *key, const char *sig,
 void test_registry_apply_rolls_back_when_a_start_fails(void)
 {
     osara_worker_t w;
-    fx_init(&w);
-    osara_vm_t *vm = osara_vm_new(&w, 1);
+    osara_vm_t *vm = fx_vm(&w);
     CHECK(vm != NULL);
     const char *bad[] = {"fails", "raises"};
     for (int i = 0; i < 2; i++) {
@@ -397,8 +400,7 @@ void test_registry_apply_rolls_back_when_a_start_fails(void)
         osara_registry_free(&old);
         osara_registry_free(&neu);
     }
-    osara_vm_close(vm);
-    CHECK(fx_free(&w) == 0);
+    CHECK(fx_done(&w, vm) == 0);
 }
 
 /* ---- timers across a reload ------------------------------------------------- */
