@@ -81,8 +81,12 @@ static void watch(sql_conn_t *conn, int events)
         uv_poll_init(&conn->pool->w->loop, conn->poll, fd);
         conn->poll->data = conn;
         conn->fd = fd;
+        conn->events = 0;
     }
-    uv_poll_start(conn->poll, events, on_poll);
+    if (events != conn->events) { /* each uv_poll_start costs an epoll_ctl */
+        uv_poll_start(conn->poll, events, on_poll);
+        conn->events = events;
+    }
 }
 
 /* libpq's message on one line: whitespace runs (its "\n\t") become one space. */

@@ -4,8 +4,8 @@
  * acquire() hands out an idle connection at once, opens a new one while
  * fewer than `size` are open, or parks the coroutine in a FIFO until a
  * connection comes back or `timeout` runs out. Connections come back from
- * Lua code (release, __gc), so handing them to the next waiter is posted
- * to the worker's inbox and done with no Lua code running. A connection
+ * Lua code (release, __gc), so handing them to the next waiter waits for
+ * the next loop turn (an idle handle) when no Lua code runs. A connection
  * that breaks schedules a reconnect with backoff (0.1 s doubling to 2 s);
  * while nothing is open and the last attempt failed, acquire fails at once
  * with the last error instead of waiting. */
@@ -157,7 +157,7 @@ static void close_conn(sql_conn_t *conn)
     }
 }
 
-static void timer_closed(uv_handle_t *h) { free(h); }
+static void timer_closed(uv_handle_t *h) { free(h); } /* timers and idles */
 
 static void pool_unref(sql_pool_t *pool)
 {
@@ -169,8 +169,12 @@ static void pool_unref(sql_pool_t *pool)
         pool->idle = conn->next_idle;
         close_conn(conn);
     }
-    if (pool->reconnect) {
+    /* (At exit the worker may have closed them already: they leak then.) */
+    if (pool->reconnect && !uv_is_closing((uv_handle_t *)pool->reconnect)) {
         uv_close((uv_handle_t *)pool->reconnect, timer_closed);
+    }
+    if (pool->dispatcher && !uv_is_closing((uv_handle_t *)pool->dispatcher)) {
+        uv_close((uv_handle_t *)pool->dispatcher, timer_closed);
     }
     free(pool->target);
     free(pool->label);
@@ -334,10 +338,10 @@ static sql_conn_t *take_idle(sql_pool_t *pool)
     return conn;
 }
 
-static void on_dispatch(void *arg, void *unused)
+static void on_dispatch(uv_idle_t *h)
 {
-    (void)unused;
-    sql_pool_t *pool = arg;
+    sql_pool_t *pool = h->data;
+    uv_idle_stop(h);
     pool->dispatch_posted = 0;
     dispatch(pool);
     pool_unref(pool);
@@ -369,15 +373,23 @@ static void dispatch(sql_pool_t *pool)
     }
 }
 
+/* Dispatches on the next loop turn, when no Lua code runs: an idle handle
+ * (no syscall, unlike a post to the inbox, which writes its eventfd). */
 static void dispatch_later(sql_pool_t *pool)
 {
     if (pool->dispatch_posted || pool->waits == NULL) {
         return;
     }
-    if (osara_inbox_post(&pool->w->inbox, on_dispatch, pool, NULL) != 0) {
+    if (pool->dispatcher == NULL) {
+        pool->dispatcher = osara_xmalloc(sizeof(*pool->dispatcher));
+        uv_idle_init(&pool->w->loop, pool->dispatcher);
+        pool->dispatcher->data = pool;
+    }
+    if (uv_is_closing((uv_handle_t *)pool->dispatcher)) {
         return; /* the worker is stopping */
     }
-    pool_ref(pool); /* dropped by on_dispatch (the loop thread drains later) */
+    uv_idle_start(pool->dispatcher, on_dispatch);
+    pool_ref(pool); /* dropped by on_dispatch */
     pool->dispatch_posted = 1;
 }
 

@@ -37,6 +37,7 @@ typedef struct sql_conn_s {
     void *db;              /* sqlite3* or PGconn* */
     uv_poll_t *poll;       /* Postgres: the socket on the loop */
     int fd;
+    int events;            /* what poll watches now (UV_READABLE...) */
     int leased, broken, busy, connecting;
     osara_sched_waiter_t waiter; /* the coroutine waiting on this conn's op */
     struct sql_op_s *op;         /* Postgres: the operation in flight */
@@ -66,6 +67,7 @@ struct sql_pool_s {
     char last_err[256];
     double backoff;   /* seconds before the next reconnect attempt */
     uv_timer_t *reconnect;
+    uv_idle_t *dispatcher; /* hands released connections to waiters */
     int dispatch_posted;
     unsigned long checkpoints; /* SQLite WAL checkpoints done off the loop */
     struct osara_metric_s *m_acquires, *m_waits, *m_timeouts, *m_lost, *m_connect_failures,
