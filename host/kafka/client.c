@@ -334,6 +334,7 @@ void osara__kafka_client_close(void *ptr)
     }
     close_timer(&c->resub_timer);
     close_timer(&c->revoke_timer);
+    close_timer(&c->pump_timer);
     OSARA_KAFKA_FOR_EACH_PART (c, p) {
         close_timer(&p->retry_timer);
     }

@@ -311,12 +311,44 @@ static void push_message(lua_State *T, osara_delivery_t *d)
     lua_setfield(T, -2, "headers"); /* [msg] */
 }
 
+static void on_pump_timer(uv_timer_t *t)
+{
+    kclient_t *c = t->data;
+    OSARA_KAFKA_FOR_EACH_PART (c, p) {
+        if (p->deferred) {
+            p->deferred = 0;
+            osara_lane_pump(&p->lane);
+        }
+    }
+}
+
+/* A partition's lane used its turn's budget: pump it again on the next
+ * turn (one timer per client serves every deferred partition). */
+static void kafka_lane_defer(osara_lane_t *lane)
+{
+    kpart_t *p = lane->owner;
+    kclient_t *c = p->client;
+    if (c->closing || p->retired) {
+        return;
+    }
+    p->deferred = 1;
+    if (c->pump_timer == NULL) {
+        c->pump_timer = osara_xmalloc(sizeof(*c->pump_timer));
+        uv_timer_init(&c->w->loop, c->pump_timer);
+        c->pump_timer->data = c;
+    }
+    if (!uv_is_active((uv_handle_t *)c->pump_timer)) {
+        uv_timer_start(c->pump_timer, on_pump_timer, 0, 0);
+    }
+}
+
 static const osara_transport_t kafka_transport = {
     .name = "kafka",
     .push_message = push_message,
     .finished = kafka_finished,
     .settle = kafka_settle,
     .pause = kafka_lane_pause,
+    .defer = kafka_lane_defer,
 };
 
 static void free_part(kpart_t *p)

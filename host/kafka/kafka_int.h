@@ -54,6 +54,7 @@ struct kpart_s {
     int retired;                   /* let go: stores nothing more; a later
                                     * assignment gets a fresh kpart */
     int retrying;                  /* inputs being handled again after failing */
+    int deferred;                  /* its lane continues on the next turn */
     uv_timer_t *retry_timer;       /* backoff before the next attempt */
     osara_metric_t *m_lag;
     kpart_t *next;                 /* hash bucket, or the retired list */
@@ -120,6 +121,7 @@ struct kclient_s {
     int jobs;                      /* pool work using the handles */
     int close_queued;
     uv_timer_t *handover;          /* closing: to the pool on the next turn */
+    uv_timer_t *pump_timer;        /* pumps deferred partitions next turn */
     int inputs_freed;              /* closing: delivery reports find no input */
     unsigned assign_gen;           /* the newest embedded assignment */
     rd_kafka_resp_err_t last_error;

@@ -171,9 +171,14 @@ void osara_lane_pump(osara_lane_t *lane)
         return;
     }
     lane->pumping = 1;
-    while (may_start(lane) && start_one(lane) == 0) {
+    int budget = lane->tp->defer ? OSARA_LANE_STARTS_PER_PUMP : -1;
+    while (budget != 0 && may_start(lane) && start_one(lane) == 0) {
+        budget--;
     }
     lane->pumping = 0;
+    if (budget == 0 && may_start(lane)) {
+        lane->tp->defer(lane); /* the rest on a later turn */
+    }
 }
 
 void osara_lane_set_entry(osara_lane_t *lane, struct osara_reg_entry_s *e)

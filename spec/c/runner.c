@@ -262,11 +262,11 @@ static struct {
     osara_worker_t w;
     osara_vm_t *vm;
     osara_reg_entry_t entry;
-    osara_co_t *parked[16]; /* by message id */
-    int started[16], nstarted;
+    osara_co_t *parked[512]; /* by message id */
+    int started[512], nstarted;
     int running, max_running;
-    int pauses, resumes;
-    int settled[16], nsettled;
+    int pauses, resumes, defers;
+    int settled[512], nsettled;
 } lt;
 
 static int l_park(lua_State *L)
@@ -484,6 +484,36 @@ void test_lane_failed_output_settles_retry(void)
     finish_msg(2, "ok");
     CHECK(m[0].how == OSARA_SETTLE_ACK && m[1].how == OSARA_SETTLE_ACK);
     CHECK(lane.held == 0);
+    lane_teardown();
+}
+
+static void t_defer(osara_lane_t *lane)
+{
+    (void)lane;
+    lt.defers++;
+}
+
+static const osara_transport_t deferring_tp = {
+    .name = "test", .push_message = t_push_message, .finished = t_finished,
+    .settle = t_settle, .defer = t_defer,
+};
+
+void test_lane_defers_a_long_queue_to_later_turns(void)
+{
+    CHECK(lane_setup() == 0);
+    osara_lane_t lane;
+    static tmsg_t m[300];
+    memset(m, 0, sizeof(m));
+    osara_lane_init(&lane, &deferring_tp, NULL, "backlog", 0, 1000, 1000);
+    push_msgs(&lane, m, 300); /* no entry yet: a backlog */
+    osara_lane_set_entry(&lane, &lt.entry);
+    CHECK(lt.nstarted == OSARA_LANE_STARTS_PER_PUMP && lt.defers == 1);
+    osara_lane_pump(&lane); /* the broker's next turn */
+    CHECK(lt.nstarted == 300 && lt.defers == 1);
+    for (int i = 1; i <= 300; i++) {
+        finish_msg(i, "ok");
+    }
+    CHECK(lt.nsettled == 300 && lane.held == 0);
     lane_teardown();
 }
 
