@@ -107,6 +107,13 @@ void osara__nats_client_unref(nclient_t *c)
     }
 }
 
+void osara__nats_dispose(osara_inbox_t *inbox, osara_inbox_fn free_fn, void *obj, int now)
+{
+    if (now || osara_inbox_post(inbox, free_fn, obj, NULL) != 0) {
+        free_fn(obj, NULL);
+    }
+}
+
 int osara__nats_push_closed(lua_State *L, const char *what)
 {
     lua_pushnil(L);

@@ -55,8 +55,11 @@ typedef struct {
     int count;
 } njs_batch_t;
 
-static void njs_free(njs_t *j)
+/* An inbox event too (osara__nats_dispose). */
+static void njs_free(void *arg, void *unused)
 {
+    (void)unused;
+    njs_t *j = arg;
     if (j->sub) {
         natsSubscription_Destroy(j->sub);
     }
@@ -68,12 +71,6 @@ static void njs_free(njs_t *j)
     free(j);
 }
 
-static void on_njs_unused(void *arg, void *unused)
-{
-    (void)unused;
-    njs_free(arg);
-}
-
 /* Drops a reference; inside settle the free waits for the inbox (the lane
  * is still touched afterwards). */
 static void njs_unref(njs_t *j, int inline_free)
@@ -81,9 +78,7 @@ static void njs_unref(njs_t *j, int inline_free)
     if (--j->refs > 0) {
         return;
     }
-    if (inline_free || osara_inbox_post(&j->client->w->inbox, on_njs_unused, j, NULL) != 0) {
-        njs_free(j);
-    }
+    osara__nats_dispose(&j->client->w->inbox, njs_free, j, inline_free);
 }
 
 static uint64_t num_delivered(natsMsg *msg)

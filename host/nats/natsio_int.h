@@ -126,6 +126,10 @@ void osara__nats_client_unref(nclient_t *c);
  * thread): the connection is closed only when none runs. */
 void osara__nats_job_begin(nclient_t *c);
 void osara__nats_job_end(nclient_t *c);
+/* Frees obj with free_fn(obj, NULL): now, or (now = 0) from the worker's
+ * inbox, for a caller that still touches obj afterwards (a lane, inside
+ * settle); now as well when the inbox is closed (the loop is gone). */
+void osara__nats_dispose(osara_inbox_t *inbox, osara_inbox_fn free_fn, void *obj, int now);
 /* The Lua result for a call on a closed client: pushes nil, msg; 2. */
 int osara__nats_push_closed(lua_State *L, const char *what);
 

@@ -21,19 +21,16 @@ typedef struct {
     natsMsg *msg;
 } nmsg_t;
 
-static void sub_free(nsub_t *sub)
+/* An inbox event too (osara__nats_dispose). */
+static void sub_free(void *arg, void *unused)
 {
+    (void)unused;
+    nsub_t *sub = arg;
     uv_mutex_destroy(&sub->mu);
     uv_cond_destroy(&sub->room);
     free(sub->subject);
     free(sub->queue);
     free(sub);
-}
-
-static void on_sub_unused(void *arg, void *unused)
-{
-    (void)unused;
-    sub_free(arg);
 }
 
 /* Drops one reference. `inline_free` is 0 where the caller still touches
@@ -48,9 +45,7 @@ static void sub_unref(nsub_t *sub, int inline_free)
     if (!last) {
         return;
     }
-    if (inline_free || osara_inbox_post(sub->inbox, on_sub_unused, sub, NULL) != 0) {
-        sub_free(sub);
-    }
+    osara__nats_dispose(sub->inbox, sub_free, sub, inline_free);
 }
 
 /* One message left osara (settled, or dropped before the lane). */
