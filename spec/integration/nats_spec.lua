@@ -343,6 +343,7 @@ nats:handle("h.req", function(msg) return { id = msg.value.id, v = V } end)
     H.eventually(function() return pending == 0 end, 20, "every request answered or timed out")
     assert.are.same({}, lost)
     stop(p, server)
+    assert.is_nil(p:output():find("loop stall"), p:output())
   end)
 
   it("reports bad input on one line each and keeps going", function()
