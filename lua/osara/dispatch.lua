@@ -37,12 +37,19 @@ function M.handler(spec)
 end
 
 -- The one place bad input is reported: one line naming what and why, and a
--- counter osara_bad_input_total{kind,name,reason}.
-function M.bad_input(kind, name, reason, what, message)
+-- counter osara_bad_input_total{kind,name,reason}. A message sent to a dead
+-- letter is a warning naming it; otherwise an error.
+function M.bad_input(kind, name, reason, what, message, dead_letter, attempts)
   metrics.add("osara_bad_input_total", { kind = kind, name = name, reason = reason },
     "messages that failed to decode, validate or be handled")
-  require("osara.log_c").write("error", ("%s %s: %s failed at %s: %s"):format(
-    kind, name, reason, what or "?", message))
+  local after = attempts and attempts > 1 and (" after %d attempts"):format(attempts) or ""
+  if dead_letter then
+    require("osara.log_c").write("warn", ("%s %s: %s failed at %s%s, sent to the dead letter %s: %s"):format(
+      kind, name, reason, what or "?", after, dead_letter, message))
+    return
+  end
+  require("osara.log_c").write("error", ("%s %s: %s failed at %s%s: %s"):format(
+    kind, name, reason, what or "?", after, message))
 end
 
 local function call_fn(fn, msg)
@@ -138,6 +145,140 @@ function M.iterator(register, what)
     wake_loop()
   end
   return setmetatable({}, { __call = next_msg, __index = { close = close } })
+end
+
+-- ---- failure policy --------------------------------------------------------------
+--
+-- One policy for every transport (issue 13): retry with backoff inside the
+-- message's coroutine, then a dead letter, on_failure, and filters.
+--
+--   local p = dispatch.policy { kind = "kafka", name = topic, opts = opts,
+--     origin = function(msg) return "orders/2/17" end,  -- osara-origin
+--     where = function(msg) return "orders[2]@17" end,   -- log lines
+--     dead_letter = function(msg, headers) end,          -- sends; raises if not delivered
+--     before_retry = function(msg) end }                 -- optional
+--   if p:decode(h, msg) then
+--     local ok, a, b = p:call(msg, fn, emit)  -- ok == false: filtered or failure taken
+--   end
+--
+-- A failure taken: with a dead letter, it is sent (and delivered, or the
+-- transport's dead_letter raises and the input stays unsettled) and logged
+-- as a warning; without one, one error line. Both count in
+-- osara_bad_input_total; then on_failure(msg, err, attempts) runs once.
+
+local RETRY_DEFAULTS = { max = 3, backoff = 0.1, max_backoff = 30, jitter = 0.2 }
+local NO_RETRY = { max = 0, backoff = 0, max_backoff = 0, jitter = 0 }
+
+-- The retry option as a table: nil or true -> the defaults, false -> none.
+local function retry_of(v)
+  if v == false then return NO_RETRY end
+  if v == nil or v == true then return RETRY_DEFAULTS end
+  return require("osara.options").check("retry", v)
+end
+
+local Policy = {}
+Policy.__index = Policy
+
+function M.policy(spec)
+  local opts = spec.opts or {}
+  local dlq = opts.dlq
+  if dlq == false then dlq = nil end
+  return setmetatable({
+    kind = spec.kind, name = spec.name, retry = retry_of(opts.retry), dlq = dlq,
+    on_failure = opts.on_failure, filter = opts.filter,
+    origin = spec.origin, where = spec.where, dead_letter = spec.dead_letter,
+    before_retry = spec.before_retry,
+    labels = { kind = spec.kind, name = spec.name },
+  }, Policy)
+end
+
+-- seconds to wait before attempt n + 1: backoff * 2^(n-1), capped, jittered.
+function Policy:delay(n)
+  local r = self.retry
+  local d = math.min(r.backoff * 2 ^ (n - 1), r.max_backoff)
+  return math.max(0, d * (1 + r.jitter * (2 * math.random() - 1)))
+end
+
+local function now() return require("osara").now() end
+
+-- The input's headers plus what the dead letter says about the failure.
+local function dead_letter_headers(self, msg, reason, err)
+  local headers = {}
+  for k, v in pairs(msg.headers or {}) do headers[k] = v end
+  headers["osara-error"] = err
+  headers["osara-error-kind"] = reason
+  headers["osara-attempts"] = tostring(msg.attempt or 1)
+  headers["osara-first-failure"] = ("%.3f"):format(msg.first_failure)
+  headers["osara-origin"] = self.origin(msg)
+  return headers
+end
+
+-- fail(msg, reason, err) -> false, once the failure was taken (see above).
+function Policy:fail(msg, reason, err)
+  msg.first_failure = msg.first_failure or now()
+  local attempts = msg.attempt or 1
+  if self.dlq then
+    self.dead_letter(msg, dead_letter_headers(self, msg, reason, err))
+  end
+  M.bad_input(self.kind, self.name, reason, self.where(msg), err, self.dlq, attempts)
+  if self.on_failure then
+    local ok, cerr = pcall(self.on_failure, msg, err, attempts)
+    if not ok then
+      require("osara.log_c").write("error", ("%s %s: on_failure raised at %s: %s"):format(
+        self.kind, self.name, self.where(msg), tostring(cerr)))
+    end
+  end
+  return false
+end
+
+-- decode(h, msg) -> true | false (the failure taken: retrying cannot fix it).
+function Policy:decode(h, msg)
+  local ok, reason, err = h:decode(msg)
+  if ok then return true end
+  return self:fail(msg, reason, err)
+end
+
+-- too_large(msg, max_bytes) -> true when msg.raw is over the limit (taken).
+function Policy:too_large(msg, max_bytes)
+  if #msg.raw <= max_bytes then return false end
+  self:fail(msg, "too_large", ("%d bytes over the %d-byte limit (opts.max_bytes)"):format(#msg.raw, max_bytes))
+  return true
+end
+
+-- after(msg, fn, emit, pcall results...): success passes fn's results on;
+-- a failure is retried while the policy allows, else taken.
+function Policy:after(msg, fn, emit, ok, ...)
+  if ok then return true, ... end
+  local err = tostring((...))
+  msg.first_failure = msg.first_failure or now()
+  local n, r = msg.attempt, self.retry
+  if n > r.max or (r.on and not r.on(err, msg)) then
+    return self:fail(msg, "handler", err)
+  end
+  local wait = self:delay(n)
+  metrics.add("osara_retries_total", self.labels, "handler calls retried after an error")
+  require("osara.log_c").write("warn", ("%s %s: handler failed at %s (attempt %d of %d, again in %.2f s): %s")
+    :format(self.kind, self.name, self.where(msg), n, r.max + 1, wait, err))
+  if wait > 0 then require("osara").sleep(wait) end
+  msg.attempt = n + 1
+  if self.before_retry then self.before_retry(msg) end
+  return self:after(msg, fn, emit, pcall(fn, msg, emit))
+end
+
+-- call(msg, fn, emit) -> true, fn's results | false (filtered out, or the
+-- failure taken). Runs inside the message's coroutine (the backoff sleeps).
+function Policy:call(msg, fn, emit)
+  if self.filter then
+    local ok, keep = pcall(self.filter, msg)
+    if not ok then return self:fail(msg, "handler", "filter: " .. tostring(keep)) end
+    if not keep then
+      metrics.add("osara_filtered_total", self.labels, "messages a handler's filter skipped")
+      msg.skipped = "filtered"
+      return false
+    end
+  end
+  msg.attempt = msg.attempt or 1
+  return self:after(msg, fn, emit, pcall(fn, msg, emit))
 end
 
 return M

@@ -208,6 +208,22 @@ local function send_reply(client, h, msg, value)
   client.c:produce(to, bytes, msg.key, { [CORRELATION] = msg.headers[CORRELATION] }, nil, false)
 end
 
+-- The dead letter of a failed input: its payload, key and headers plus the
+-- policy's osara-* headers, delivered before the input is committed (a
+-- failed delivery raises: the input stays uncommitted and is handled again).
+local function send_dead_letter(client, dlq, msg, headers)
+  if client.checking then
+    capture(dlq, msg.raw, { key = msg.key, headers = headers, dead_letter = true })
+    return
+  end
+  local r, err = client.c:produce(dlq, msg.raw, msg.key, headers, nil, true)
+  local ok = false
+  if r then ok, err = r:wait() end
+  if not ok then
+    error(("kafka %s: dead letter to %s not delivered: %s"):format(msg.topic, dlq, tostring(err)), 0)
+  end
+end
+
 -- Exactly-once state: the handler's store writes and the input's offset are
 -- committed in one LMDB transaction once its outputs were delivered; a
 -- replayed input whose state was committed is skipped.
@@ -260,6 +276,14 @@ local function make_runner(client, topic, opts, fn, at)
     return ("%s[%d]@%d"):format(msg.topic, msg.partition, msg.offset)
   end
   local max_bytes = opts.max_bytes
+  local policy = dispatch.policy { kind = "kafka", name = topic, opts = opts, where = place,
+    origin = function(msg) return ("%s/%d/%d"):format(msg.topic, msg.partition, msg.offset) end,
+    dead_letter = opts.dlq and function(msg, headers) send_dead_letter(client, opts.dlq, msg, headers) end,
+    -- a new attempt starts from a clean transaction (exactly-once state)
+    before_retry = eo and function(msg)
+      msg.tx = opts.store:begin()
+      outputs_of[coroutine.running()] = {}
+    end }
 
   -- The handler's results, without packing them into a table per message.
   -- A result the client refuses is not dropped silently: logged with its input.
@@ -275,9 +299,8 @@ local function make_runner(client, topic, opts, fn, at)
     end
   end
   local function finish(msg, ok, first, ...)
-    if not ok then
+    if not ok then -- filtered, or the failure policy took it
       if eo then outputs_of[coroutine.running()] = nil end
-      dispatch.bad_input("kafka", topic, "handler", place(msg), tostring(first))
       return false
     end
     if dispatch.on_return then dispatch.on_return(first, ...) end
@@ -296,14 +319,7 @@ local function make_runner(client, topic, opts, fn, at)
       msg.skipped = "already applied" -- its state was committed before a restart
       return
     end
-    if #msg.raw > max_bytes then
-      dispatch.bad_input("kafka", topic, "too_large", place(msg),
-        ("%d bytes over the %d-byte limit (opts.max_bytes)"):format(#msg.raw, max_bytes))
-      return
-    end
-    local ok, reason, err = h:decode(msg)
-    if not ok then
-      dispatch.bad_input("kafka", topic, reason, place(msg), err)
+    if policy:too_large(msg, max_bytes) or not policy:decode(h, msg) then
       return
     end
     msg.reply = msg.headers[REPLY_TO] -- where the return value goes, as on NATS
@@ -313,7 +329,8 @@ local function make_runner(client, topic, opts, fn, at)
       receipts = {}
       outputs_of[coroutine.running()] = receipts
     end
-    if finish(msg, pcall(fn, msg, emit)) and eo then
+    if finish(msg, policy:call(msg, fn, emit)) and eo then
+      receipts = outputs_of[coroutine.running()] -- a retry started a new list
       outputs_of[coroutine.running()] = nil
       eo.commit(msg, msg.tx, receipts) -- raises: the input stays uncommitted
     end
@@ -335,6 +352,7 @@ function Client:handle(spec, opts, fn)
     options.raise("kafka:handle: expected a handler function")
   end
   local at = options.user_where()
+  if opts.dlq then self.c:ensure_topic(opts.dlq) end
   for _, topic in ipairs(topics_of(spec)) do
     self.c:ensure_topic(topic)
     local key = ("%s (group %s)"):format(topic, self.group)

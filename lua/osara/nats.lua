@@ -134,6 +134,23 @@ local function make_outputs(self, subject, sink)
   return emit, results
 end
 
+local function subject_of(msg) return msg.subject end
+
+-- The dead letter of a failed message: its payload and headers plus the
+-- policy's osara-* headers, published to the dlq subject; raises when the
+-- publish is refused.
+function Client:_dead_letter(dlq, msg, headers)
+  if self.checking then
+    local testing = package.loaded["osara.testing"]
+    if testing then testing.record_send(dlq, msg.raw, { headers = headers, dead_letter = true }) end
+    return
+  end
+  local ok, err = self.c:publish(dlq, msg.raw, nil, headers)
+  if not ok then
+    error(("nats %s: dead letter to %s not published: %s"):format(msg.subject, dlq, tostring(err)), 0)
+  end
+end
+
 -- Builds the function C calls for each message of one subscription.
 local function make_runner(self, subject, opts, fn, at)
   local h = dispatch.handler { kind = "nats", name = subject, codec = opts.codec,
@@ -141,21 +158,16 @@ local function make_runner(self, subject, opts, fn, at)
   local max_bytes = opts.max_bytes
   local reply_empty = opts.reply_empty
   local emit, results = make_outputs(self, subject, opts.sink)
+  local policy = dispatch.policy { kind = "nats", name = subject, opts = opts,
+    where = subject_of, origin = subject_of,
+    dead_letter = opts.dlq and function(msg, headers) self:_dead_letter(opts.dlq, msg, headers) end }
   return function(msg)
     setmetatable(msg, Msg)
-    if #msg.raw > max_bytes then
-      dispatch.bad_input("nats", subject, "too_large", msg.subject,
-        ("%d bytes over the %d-byte limit (opts.max_bytes)"):format(#msg.raw, max_bytes))
+    if policy:too_large(msg, max_bytes) or not policy:decode(h, msg) then
       return
     end
-    local ok, reason, err = h:decode(msg)
-    if not ok then
-      dispatch.bad_input("nats", subject, reason, msg.subject, err)
-      return
-    end
-    local res = { pcall(fn, msg, emit) }
-    if not res[1] then
-      dispatch.bad_input("nats", subject, "handler", msg.subject, tostring(res[2]))
+    local res = { policy:call(msg, fn, emit) }
+    if not res[1] then -- filtered, or the failure policy took it
       return
     end
     if dispatch.on_return then dispatch.on_return(unpack(res, 2, table.maxn(res))) end
@@ -187,6 +199,7 @@ function Client:handle(subject, opts, fn)
   check_subject(subject, true, 2)
   if type(fn) ~= "function" then options.raise("nats:handle: expected a handler function") end
   local at = options.user_where()
+  if opts.dlq then check_subject(opts.dlq, false, 2) end
   if opts.durable then
     return self:_durable(subject, opts, fn, at)
   end
@@ -250,6 +263,12 @@ end
 -- A durable pull consumer: the runner returns "ok" (ack), "nak" (redeliver
 -- after opts.nak_delay) or "term" (undecodable or invalid: never retried).
 function Client:_durable(subject, opts, fn, at)
+  for _, k in ipairs { "retry", "dlq", "on_failure", "filter" } do
+    if opts[k] ~= nil then
+      options.raise(("option '%s' in nats:handle is not supported yet on a JetStream consumer (durable): "
+        .. "a failing message is nak'ed and redelivered up to max_deliver times"):format(k))
+    end
+  end
   local h = dispatch.handler { kind = "nats", name = subject, codec = opts.codec,
                                schema = opts.schema, fn = fn, where = at }
   local emit, results = make_outputs(self, subject, opts.sink)

@@ -24,8 +24,27 @@ local function set(...)
   return s
 end
 
-local ISSUE_13 = "retry and dead-letter policies come with the delivery work (issue 13); "
-  .. "today a failing input is logged, counted and skipped (nak'ed on JetStream)"
+-- The failure policy every handler takes (osara.dispatch; docs/api.md).
+local function failure_policy(dlq_doc)
+  return {
+    { "retry", "table|boolean", nil, "a failing handler call is retried in the same coroutine: `{ max =, backoff =, max_backoff =, jitter =, on = }` (the [`retry` table](api.md#failure-policy)); `false`: no retry", shown = "3 retries, 0.1 s backoff" },
+    { "dlq", "string|boolean", nil, dlq_doc, shown = "none" },
+    { "on_failure", "function", nil, "`on_failure(msg, err, attempts)`, called once after the last attempt, in the message's coroutine (may send)" },
+    { "filter", "function", nil, "`filter(msg) -> keep`, after decoding: a message it drops is counted in `osara_filtered_total` and settled" },
+  }
+end
+local function with(list, extra)
+  for _, e in ipairs(extra) do list[#list + 1] = e end
+  return list
+end
+
+define("retry", {
+  { "max", "integer", 3, "retries after the first attempt (`0`: none)" },
+  { "backoff", "number", 0.1, "seconds before the first retry; doubles per retry" },
+  { "max_backoff", "number", 30, "the longest wait between two attempts" },
+  { "jitter", "number", 0.2, "each wait is changed by up to this fraction, at random" },
+  { "on", "function", nil, "`on(err, msg) -> retryable`: a false answer takes the failure path at once", shown = "every error" },
+})
 
 -- ---- core ---------------------------------------------------------------------------
 
@@ -75,9 +94,8 @@ local kafka_handler = {
   { "max_bytes", "integer", 1048576, "larger payloads are bad input" },
   { "max_per_partition", "integer", nil, "",
     unsupported = "it is a client setting: osara.kafka{[\"osara.max_per_partition\"] = n}" },
-  { "retry", "any", nil, "", unsupported = ISSUE_13 },
-  { "dlq", "any", nil, "", unsupported = ISSUE_13 },
 }
+with(kafka_handler, failure_policy("a topic of the same client: failed messages go there with `osara-error*` headers; the input is committed once it is delivered; `false`: none"))
 define("kafka:handle", kafka_handler)
 define("kafka:stream", kafka_handler)
 
@@ -130,9 +148,8 @@ local nats_handler = {
   { "max_deliver", "integer", 5, "JetStream: deliveries before a failing message is terminated" },
   { "nak_delay", "number", 1, "JetStream: seconds before a nak'ed message is redelivered" },
   { "ack_wait", "number", 30, "JetStream: seconds before an unacknowledged message is redelivered" },
-  { "retry", "any", nil, "", unsupported = ISSUE_13 },
-  { "dlq", "any", nil, "", unsupported = ISSUE_13 },
 }
+with(nats_handler, failure_policy("a subject: failed messages are published there with `osara-error*` headers; `false`: none (core NATS only, as `retry`, `on_failure` and `filter`)"))
 define("nats:handle", nats_handler)
 define("nats:stream", nats_handler)
 

@@ -193,7 +193,9 @@ end
 -- transport's own handler path runs (codec, schema, function, outputs,
 -- replies) with outputs captured instead of sent. msg may give `raw` bytes
 -- or a `value` (encoded with the handler's codec). Returns
--- { ok=, reason=, error=, sent={ {to=, value=, meta=} }, returned=, msg= }.
+-- { ok=, reason=, error=, sent={ {to=, value=, meta=} }, returned=, msg= };
+-- a failure taken by the failure policy also gives attempts= and
+-- dead_letter= (its topic or subject, when one is configured).
 function App:deliver(kind, key, msg)
   local reg = self:find(kind, key)
   local o = reg.opts or {}
@@ -213,8 +215,8 @@ function App:deliver(kind, key, msg)
   end
   local sent, bad, returned = {}, nil, {}
   local real_bad = dispatch.bad_input
-  dispatch.bad_input = function(_, _, reason, _, message)
-    bad = { reason = reason, error = message }
+  dispatch.bad_input = function(_, _, reason, _, message, dead_letter, attempts)
+    bad = { reason = reason, error = message, dead_letter = dead_letter, attempts = attempts }
   end
   dispatch.on_return = function(...) returned = { ... } end
   M._sent = sent
@@ -226,6 +228,7 @@ function App:deliver(kind, key, msg)
     out.ok, out.reason, out.error = false, "error", tostring(res[2])
   elseif bad then
     out.ok, out.reason, out.error = false, bad.reason, bad.error
+    out.dead_letter, out.attempts = bad.dead_letter, bad.attempts
   else
     out.ok, out.skipped = true, msg.skipped
   end

@@ -352,7 +352,8 @@ nats:handle("h.req", function(msg) return { id = msg.value.id, v = V } end)
     H.write(dir .. "/app.lua", [[
 local osara = require "osara"
 local nats = osara.nats { servers = os.getenv("NATS_URL") }
-nats:handle("in", { max_bytes = 100 }, function(msg)
+-- retry = false: logged and counted at once (the old default)
+nats:handle("in", { max_bytes = 100, retry = false }, function(msg)
   if msg.data.fail then error("refused") end
   osara.log.info("fine %d", msg.data.n)
 end)

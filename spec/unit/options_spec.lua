@@ -47,6 +47,7 @@ local calls = {
   ["osara.nats"] = function(o) checking(function() osara.nats(o) end) end,
   ["nats:handle"] = function(o) checking(function() nats:handle("s", o, fn) end) end,
   ["nats:stream"] = function(o) checking(function() nats:stream("s", o) end) end,
+  ["retry"] = function(o) checking(function() kafka:handle("t", { retry = o }, fn) end) end,
   ["nats:publish"] = function(o) nats:publish("s", 1, o) end,
   ["nats:request"] = function(o) nats:request("s", 1, o) end,
   ["nats:jspublish"] = function(o) nats:jspublish("s", 1, o) end,
@@ -112,7 +113,7 @@ describe("options", function()
     local e = first_option(call)
     if e then
       it(call .. ": a misspelled key raises at the caller's line with the closest name", function()
-        local typo = e[1]:sub(1, -2) .. "x"
+        local typo = e[1]:sub(1, -2) .. (e[1]:sub(-1) == "x" and "z" or "x") -- "max" -> "maz"
         local err = raised(function() calls[call] { [typo] = 1 } end)
         assert.matches(HERE .. "unknown option '" .. typo:gsub("%p", "%%%0") .. "' in "
           .. call:gsub("%p", "%%%0") .. " %(did you mean '" .. e[1]:gsub("%p", "%%%0") .. "'%?%)$", err)
@@ -153,12 +154,16 @@ describe("options", function()
     assert.matches("app%.lua:3: unknown option 'server' in osara.nats %(did you mean 'servers'%?%)$", err)
   end)
 
-  it("gh_12: retry and dead-letter options on handlers raise 'not supported yet'", function()
+  it("gh_13: retry and dlq on handlers are checked options (no longer 'not supported yet')", function()
     for _, call in ipairs { "kafka:handle", "nats:handle" } do
-      for _, key in ipairs { "retry", "dlq" } do
-        local err = raised(function() calls[call] { [key] = 3 } end)
-        assert.matches(HERE .. "option '" .. key .. "' in " .. call .. " is not supported yet: retry and dead%-letter", err)
-      end
+      local err = raised(function() calls[call] { retry = 3 } end)
+      assert.matches(HERE .. "option 'retry' in " .. call .. " must be a table or a boolean, got number$", err)
+      err = raised(function() calls[call] { dlq = 3 } end)
+      assert.matches(HERE .. "option 'dlq' in " .. call .. " must be a string or a boolean, got number$", err)
+      err = raised(function() calls[call] { retry = { max = 3, bakoff = 1 } } end)
+      assert.matches(HERE .. "unknown option 'bakoff' in retry %(did you mean 'backoff'%?%)$", err)
+      calls[call] { retry = { max = 1, backoff = 0.5, on = fn }, dlq = "dead", on_failure = fn, filter = fn }
+      calls[call] { retry = false, dlq = false }
     end
   end)
 
