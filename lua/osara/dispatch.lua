@@ -245,6 +245,18 @@ function Policy:too_large(msg, max_bytes)
   return true
 end
 
+-- retryable(err, msg) -> retry.on's answer (true without one); an on that
+-- raises is logged and answers no.
+function Policy:retryable(err, msg)
+  local on = self.retry.on
+  if not on then return true end
+  local ok, yes = pcall(on, err, msg)
+  if ok then return yes end
+  require("osara.log_c").write("error", ("%s %s: retry.on raised at %s: %s"):format(
+    self.kind, self.name, self.where(msg), tostring(yes)))
+  return false
+end
+
 -- after(msg, fn, emit, pcall results...): success passes fn's results on;
 -- a failure is retried while the policy allows, else taken.
 function Policy:after(msg, fn, emit, ok, ...)
@@ -252,7 +264,7 @@ function Policy:after(msg, fn, emit, ok, ...)
   local err = tostring((...))
   msg.first_failure = msg.first_failure or now()
   local n, r = msg.attempt, self.retry
-  if n > r.max or (r.on and not r.on(err, msg)) then
+  if n > r.max or not self:retryable(err, msg) then
     return self:fail(msg, "handler", err)
   end
   local wait = self:delay(n)

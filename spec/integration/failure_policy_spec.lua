@@ -76,3 +76,51 @@ end)
     H.stop(p)
   end)
 end)
+
+describe("failure policy on core nats", function()
+  after_each(H.cleanup)
+
+  it("retries, then publishes the dead letter with every header and calls on_failure once", function()
+    local N = require "spec.helpers.nats"
+    local osara = require "osara"
+    local server, url = N.server()
+    local dir = H.tmpdir()
+    H.write(dir .. "/app.lua", [[
+local osara = require "osara"
+local nats = osara.nats { servers = os.getenv("NATS_URL") }
+local calls = 0
+nats:handle("pay.*", {
+  retry = { max = 2, backoff = 0.02 },
+  dlq = "dead.pay", -- not under pay.*: it would be handled again
+  filter = function(msg) return msg.value.amount ~= 0 end,
+  on_failure = function(msg, err, attempts) osara.log.info("on_failure attempts=%d", attempts) end,
+}, function(msg)
+  calls = calls + 1
+  if msg.value.amount < 0 then error("negative amount") end
+  osara.log.info("paid %d after attempt %d", msg.value.amount, msg.attempt)
+end)
+nats:handle("dead.pay", { codec = "raw" }, function(msg)
+  local h = msg.headers
+  osara.log.info("dead raw=%s trace=%s kind=%s attempts=%s origin=%s first=%s error=%s calls=%d filtered=%d",
+    msg.raw, tostring(h.trace), h["osara-error-kind"], h["osara-attempts"], h["osara-origin"],
+    tostring(h["osara-first-failure"]), h["osara-error"], calls,
+    osara.metrics.value("osara_filtered_total", { kind = "nats", name = "pay.*" }))
+end)
+]])
+    local p = H.osara({ "run", dir .. "/app.lua" }, { NATS_URL = url })
+    N.subscribed(p, { "pay.*", "dead.pay" })
+    local nats = osara.nats { servers = url }
+    nats:publish("pay.eu", { amount = 0 })
+    nats:publish("pay.eu", { amount = -5 }, { headers = { trace = "t9" } })
+    nats:flush()
+    local line = H.expect(p, "dead raw=", 20)
+    assert.matches('dead raw={"amount":%-5} trace=t9 kind=handler attempts=3 origin=pay.eu first=%d+%.%d%d%d '
+      .. "error=.*negative amount calls=3 filtered=1", line)
+    assert.matches("on_failure attempts=3", p:output())
+    nats:publish("pay.eu", { amount = 7 })
+    nats:flush()
+    H.expect(p, "paid 7 after attempt 1", 20)
+    H.stop(p)
+    H.stop(server)
+  end)
+end)

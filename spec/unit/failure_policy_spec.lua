@@ -90,6 +90,11 @@ describe("failure policy", function()
       out = app:deliver(kind, key, { value = { id = 5, fails = 1 }, subject = where })
       assert.is_true(out.ok)
       assert.are.equal(2, _G.calls[5])
+      -- a retry.on that raises answers no (and says so) instead of failing the host
+      app = app_with([[{ retry = { on = function() error("broken on") end } }]])
+      out = app:deliver(kind, key, { value = { id = 9, fails = 1 }, subject = where })
+      assert.are.equal("handler", out.reason)
+      assert.are.equal(1, _G.calls[9])
     end)
 
     it(kind .. ": a handler always failing reaches the dead letter with every header, then on_failure", function()
