@@ -5,9 +5,18 @@
 #include "core/err.h"
 #include "core/mem.h"
 
+static int drain_batch(osara_inbox_t *inbox);
+
+/* One batch per wake-up: what was queued when the loop woke runs now; what
+ * those events post (a task that yields re-posts itself) waits for the next
+ * turn, after timers and I/O. Draining until empty let one yielding task
+ * starve every timer and socket of the worker. */
 static void on_async(uv_async_t *async)
 {
-    osara_inbox_drain(async->data);
+    osara_inbox_t *inbox = async->data;
+    if (drain_batch(inbox) && !inbox->closed) {
+        uv_async_send(&inbox->async);
+    }
 }
 
 int osara_inbox_init(osara_inbox_t *inbox, uv_loop_t *loop)
@@ -53,41 +62,50 @@ int osara_inbox_post(osara_inbox_t *inbox, osara_inbox_fn fn, void *arg, void *a
     return 0;
 }
 
+/* Runs the events queued now; returns 1 if more were posted meanwhile. */
+static int drain_batch(osara_inbox_t *inbox)
+{
+    uv_mutex_lock(&inbox->mu);
+    size_t n = inbox->len;
+    if (n == 0) {
+        uv_mutex_unlock(&inbox->mu);
+        return 0;
+    }
+    /* Swap: the posters get the old batch array as their new queue.
+     * A nested drain (an event that drains) must not hand out the
+     * array the outer drain still reads: it takes the queue alone. */
+    int nested = inbox->draining != NULL;
+    osara_event_t *batch = inbox->queue;
+    size_t cap = inbox->cap;
+    inbox->queue = nested ? NULL : inbox->batch;
+    inbox->cap = nested ? 0 : inbox->batch_cap;
+    inbox->len = 0;
+    if (!nested) {
+        inbox->batch = batch;
+        inbox->batch_cap = cap;
+    }
+    uv_mutex_unlock(&inbox->mu);
+    inbox->drained_batches++;
+    inbox->drained_events += n;
+    osara_drain_t d = {batch, 0, n, inbox->draining};
+    inbox->draining = &d;
+    while (d.next < d.len) {
+        osara_event_t *ev = &batch[d.next++];
+        ev->fn(ev->arg, ev->arg2);
+    }
+    inbox->draining = d.outer;
+    if (nested) {
+        free(batch);
+    }
+    uv_mutex_lock(&inbox->mu);
+    int more = inbox->len > 0;
+    uv_mutex_unlock(&inbox->mu);
+    return more;
+}
+
 void osara_inbox_drain(osara_inbox_t *inbox)
 {
-    for (;;) {
-        uv_mutex_lock(&inbox->mu);
-        size_t n = inbox->len;
-        if (n == 0) {
-            uv_mutex_unlock(&inbox->mu);
-            return;
-        }
-        /* Swap: the posters get the old batch array as their new queue.
-         * A nested drain (an event that drains) must not hand out the
-         * array the outer drain still reads: it takes the queue alone. */
-        int nested = inbox->draining != NULL;
-        osara_event_t *batch = inbox->queue;
-        size_t cap = inbox->cap;
-        inbox->queue = nested ? NULL : inbox->batch;
-        inbox->cap = nested ? 0 : inbox->batch_cap;
-        inbox->len = 0;
-        if (!nested) {
-            inbox->batch = batch;
-            inbox->batch_cap = cap;
-        }
-        uv_mutex_unlock(&inbox->mu);
-        inbox->drained_batches++;
-        inbox->drained_events += n;
-        osara_drain_t d = {batch, 0, n, inbox->draining};
-        inbox->draining = &d;
-        while (d.next < d.len) {
-            osara_event_t *ev = &batch[d.next++];
-            ev->fn(ev->arg, ev->arg2);
-        }
-        inbox->draining = d.outer;
-        if (nested) {
-            free(batch);
-        }
+    while (drain_batch(inbox)) {
     }
 }
 

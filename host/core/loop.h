@@ -55,7 +55,9 @@ void osara_inbox_cancel(osara_inbox_t *inbox,
                         int (*match)(const osara_event_t *ev, void *ud),
                         void *ud);
 
-/* Runs whatever is queued now, on the loop thread (used at shutdown). */
+/* Runs whatever is queued now and what that posts, until the inbox is
+ * empty, on the loop thread (shutdown and tests; the loop itself runs one
+ * batch per wake-up). */
 void osara_inbox_drain(osara_inbox_t *inbox);
 
 /* Stops accepting events and closes the async handle (loop thread only).

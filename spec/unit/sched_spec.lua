@@ -108,3 +108,23 @@ describe("gh_12 waiting survives a full collection mid-wait", function()
     assert.are.equal(20, seq, err)
   end)
 end)
+
+-- gh_12: the inbox drained until empty, and a task that yields re-posts
+-- itself, so a task looping on osara.yield() kept the loop in one drain:
+-- no timer fired and no socket was read until it stopped
+describe("a task that keeps yielding", function()
+  it("lets timers fire while it runs", function()
+    local ticks, stop = 0, false
+    local t = osara.every(0.01, function() ticks = ticks + 1 end)
+    osara.spawn(function()
+      while not stop do osara.yield() end
+    end)
+    local t0 = osara.monotonic()
+    osara.sleep(0.2)
+    local slept = osara.monotonic() - t0
+    stop = true
+    t:cancel()
+    assert.is_true(slept < 1, ("sleep(0.2) took %.2f s"):format(slept))
+    assert.is_true(ticks >= 5, "only " .. ticks .. " timer ticks in 0.2 s")
+  end)
+end)
