@@ -8,6 +8,7 @@
 #include "core/lvm.h"
 #include "core/registry.h"
 #include "core/sched.h"
+#include "core/worker.h"
 
 void osara_lane_init(osara_lane_t *lane, const osara_transport_t *tp,
                      void *owner, const char *name, int ordered,
@@ -162,6 +163,20 @@ static int start_one(osara_lane_t *lane)
     return 0;
 }
 
+/* A pump's share of a loop turn: OSARA_LANE_STARTS_PER_PUMP starts, or
+ * OSARA_LANE_TURN_MS since the turn began (the loop's cached time is taken
+ * at its start), whichever comes first; every pump starts one at least,
+ * so every lane progresses. */
+static int over_budget(const osara_lane_t *lane, int started)
+{
+    if (started >= OSARA_LANE_STARTS_PER_PUMP) {
+        return 1;
+    }
+    uv_loop_t *loop = &lane->entry->vm->w->loop;
+    int64_t elapsed = (int64_t)(uv_hrtime() / 1000000) - (int64_t)uv_now(loop);
+    return elapsed >= OSARA_LANE_TURN_MS;
+}
+
 void osara_lane_pump(osara_lane_t *lane)
 {
     /* A handler that finishes without waiting pumps again from its done
@@ -171,12 +186,15 @@ void osara_lane_pump(osara_lane_t *lane)
         return;
     }
     lane->pumping = 1;
-    int budget = lane->tp->defer ? OSARA_LANE_STARTS_PER_PUMP : -1;
-    while (budget != 0 && may_start(lane) && start_one(lane) == 0) {
-        budget--;
+    int started = 0, over = 0;
+    while (may_start(lane) && start_one(lane) == 0) {
+        if (lane->tp->defer && over_budget(lane, ++started)) {
+            over = 1;
+            break;
+        }
     }
     lane->pumping = 0;
-    if (budget == 0 && may_start(lane)) {
+    if (over && may_start(lane)) {
         lane->tp->defer(lane); /* the rest on a later turn */
     }
 }

@@ -77,8 +77,8 @@ typedef struct osara_transport_s {
     /* Flow control toward the broker (optional: NULL when the broker's own
      * bound does it, as nats.c's pending limits do). */
     void (*pause)(osara_lane_t *lane, int pause);
-    /* The lane started OSARA_LANE_STARTS_PER_PUMP deliveries in one pump
-     * and more wait: call osara_lane_pump on a later loop turn, so a long
+    /* The lane used its share of the loop turn (OSARA_LANE_STARTS_PER_PUMP
+     * starts, or OSARA_LANE_TURN_MS of the turn) and more wait: call osara_lane_pump on a later loop turn, so a long
      * queue (a backlog after a reload's handover) does not hold one turn.
      * Optional: without it a pump starts everything it may. */
     void (*defer)(osara_lane_t *lane);
@@ -123,8 +123,10 @@ void osara_lane_init(osara_lane_t *lane, const osara_transport_t *tp,
  * bounds allow. Pauses the lane when it now holds max_held. */
 void osara_lane_push(osara_lane_t *lane, osara_delivery_t *d);
 
-/* Deliveries one pump starts at most when the transport can defer. */
+/* What one pump starts at most when the transport can defer: this many
+ * deliveries, or until the loop turn has run this long. */
 #define OSARA_LANE_STARTS_PER_PUMP 256
+#define OSARA_LANE_TURN_MS 20
 
 /* Starts queued deliveries while the bounds allow: after an adopt (the
  * new entry), after a resume, after a reload's VM swap. */

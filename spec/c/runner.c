@@ -507,9 +507,12 @@ void test_lane_defers_a_long_queue_to_later_turns(void)
     osara_lane_init(&lane, &deferring_tp, NULL, "backlog", 0, 1000, 1000);
     push_msgs(&lane, m, 300); /* no entry yet: a backlog */
     osara_lane_set_entry(&lane, &lt.entry);
-    CHECK(lt.nstarted == OSARA_LANE_STARTS_PER_PUMP && lt.defers == 1);
-    osara_lane_pump(&lane); /* the broker's next turn */
-    CHECK(lt.nstarted == 300 && lt.defers == 1);
+    CHECK(lt.nstarted >= 1 && lt.nstarted <= OSARA_LANE_STARTS_PER_PUMP && lt.defers == 1);
+    for (int turn = 0; turn < 300 && lt.nstarted < 300; turn++) {
+        uv_update_time(&lt.w.loop); /* the broker's next turn */
+        osara_lane_pump(&lane);
+    }
+    CHECK(lt.nstarted == 300);
     for (int i = 1; i <= 300; i++) {
         finish_msg(i, "ok");
     }
