@@ -12,20 +12,9 @@ local T = require "spec.helpers.http"
 
 local RELOADS = tonumber(os.getenv("OSARA_RELOADS") or "50")
 
--- Known defect on main, measured 2026-12-01 (issue 12 item 1, host/nats):
--- when the NATS client changes, requests that reach the old version's
--- subscription in the handover are never answered (50 reloads: 79 of 2032
--- timed out, 1 found no responders; under ASan 172 of 2191). Kafka (client
--- configuration changing on every reload) hands over with nothing lost or
--- repeated, and so do the store, HTTP listener and timers.
--- While that defect shows, the spec is reported pending with what it
--- measured; any other loss, a duplicate, any other failure or a sanitizer
--- report fails it. OSARA_STRICT_ACCEPTANCE=1 fails on the known one too.
-local function known_defect(kafka_lost, dup, nats_lost)
-  if kafka_lost == 0 and dup == 0 and nats_lost > 0 then
-    return "nats: requests lost in a client handover"
-  end
-end
+-- Every loss or duplicate fails: the NATS client handover that lost
+-- requests (79 of 2,032 on 2026-12-01) keeps the old subscription until the
+-- new one is confirmed, then drains it (host/nats, docs/nats.md).
 
 -- Version v of the script: every shared resource is keyed differently from
 -- version v - 1 (client.id and name, the store's folder, the listen address,
@@ -151,11 +140,6 @@ describe("issue 12 acceptance", function()
 
   it("gh_12_reload50: reloads every kind of shared resource 50 times under load, losing and repeating nothing", function()
     local line, n = reload_under_load()
-    local why = known_defect(n.kafka_lost, n.dup, n.nats_lost)
-    if why and os.getenv("OSARA_STRICT_ACCEPTANCE") ~= "1" then
-      pending("expected failure (" .. why .. "): " .. line)
-      return
-    end
     assert.are.same({ kafka_lost = 0, dup = 0, nats_lost = 0 }, n, line)
   end)
 end)
