@@ -153,6 +153,25 @@ describe("failure policy", function()
     end)
   end
 
+  it("kafka with a store: a retried attempt starts from a clean transaction", function()
+    local dir = H.tmpdir()
+    H.write(dir .. "/app.lua", [[
+local osara = require "osara"
+local kafka = osara.kafka { ["group.id"] = "s" }
+local counts = osara.store "counts"
+kafka:handle("clicks", { store = counts, retry = { backoff = 0.01 } }, function(msg)
+  msg.tx:set("n", (msg.tx:get("n") or 0) + 1)   -- the failed attempt's write is dropped
+  if msg.attempt == 1 then error("first attempt fails") end
+  return msg.tx:get("n")
+end)
+]])
+    local app = testing.load(dir .. "/app.lua")
+    local out = app:deliver("kafka", "clicks (group s)", { value = {} })
+    assert.is_true(out.ok)
+    assert.are.same({ 1 }, out.returned)
+    app:close()
+  end)
+
   it("checks the policy's options", function()
     local dir = H.tmpdir()
     for src, want in pairs {
