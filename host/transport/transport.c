@@ -167,12 +167,11 @@ static int start_one(osara_lane_t *lane)
  * OSARA_LANE_TURN_MS since the turn began (the loop's cached time is taken
  * at its start), whichever comes first; every pump starts one at least,
  * so every lane progresses. */
-static int over_budget(const osara_lane_t *lane, int started)
+static int over_budget(uv_loop_t *loop, int started)
 {
     if (started >= OSARA_LANE_STARTS_PER_PUMP) {
         return 1;
     }
-    uv_loop_t *loop = &lane->entry->vm->w->loop;
     int64_t elapsed = (int64_t)(uv_hrtime() / 1000000) - (int64_t)uv_now(loop);
     return elapsed >= OSARA_LANE_TURN_MS;
 }
@@ -187,8 +186,11 @@ void osara_lane_pump(osara_lane_t *lane)
     }
     lane->pumping = 1;
     int started = 0, over = 0;
+    /* Taken now: a handler that stops the host clears lane->entry while
+     * this loop still runs. */
+    uv_loop_t *loop = lane->entry ? &lane->entry->vm->w->loop : NULL;
     while (may_start(lane) && start_one(lane) == 0) {
-        if (lane->tp->defer && over_budget(lane, ++started)) {
+        if (lane->tp->defer && over_budget(loop, ++started)) {
             over = 1;
             break;
         }

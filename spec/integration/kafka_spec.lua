@@ -65,6 +65,26 @@ end)
     H.stop(broker)
   end)
 
+  -- gh_12: a lane measured its turn budget through lane->entry, which a
+  -- handler that stops the host clears while the lane is still starting
+  -- the rest of its batch: a segfault at every bench run's last message
+  it("exits cleanly when a handler stops the host in the middle of a batch", function()
+    -- the bench's own app: it stops the host at its N-th message
+    local broker, boot = K.broker { "--partitions", "8" }
+    local lines = {}
+    for i = 1, 3000 do
+      lines[i] = ('{"id":%d,"user":"u%d","amount":%d}'):format(i, i, i % 1000)
+    end
+    K.produce(boot, "bench.in", lines)
+    for run = 1, 3 do
+      local p = H.osara({ "run", "--data", H.tmpdir(), "bench/apps/kafka_pipeline.lua" },
+        { BENCH_N = "3000", BENCH_MODE = "pipeline", BENCH_BOOT = boot })
+      H.finish(p, { status = 0, timeout = 60 })
+      assert.matches("bench: rate=", p:output(), nil, false, "run " .. run)
+    end
+    H.stop(broker)
+  end)
+
   it("keeps order within a partition while handlers yield", function()
     local dir = H.tmpdir()
     H.write(dir .. "/app.lua", [[
