@@ -295,6 +295,7 @@ define("osara.schema", {
   { "name", "string", nil, "the name `osara check` prints" },
   { "unknown", "string", "allow", "fields the schema does not name: `\"allow\"`, `\"strip\"` or `\"reject\"`",
     values = set("allow", "strip", "reject") },
+  { "coerce", "boolean", false, "lax mode: `\"5\"` is accepted as the integer 5, `\"true\"`/`\"yes\"`/`\"1\"` as true (nested records, arrays and maps inherit it)" },
 })
 
 local function field_options(...)

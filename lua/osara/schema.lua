@@ -15,6 +15,8 @@
 -- default (deep-copied), enum, min/max, min_len/max_len, pattern (a Lua
 -- pattern), check (a function returning true, or false/nil plus a message).
 -- Unknown record fields: opts.unknown = "allow" (default) | "strip" | "reject".
+-- opts.coerce = true is pydantic's lax mode: "5" -> 5, "true" -> true.
+-- schema:methods{ total = fn } gives validated values those methods.
 local util = require "osara.util"
 local where, signature = util.where, util.signature
 local cjson = require "cjson"
@@ -40,7 +42,7 @@ local function is_spec(t) return getmetatable(t) == SPEC end
 local SCALARS = { string = true, integer = true, number = true, boolean = true, any = true }
 
 -- Normalises "string" | spec | plain record table | schema to a spec.
-local function to_spec(t, where)
+local function to_spec(t, where, inherit)
   if type(t) == "string" then
     if not SCALARS[t] then
       options.raise(("schema: unknown type '%s'%s (string, integer, number, boolean, any)"):format(t, where or ""))
@@ -49,7 +51,7 @@ local function to_spec(t, where)
   end
   if getmetatable(t) == Schema then return spec("record", { schema = t }) end
   if is_spec(t) then return t end
-  if type(t) == "table" then return spec("record", { schema = M.new(t) }) end
+  if type(t) == "table" then return spec("record", { schema = M.new(t, inherit) }) end
   options.raise("schema: a field type must be a type name, a table or a schema, got " .. type(t))
 end
 
@@ -136,8 +138,41 @@ end
 
 local compile
 
+-- Lax conversions (pydantic v2's lax mode): only strings that spell a value
+-- exactly are converted; anything else keeps failing with the usual error.
+local BOOLEAN_WORDS = { ["true"] = true, ["false"] = false, yes = true, no = false,
+                        on = true, off = false, ["1"] = true, ["0"] = false }
+local function lax_number(v)
+  if type(v) ~= "string" then return v end
+  local n = v:match("^%s*(.-)%s*$")
+  if not n:find("^[-+]?%d*%.?%d+[eE]?[-+]?%d*$") then return v end
+  return tonumber(n) or v
+end
+local COERCE = {
+  number = lax_number,
+  integer = function(v)
+    local n = lax_number(v)
+    if type(n) == "number" and n == math.floor(n) and math.abs(n) <= 2 ^ 53 then return n end
+    return v
+  end,
+  boolean = function(v)
+    if type(v) == "string" then
+      local b = BOOLEAN_WORDS[v:lower()]
+      if b ~= nil then return b end
+    elseif v == 0 or v == 1 then
+      return v == 1
+    end
+    return v
+  end,
+}
+
 local function compile_base(s)
   local kind = s.kind
+  local lax = s.coerce and COERCE[kind]
+  if lax then
+    local strict = compile_base(setmetatable({ kind = kind }, SPEC))
+    return function(v, path, errs) return strict(lax(v), path, errs) end
+  end
   if kind == "string" then
     return function(v, path, errs)
       if type(v) ~= "string" then add(errs, path, "expected string, got " .. type_name(v)) end
@@ -163,7 +198,7 @@ local function compile_base(s)
   elseif kind == "any" then
     return function(v) return v end
   elseif kind == "array" then
-    local item = compile(s.of)
+    local item = compile(s.of, s.coerce)
     return function(v, path, errs)
       if type(v) ~= "table" or not is_array(v) then
         add(errs, path, "expected array, got " .. type_name(v))
@@ -175,7 +210,7 @@ local function compile_base(s)
       return v
     end
   elseif kind == "map" then
-    local item = compile(s.of)
+    local item = compile(s.of, s.coerce)
     return function(v, path, errs)
       if type(v) ~= "table" then
         add(errs, path, "expected object, got " .. type_name(v))
@@ -240,7 +275,12 @@ local function compile_constraints(s, base)
 end
 
 -- Handles absence (nil), null and defaults around the constrained checker.
-function compile(s)
+-- coerce: the schema's lax mode, applied to fields that do not say otherwise.
+function compile(s, coerce)
+  if coerce and s.coerce == nil and s.kind ~= "record" then
+    s = spec(s.kind, s)
+    s.coerce = true
+  end
   local inner = compile_constraints(s, compile_base(s))
   local optional, nullable, default = s.optional, s.nullable, s.default
   local has_default = default ~= nil
@@ -272,7 +312,8 @@ function M.new(def, opts)
     options.raise("osara.schema: expected a table of fields")
   end
   opts = options.check("osara.schema", opts)
-  local unknown = opts.unknown
+  local unknown, coerce = opts.unknown, opts.coerce
+  local inherit = coerce and { coerce = true } or nil
   local fields, names = {}, {}
   for name, t in pairs(def) do
     if type(name) ~= "string" then
@@ -282,12 +323,35 @@ function M.new(def, opts)
   end
   table.sort(names)
   for i, name in ipairs(names) do
-    local s = to_spec(def[name], (" for field '%s'"):format(name))
-    fields[i] = { name = name, spec = s, check = compile(s) }
+    local s = to_spec(def[name], (" for field '%s'"):format(name), inherit)
+    fields[i] = { name = name, spec = s, check = compile(s, coerce) }
   end
   local known = {}
   for _, f in ipairs(fields) do known[f.name] = true end
-  return setmetatable({ name = opts.name, fields_ = fields, known = known, unknown = unknown }, Schema)
+  return setmetatable({ name = opts.name, fields_ = fields, known = known, unknown = unknown,
+                        coerce = coerce }, Schema)
+end
+
+-- schema:methods{ name = function(self, ...) end } -> schema. Values the
+-- schema validates answer v:name(...) (pydantic models with methods, Tap's
+-- msg.model()). The methods live in a metatable, so encoding the value
+-- (JSON, msgpack) still sees only its fields. Fields shadow methods.
+function Schema:methods(fns)
+  if type(fns) ~= "table" then
+    options.raise("schema:methods: expected a table of functions")
+  end
+  local index = {}
+  for name, fn in pairs(fns) do
+    if type(name) ~= "string" or type(fn) ~= "function" then
+      options.raise(("schema:methods: '%s' must be a function"):format(tostring(name)))
+    end
+    if self.known[name] then
+      options.raise(("schema:methods: '%s' is also a field"):format(name))
+    end
+    index[name] = fn
+  end
+  self.value_mt = { __index = index }
+  return self
 end
 
 function Schema:_check(v, path, errs)
@@ -299,6 +363,7 @@ function Schema:_check(v, path, errs)
     local x = f.check(v[f.name], path .. "/" .. f.name, errs)
     if x ~= nil then v[f.name] = x end
   end
+  if self.value_mt and getmetatable(v) == nil then setmetatable(v, self.value_mt) end
   if self.unknown ~= "allow" then
     for k in pairs(v) do
       if not self.known[k] then

@@ -321,3 +321,50 @@ describe("avro codec", function()
     assert.matches("truncated or malformed", err)
   end)
 end)
+
+describe("osara.schema lax mode (coerce = true)", function()
+  local Lax = osara.schema({
+    n = "integer", x = "number", ok = "boolean", name = "string",
+    items = osara.array "integer", inner = { count = "integer" },
+  }, { coerce = true })
+
+  it("turns strings that spell a value into that value", function()
+    local v = assert(Lax:validate { n = "5", x = " 2.5 ", ok = "true", name = "ann",
+                                    items = { "1", 2 }, inner = { count = "7" } })
+    assert.are.same({ 5, 2.5, true, 1, 2, 7 }, { v.n, v.x, v.ok, v.items[1], v.items[2], v.inner.count })
+    assert.are.equal(false, assert(Lax:validate { n = 1, x = 1, ok = "no", name = "a", items = {}, inner = { count = 1 } }).ok)
+  end)
+
+  it("keeps the usual error paths when a string cannot be converted", function()
+    local v, errs = Lax:validate { n = "5.5", x = "abc", ok = "maybe", name = 5, items = { "x" }, inner = { count = "1e400" } }
+    assert.is_nil(v)
+    assert.are.same({ "/inner/count: expected integer, got string", "/items/1: expected integer, got string",
+                      "/n: expected integer, got string", "/name: expected string, got integer",
+                      "/ok: expected boolean, got string", "/x: expected number, got string" }, paths(errs))
+  end)
+
+  it("is off by default: a strict schema refuses \"5\"", function()
+    local _, errs = osara.schema({ n = "integer" }):validate { n = "5" }
+    assert.are.same({ "/n: expected integer, got string" }, paths(errs))
+  end)
+end)
+
+describe("schema:methods", function()
+  local Order = osara.schema({ price = "number", qty = "integer" }):methods {
+    total = function(self) return self.price * self.qty end,
+  }
+
+  it("gives validated values the methods, and encoding sees only the fields", function()
+    local v = assert(Order:validate { price = 2.5, qty = 4 })
+    assert.are.equal(10, v:total())
+    assert.are.same({ price = 2.5, qty = 4 }, cjson.decode(cjson.encode(v)))
+    assert.are.same({ price = 2.5, qty = 4 }, codec.get("msgpack").decode(codec.get("msgpack").encode(v)))
+  end)
+
+  it("refuses a method named like a field, and a non-function", function()
+    local ok, err = pcall(function() osara.schema({ total = "number" }):methods { total = function() end } end)
+    assert.is_false(ok)
+    assert.matches("schema:methods: 'total' is also a field", err, 1, true)
+    assert.has_error(function() osara.schema({ a = "number" }):methods { b = 1 } end)
+  end)
+end)
