@@ -98,22 +98,41 @@ static void install_preload(lua_State *L)
     lua_pop(L, 2);
 }
 
-/* Rooted at the script folder first; then Debian's Lua 5.1 paths (busted,
- * cjson, lua-messagepack live there). */
+/* The default search path with ";;" in the user's LUA_PATH (LUA_CPATH)
+ * standing for it, as the standalone interpreter does: modules installed
+ * with luarocks or kept in a shared folder are found. */
+static void push_search_path(lua_State *L, const char *env_name,
+                             const char *defaults)
+{
+    const char *user = getenv(env_name);
+    if (!user || !*user) {
+        lua_pushstring(L, defaults);
+        return;
+    }
+    lua_pushstring(L, user);
+    lua_pushstring(L, ";;");
+    lua_pushfstring(L, ";%s;", defaults);
+    luaL_gsub(L, lua_tostring(L, -3), ";;", lua_tostring(L, -1));
+    lua_replace(L, -4);
+    lua_pop(L, 2);
+}
+
+/* Rooted at the script folder first; then LUA_PATH, or Debian's Lua 5.1
+ * paths (busted, cjson, lua-messagepack live there). */
 static void set_paths(lua_State *L, const char *dir)
 {
-    char buf[8192];
     lua_getglobal(L, "package");
-    snprintf(buf, sizeof(buf),
-             "%s/?.lua;%s/?/init.lua;/usr/local/share/lua/5.1/?.lua;"
-             "/usr/local/share/lua/5.1/?/init.lua;/usr/share/lua/5.1/?.lua;"
-             "/usr/share/lua/5.1/?/init.lua",
-             dir, dir);
-    lua_pushstring(L, buf);
+    lua_pushfstring(L, "%s/?.lua;%s/?/init.lua;", dir, dir);
+    push_search_path(L, "LUA_PATH",
+                     "/usr/local/share/lua/5.1/?.lua;"
+                     "/usr/local/share/lua/5.1/?/init.lua;"
+                     "/usr/share/lua/5.1/?.lua;/usr/share/lua/5.1/?/init.lua");
+    lua_concat(L, 2);
     lua_setfield(L, -2, "path");
-    lua_pushstring(L, "/usr/local/lib/lua/5.1/?.so;"
-                      "/usr/lib/x86_64-linux-gnu/lua/5.1/?.so;"
-                      "/usr/lib/lua/5.1/?.so");
+    push_search_path(L, "LUA_CPATH",
+                     "/usr/local/lib/lua/5.1/?.so;"
+                     "/usr/lib/x86_64-linux-gnu/lua/5.1/?.so;"
+                     "/usr/lib/lua/5.1/?.so");
     lua_setfield(L, -2, "cpath");
     lua_pop(L, 1);
 }

@@ -12,6 +12,13 @@ local paths = vm.paths()
 local mode = vm.mode()
 local script_dir = paths.script_dir
 
+-- The chunk sources of the user's own files: strict globals apply to them.
+local user_sources = {}
+local function track(file)
+  user_sources["@" .. file] = true
+  vm.track(file)
+end
+
 -- Finds user modules in the script folder first and records their files.
 local function user_loader(name)
   local file = package.searchpath(name, script_dir .. "/?.lua;" .. script_dir .. "/?/init.lua")
@@ -22,14 +29,23 @@ local function user_loader(name)
   if not chunk then
     error(err, 0)
   end
-  vm.track(file)
+  track(file)
   return chunk
 end
 table.insert(package.loaders, 2, user_loader)
 
+-- Only the user's files (and chunks they load from strings) are strict: a
+-- module found on the system path, or a C module registering itself with
+-- luaL_register, may set a global when required (lua-yaml sets `yaml` for
+-- lyaml), which is its documented interface, not a leak of the user's.
 local function strict_globals()
   setmetatable(_G, {
-    __newindex = function(_, name, _)
+    __newindex = function(g, name, value)
+      local source = debug.getinfo(2, "S").source
+      if source == "=[C]" or (source:sub(1, 1) == "@" and not user_sources[source]) then
+        rawset(g, name, value)
+        return
+      end
       error(("assignment to undeclared global '%s' (declare it local, or use "
         .. "rawset(_G, name, value) on purpose)"):format(tostring(name)), 2)
     end,
@@ -72,7 +88,7 @@ end
 
 -- Loads and runs the script's main chunk (C applies the time limit).
 function M.load_script(path)
-  vm.track(path)
+  track(path)
   local chunk, err = loadfile(path, "t")
   if not chunk then
     if tostring(err):find("wrong mode", 1, true) then

@@ -61,6 +61,27 @@ osara.after(0, function() osara.log.info("forever") osara.sleep(3600) end)
     assert.matches("app.lua:2: assignment to undeclared global 'counter'", out)
   end)
 
+  it("lets modules from the system path set globals; the user's own files stay strict", function()
+    local dir = H.tmpdir()
+    assert(os.execute("mkdir -p " .. dir .. "/lib " .. dir .. "/app") == 0)
+    H.write(dir .. "/lib/globby.lua", "globby = { answer = 42 }\nreturn globby\n")
+    H.write(dir .. "/app/app.lua", [[
+local osara = require "osara"
+local lyaml = require "lyaml"                 -- Debian's lua-yaml sets the global 'yaml'
+local globby = require "globby"
+osara.log.info("yaml %s globby %s", lyaml.load("a: 7").a, globby.answer)
+local ok, err = pcall(require, "leaky")       -- a user module in the script folder
+osara.log.info("leaky %s %s", tostring(ok), tostring(err))
+osara.after(0, function() osara.log.info("done") end)
+]])
+    H.write(dir .. "/app/leaky.lua", "leaked = true\nreturn {}\n")
+    local p = H.osara({ "run", dir .. "/app/app.lua" }, { LUA_PATH = dir .. "/lib/?.lua;;" })
+    H.expect(p, "yaml 7 globby 42")
+    assert.matches("leaky false .*leaky.lua:1: assignment to undeclared global 'leaked'", H.expect(p, "leaky "))
+    H.expect(p, "done")
+    H.stop(p)
+  end)
+
   it("resolves require relative to the script folder", function()
     local dir = H.tmpdir()
     H.write(dir .. "/helper.lua", "return { greeting = 'hello from helper' }\n")
