@@ -120,7 +120,8 @@ local function open(name, opts)
   opts = options.check("osara.store", opts)
   local dir = opts.dir or vm_c.paths().data_dir
   local backend
-  if opts.memory then
+  -- osara check writes nothing to disk: a store written at load lives in memory.
+  if opts.memory or vm_c.mode() == "check" then
     backend = memories[name] or setmetatable({ data = {} }, Memory)
     memories[name] = backend
   else

@@ -176,6 +176,22 @@ osara.after(2.5, function() end, { name = "warmup" })
     assert.matches("timer%s+after warmup%s+[^\n]*app.lua:3", out)
   end)
 
+  it("writes nothing to disk, even for a store and a database used at load", function()
+    local dir = H.tmpdir()
+    H.write(dir .. "/app.lua", [[
+local osara = require "osara"
+local seen = osara.store "seen"
+seen:set("loaded", true)
+local db = osara.sql()
+osara.log.info("check %s", tostring(seen:get("loaded")))
+]])
+    local status, out = H.run { "check", dir .. "/app.lua" }
+    assert.are.equal(0, status)
+    assert.matches("check true", out)
+    local listing = io.popen("ls -A " .. dir):read("*a")
+    assert.are.equal("app.lua\n", listing)
+  end)
+
   it("exits 1 with the error on a broken script", function()
     local dir = H.tmpdir()
     H.write(dir .. "/app.lua", "local osara = require 'osara'\nosara.every(1, function() end\n")
