@@ -329,6 +329,10 @@ int main(int argc, char **argv)
         }
         cli.w.script = cli.paths[0];
         cli.w.mode = letter == 'r' ? OSARA_MODE_RUN : OSARA_MODE_CHECK;
+        /* A script's print() shows at once in a pipe (docker logs, systemd,
+         * a spec), in order with the log lines, as in a terminal. */
+        if (letter == 'r')
+            setvbuf(stdout, NULL, _IOLBF, 0);
         if ((rc = check_script_file(cli.w.script)) != 0) {
             osara_log_shutdown();
             return rc;
