@@ -18,6 +18,7 @@
 #include "core/registry.h"
 #include "core/sched.h"
 #include "core/worker.h"
+#include "ws/ws.h"
 
 typedef struct hserver_s hserver_t;
 typedef struct hconn_s hconn_t;
@@ -59,6 +60,7 @@ struct hconn_s {
     http_parser parser;
     hreq_t *cur;                /* being parsed */
     hreq_t *head, *tail;        /* parsed, answered in order */
+    hreq_t *upgrading;          /* a WebSocket request, handed to host/ws */
     size_t header_bytes;
     int closing;
     int handles;                /* tcp + timer open */
@@ -149,6 +151,9 @@ static void conn_maybe_free(hconn_t *c)
     }
     if (c->cur) {
         req_free(c->cur);
+    }
+    if (c->upgrading) {
+        req_free(c->upgrading);
     }
     free(c);
     server_unref(srv);
@@ -521,6 +526,20 @@ static int has_header(hreq_t *r, const char *name, const char *value)
     return 0;
 }
 
+/* The value of header `name` (lowercase), or NULL. */
+static const char *header(hreq_t *r, const char *name)
+{
+    for (size_t i = 0; i < r->headers.len;) {
+        const char *k = r->headers.p + i;
+        const char *v = k + strlen(k) + 1;
+        if (strcmp(k, name) == 0) {
+            return v;
+        }
+        i += strlen(k) + strlen(v) + 2;
+    }
+    return NULL;
+}
+
 static int on_headers_complete(http_parser *p)
 {
     hreq_t *r = cur(p);
@@ -559,6 +578,10 @@ static int on_message_complete(http_parser *p)
     r->keepalive = http_should_keep_alive(p);
     r->complete = 1;
     c->cur = NULL;
+    if (p->upgrade && has_header(r, "upgrade", "websocket")) {
+        c->upgrading = r; /* on_read hands it over with the bytes after it */
+        return 0;
+    }
     if (c->tail) {
         c->tail->next = r;
     } else {
@@ -576,6 +599,24 @@ static void on_alloc(uv_handle_t *h, size_t suggested, uv_buf_t *b)
     b->len = suggested;
 }
 
+/* A request for a WebSocket goes to host/ws with the bytes that followed
+ * it; this connection then closes without writing (ws owns a duplicate of
+ * its socket) or answers why not. */
+static void hand_over(hconn_t *c, const char *rest, size_t n)
+{
+    hreq_t *r = c->upgrading;
+    c->upgrading = NULL;
+    osara_ws_request_t req = {r->method, r->url.p, header(r, "upgrade"),
+                              header(r, "sec-websocket-key"), header(r, "sec-websocket-version")};
+    int status = c->head ? 400 : osara_ws_accept(c->srv->w, (uv_stream_t *)&c->tcp, &req, rest, n);
+    req_free(r);
+    if (status == 0) {
+        conn_close(c);
+    } else {
+        reject(c, status, status == 404 ? "no websocket endpoint here" : "bad websocket handshake");
+    }
+}
+
 static void on_read(uv_stream_t *s, ssize_t nread, const uv_buf_t *b)
 {
     hconn_t *c = s->data;
@@ -590,6 +631,11 @@ static void on_read(uv_stream_t *s, ssize_t nread, const uv_buf_t *b)
     }
     size_t done = http_parser_execute(&c->parser, &c->srv->settings, b->base, (size_t)nread);
     enum http_errno err = HTTP_PARSER_ERRNO(&c->parser);
+    if (c->upgrading && err == HPE_OK) {
+        hand_over(c, b->base + done, (size_t)nread - done);
+        free(b->base);
+        return;
+    }
     free(b->base);
     if (err == HPE_OK && done == (size_t)nread) {
         return;

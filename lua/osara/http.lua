@@ -41,6 +41,11 @@ function M.address()
   return server and server.addr
 end
 
+-- Starts the server with its defaults unless one runs (osara.rpc needs it).
+function M._ensure_server()
+  if not server and not capturing then start_server() end
+end
+
 -- ---- routes ---------------------------------------------------------------------
 
 local TYPES = {

@@ -23,6 +23,7 @@ local lazy = {
   testing = "osara.testing",
   cache = "osara.cache",
   sql = "osara.sql",
+  rpc = "osara.rpc",
 }
 
 -- osara.process: the C module, with spawn's options checked first.

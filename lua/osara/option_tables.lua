@@ -341,4 +341,22 @@ define("app:request", {
   { "headers", "table", nil, "request headers" },
 })
 
+-- ---- WebSocket RPC (docs/rpc.md) -----------------------------------------------------
+
+define("osara.rpc.serve", {
+  { "path", "string", "/rpc", "the WebSocket endpoint's path on the HTTP server" },
+  { "max_message", "integer", 1048576, "larger messages close the connection with status 1009" },
+  { "max_inflight", "integer", 256, "calls running at once per connection; past it the connection is not read" },
+})
+
+define("osara.rpc.expose", {
+  { "doc", "string", nil, "what the function does, shown by `rpc.targets` and `.info`", shown = "`\"\"`" },
+})
+
+define("osara.rpc.client", {
+  { "timeout", "number", 5, "seconds to connect and to wait for a call's result" },
+  { "max_message", "integer", 1048576, "larger replies close the connection" },
+  { "max_backoff", "number", 2, "the longest wait before reconnecting after a failed connect" },
+})
+
 return M

@@ -1,0 +1,229 @@
+-- WebSocket RPC (osara.rpc) through the real binary: Python's websockets
+-- (spec/tools/ws_rpc_client.py, no osara code) and osara's own client in a
+-- second host as callers.
+local osara = require "osara"
+local H = require "spec.helpers.host"
+local T = require "spec.helpers.http"
+local cjson = require "cjson"
+
+local TOOL = "spec/tools/ws_rpc_client.py"
+local PYTHON = "/usr/bin/python3" -- Debian's, with python3-websockets
+
+local SERVER = [[
+local osara = require "osara"
+osara.rpc.serve { max_message = 65536 }
+osara.rpc.expose("add", function(a, b) return a + b end, { doc = "adds two numbers" })
+osara.rpc.expose {
+  slow = { function(seconds, v)
+    osara.sleep(seconds)
+    osara.log.info("slow %s done", tostring(v))
+    return v
+  end, doc = "returns v after some seconds" },
+  echo = function(s) return s end,
+  boom = function() error("kaboom") end,
+  refuse = function() error({ code = 42, message = "not today" }) end,
+  version = function() return VERSION end,
+}
+]]
+
+-- Runs a scenario of the Python client; returns what it printed (JSON).
+local function tool(url, scenario, ...)
+  local p = H.child({ PYTHON, TOOL, url, scenario, ... }, { name = "ws_rpc_client " .. scenario })
+  H.finish(p, { timeout = 60 })
+  local last
+  for line in p:output():gmatch("[^\n]+") do
+    if line:match("^[%[{]") then last = line end
+  end
+  assert(last, "no result from " .. scenario .. ":\n" .. p:output())
+  return cjson.decode(last)
+end
+
+local function metric(port, name)
+  local _, _, body = T.curl { "http://127.0.0.1:" .. port .. "/metrics" }
+  return tonumber(body:match(name:gsub("[%[%]%-%.]", "%%%0") .. " ([%d.e+-]+)"))
+end
+
+local function server_app(dir, version)
+  return (SERVER:gsub("VERSION", ("%q"):format(version)))
+end
+
+describe("rpc over WebSocket, called by an independent client", function()
+  local dir, p, port, url
+  setup(function()
+    dir = H.tmpdir()
+    p, port = T.app(dir, server_app(dir, "v1"), nil, { errors = { "rpc boom failed", "rpc add failed" } })
+    url = "ws://127.0.0.1:" .. port .. "/rpc"
+  end)
+  teardown(function()
+    H.stop(p, { timeout = 30 })
+    H.cleanup()
+  end)
+
+  it("answers 100 concurrent calls on one connection in completion order", function()
+    local r = tool(url, "concurrent", "100")
+    assert.are.equal(100, r.replies)
+    assert.is_true(r.correct)
+    -- the first calls sleep longest, so their replies come back last
+    assert.is_false(r.in_send_order)
+  end)
+
+  it("lists the targets with their doc and arguments, and one target's info", function()
+    local r = tool(url, "calls", cjson.encode { { "rpc.targets" }, { "rpc.info", { "add" } } })
+    local names = {}
+    for _, t in ipairs(r[1].result) do names[#names + 1] = t.target end
+    assert.are.same({ "add", "boom", "echo", "refuse", "slow", "version" }, names)
+    assert.are.same({ target = "add", args = { "a", "b" }, doc = "adds two numbers" }, r[2].result)
+  end)
+
+  it("answers an unknown method, bad params, malformed JSON and errors without a stack trace", function()
+    local r = tool(url, "calls", cjson.encode {
+      { "nope", { 1 } }, { "add", "not params" }, { "boom" }, { "refuse" }, { "add", { a = 1 } },
+    })
+    assert.are.same({ code = -32601, message = "no such method: nope" }, r[1].error)
+    assert.are.equal(-32602, r[2].error.code)
+    assert.are.same({ code = -32000, message = "kaboom" }, r[3].error)
+    assert.are.same({ code = 42, message = "not today" }, r[4].error)
+    assert.are.equal(-32000, r[5].error.code) -- named params: one table argument
+    for _, reply in ipairs(r) do
+      assert.is_nil(reply.error.message:find("traceback", 1, true))
+      assert.is_nil(reply.error.message:find(".lua:", 1, true))
+    end
+    local parse = tool(url, "raw_text", "{not json")
+    assert.are.equal(-32700, parse.error.code)
+    assert.are.equal(cjson.null, parse.id)
+    local invalid = tool(url, "raw_text", '{"id": 7, "params": []}')
+    assert.are.equal(-32600, invalid.error.code)
+    assert.are.equal(7, invalid.id)
+  end)
+
+  it("closes with 1002 on a malformed frame and keeps serving others", function()
+    -- an unmasked text frame: clients must mask (RFC 6455 5.1)
+    assert.are.same({ status = 101, close_code = 1002, closed = true }, tool(url, "raw_frame", "81026869"))
+    -- a masked frame with the reserved opcode 3
+    assert.are.same({ status = 101, close_code = 1002, closed = true }, tool(url, "raw_frame", "838000000000"))
+    assert.are.equal(5, tool(url, "calls", cjson.encode { { "add", { 2, 3 } } })[1].result)
+  end)
+
+  it("closes with 1009 on a message over max_message", function()
+    assert.are.same({ closed = true, code = 1009 }, tool(url, "oversized", "100000"))
+    assert.are.equal("x", tool(url, "calls", cjson.encode { { "echo", { "x" } } })[1].result)
+  end)
+
+  it("drops the result of a call whose client disconnected, and frees the connection", function()
+    tool(url, "disconnect", "0.5")
+    H.expect(p, "slow late done", 15) -- the call finished after its client left
+    H.eventually(function() return metric(port, 'osara_ws_connections{side="server"}') == 0 end, 10,
+      "the server connection count back to 0")
+    assert.are.equal(3, tool(url, "calls", cjson.encode { { "add", { 1, 2 } } })[1].result)
+  end)
+
+  it("answers 404 to a WebSocket upgrade on a path that serves none", function()
+    local out = T.raw(port, "GET /elsewhere HTTP/1.1\r\nHost: x\r\nUpgrade: websocket\r\n"
+      .. "Connection: Upgrade\r\nSec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\n"
+      .. "Sec-WebSocket-Version: 13\r\n\r\n")
+    assert.matches("^HTTP/1.1 404", out)
+    local bad = T.raw(port, "GET /rpc HTTP/1.1\r\nHost: x\r\nUpgrade: websocket\r\n"
+      .. "Connection: Upgrade\r\nSec-WebSocket-Version: 13\r\n\r\n")
+    assert.matches("^HTTP/1.1 400", bad)
+  end)
+end)
+
+describe("rpc across a reload", function()
+  after_each(H.cleanup)
+
+  it("finishes calls in flight on the old script and sends new calls to the new one", function()
+    local dir = H.tmpdir()
+    local p, port = T.app(dir, server_app(dir, "v1"))
+    local url = "ws://127.0.0.1:" .. port .. "/rpc"
+    local inflight = H.child({ PYTHON, TOOL, url, "calls", cjson.encode { { "slow", { 1.5, "old" } } } },
+      { name = "ws_rpc_client in flight" })
+    H.eventually(function() return metric(port, 'osara_ws_connections{side="server"}') == 1 end, 10,
+      "the in-flight call's connection")
+    H.write(dir .. "/app.lua", server_app(dir, "v2"))
+    p:kill("HUP")
+    H.expect(p, "reloaded", 30)
+    assert.are.equal("v2", tool(url, "calls", cjson.encode { { "version" } })[1].result)
+    H.finish(inflight, { timeout = 30 })
+    assert.matches('"result": "old"', inflight:output())
+    H.stop(p, { timeout = 30 })
+  end)
+end)
+
+describe("osara.rpc.client", function()
+  after_each(H.cleanup)
+
+  local CALLER = [[
+local osara = require "osara"
+local cjson = require "cjson"
+local rpc = osara.rpc.client(os.getenv("RPC_URL"), { timeout = 5 })
+local function report(name, ...)
+  local values = { ... }
+  for i = 1, select("#", ...) do
+    if values[i] == nil then values[i] = cjson.null end
+  end
+  osara.log.info("RESULT %s %s", name, cjson.encode(values))
+end
+osara.spawn(function()
+  -- call_async: the first call is the slowest, so the results come in the other order
+  local done = {}
+  local futures = { rpc.slow:call_async(0.6, "a"), rpc.slow:call_async(0.3, "b"), rpc.slow:call_async(0.05, "c") }
+  for i, f in ipairs(futures) do
+    osara.spawn(function() local v = f:result() done[#done + 1] = v end)
+  end
+  report("sync", rpc.add(2, 3))
+  while #done < 3 do osara.sleep(0.02) end
+  report("order", unpack(done))
+  report("unknown", rpc.nope(1))
+  report("remote_error", rpc.refuse())
+  local targets = rpc:targets()
+  report("targets", #targets, targets[1].target, targets[1].doc)
+  report("info", tostring(rpc.add.info))
+  report("timeout", rpc.slow:call_async(3, "z"):result(0.2))
+  local many = {}
+  for i = 1, 100 do many[i] = rpc.add:call_async(i, 1) end
+  local sum = 0
+  for i = 1, 100 do sum = sum + many[i]:result() end
+  report("sum", sum)
+  while true do
+    report("loop", rpc.version())
+    osara.sleep(0.1)
+  end
+end)
+]]
+
+  it("calls another osara host: sync, call_async out of order, targets, info, errors, reconnects", function()
+    local dir = H.tmpdir()
+    local a_dir, b_dir = dir .. "/a", dir .. "/b"
+    os.execute("mkdir -p " .. a_dir .. " " .. b_dir)
+    local a, port = T.app(a_dir, server_app(a_dir, "v1"))
+    H.write(b_dir .. "/app.lua", CALLER)
+    local b = H.osara({ "run", "--http", "127.0.0.1:0", b_dir .. "/app.lua" },
+      { RPC_URL = "ws://127.0.0.1:" .. port .. "/rpc" })
+    local function result(name)
+      local line = H.expect(b, "RESULT " .. name .. " ", 30)
+      return cjson.decode(line:match("RESULT %S+ (.*)$"))
+    end
+    assert.are.same({ 5 }, result("sync"))
+    assert.are.same({ "c", "b", "a" }, result("order"))
+    assert.are.same({ cjson.null, "no such method: nope", { code = -32601, message = "no such method: nope" } },
+      result("unknown"))
+    assert.are.same({ cjson.null, "not today", { code = 42, message = "not today" } }, result("remote_error"))
+    assert.are.same({ 6, "add", "adds two numbers" }, result("targets"))
+    assert.are.same({ "RPC target add(a, b)\nadds two numbers" }, result("info"))
+    assert.are.same({ cjson.null, "timeout" }, result("timeout"))
+    assert.are.same({ 5150 }, result("sum"))
+    assert.are.same({ "v1" }, result("loop"))
+    -- the server goes away: calls fail; it comes back on the same port: calls work again
+    H.stop(a, { timeout = 30 })
+    local failed = result("loop")
+    while failed[1] ~= cjson.null do failed = result("loop") end
+    assert.matches("connect", failed[2] .. "")
+    H.write(a_dir .. "/app.lua", server_app(a_dir, "v2"))
+    local a2 = H.osara({ "run", "--http", "127.0.0.1:" .. port, a_dir .. "/app.lua" })
+    T.listening(a2)
+    local back = result("loop")
+    while back[1] ~= "v2" do back = result("loop") end
+    H.stop(b, { timeout = 30 })
+    H.stop(a2, { timeout = 30 })
+  end)
+end)
