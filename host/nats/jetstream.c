@@ -17,8 +17,10 @@
  * so it never runs on the loop) and posts it to the loop, which pushes its
  * messages onto the consumer's unordered lane; the thread pulls the next
  * batch once every message of this one settled: in flight is bounded by
- * the batch size. The handler's outcome decides the settle: ack, nak with
- * delay (retried) or term (never retried). A consumer is freed with its
+ * the batch size. The handler's runner (lua/osara/nats.lua, where the
+ * failure policy decides) names the settle: ack, nak with its delay
+ * (redelivered: msg.attempt is the delivery count) or term (the failure
+ * was taken: never redelivered). A consumer is freed with its
  * last reference: the registry entry, the fetch thread (until joined, in the
  * thread pool) and each message on the lane. */
 
@@ -28,8 +30,7 @@ typedef struct njs_s {
     natsSubscription *sub;
     char *subject, *durable, *stream;
     int batch;
-    int64_t max_deliver;
-    double nak_delay, ack_wait;
+    double ack_wait;
     osara_lane_t lane;
     uv_thread_t thread;
     uv_sem_t go;
@@ -47,7 +48,12 @@ typedef struct {
     natsMsg *msg;
     lua_State *T;       /* the handler's thread: its result names the outcome */
     njs_outcome_t outcome;
+    double nak_delay;   /* seconds, with JS_NAK */
 } njsmsg_t;
+
+/* A nak after a runner that raised (its dead letter was not stored): come
+ * back after this long, not at once. */
+#define NAK_AFTER_ERROR_S 1.0
 
 typedef struct {
     njs_t *j;
@@ -81,27 +87,13 @@ static void njs_unref(njs_t *j, int inline_free)
     osara__nats_dispose(&j->client->w->inbox, njs_free, j, inline_free);
 }
 
-static uint64_t num_delivered(natsMsg *msg)
-{
-    jsMsgMetaData *meta = NULL;
-    uint64_t delivered = 0;
-    if (natsMsg_GetMetaData(&meta, msg) == NATS_OK) {
-        delivered = meta->NumDelivered;
-        jsMsgMetaData_Destroy(meta);
-    }
-    return delivered;
-}
-
 /* Tells the server; a failed ack/nak/term is logged: the server then
- * redelivers the message after ack_wait. */
-static void njs_tell(njs_t *j, natsMsg *msg, njs_outcome_t outcome)
+ * redelivers the message after ack_wait. (A term was logged by the
+ * failure policy, which took the failure first.) */
+static void njs_tell(njs_t *j, natsMsg *msg, njs_outcome_t outcome, double nak_delay)
 {
     natsStatus s;
     const char *verb;
-    uint64_t delivered = outcome == JS_ACK ? 0 : num_delivered(msg);
-    if (outcome == JS_NAK && j->max_deliver > 0 && (int64_t)delivered >= j->max_deliver) {
-        outcome = JS_TERM;
-    }
     if (outcome == JS_ACK) {
         verb = "ack";
         s = natsMsg_Ack(msg, NULL);
@@ -110,11 +102,9 @@ static void njs_tell(njs_t *j, natsMsg *msg, njs_outcome_t outcome)
         verb = "term";
         s = natsMsg_Term(msg, NULL);
         osara_metric_add(osara__nats_m.termed, 1);
-        OSARA_WARN("nats %s (durable %s): message terminated after %llu deliveries",
-                   j->subject, j->durable, (unsigned long long)delivered);
     } else {
         verb = "nak";
-        s = natsMsg_NakWithDelay(msg, (int64_t)(j->nak_delay * 1000), NULL);
+        s = natsMsg_NakWithDelay(msg, (int64_t)(nak_delay * 1000), NULL);
         osara_metric_add(osara__nats_m.naked, 1);
     }
     if (s != NATS_OK) {
@@ -123,19 +113,38 @@ static void njs_tell(njs_t *j, natsMsg *msg, njs_outcome_t outcome)
     }
 }
 
+/* Adds attempt (the delivery count), seq and stream to the message on T. */
+static void push_metadata(lua_State *T, natsMsg *msg)
+{
+    jsMsgMetaData *meta = NULL;
+    if (natsMsg_GetMetaData(&meta, msg) != NATS_OK) {
+        return;
+    }
+    lua_pushinteger(T, (lua_Integer)meta->NumDelivered);
+    lua_setfield(T, -2, "attempt");
+    lua_pushnumber(T, (lua_Number)meta->Sequence.Stream);
+    lua_setfield(T, -2, "seq");
+    lua_pushstring(T, meta->Stream);
+    lua_setfield(T, -2, "stream");
+    jsMsgMetaData_Destroy(meta);
+}
+
 static void njs_tp_push(lua_State *T, osara_delivery_t *d)
 {
     njsmsg_t *m = (njsmsg_t *)d;
     m->T = T;
     osara__nats_push_msg(T, m->msg);
+    push_metadata(T, m->msg);
 }
 
-/* The runner returns "ok", "nak" or "term" (lua/osara/nats.lua). */
+/* The runner returns "ok", "nak", delay or "term" (lua/osara/nats.lua);
+ * one that raised leaves the message to come back. */
 static void njs_tp_finished(osara_delivery_t *d, int ok)
 {
     njsmsg_t *m = (njsmsg_t *)d;
     const char *r = ok && lua_isstring(m->T, 1) ? lua_tostring(m->T, 1) : "nak";
     m->outcome = strcmp(r, "ok") == 0 ? JS_ACK : strcmp(r, "term") == 0 ? JS_TERM : JS_NAK;
+    m->nak_delay = ok && lua_isnumber(m->T, 2) ? lua_tonumber(m->T, 2) : NAK_AFTER_ERROR_S;
     m->T = NULL;
 }
 
@@ -143,8 +152,13 @@ static void njs_tp_settle(osara_delivery_t *d, osara_settle_t how)
 {
     njsmsg_t *m = (njsmsg_t *)d;
     njs_t *j = d->lane->owner;
-    /* A failed output, a cancelled handler: consumed again later. */
-    njs_tell(j, m->msg, how == OSARA_SETTLE_ACK ? m->outcome : JS_NAK);
+    /* A failed output: consumed again later; a cancelled handler (a
+     * reload's grace, shutdown): at once, by whoever serves it next. */
+    if (how == OSARA_SETTLE_ACK) {
+        njs_tell(j, m->msg, m->outcome, m->nak_delay);
+    } else {
+        njs_tell(j, m->msg, JS_NAK, how == OSARA_SETTLE_CANCELLED ? 0 : NAK_AFTER_ERROR_S);
+    }
     natsMsg_Destroy(m->msg);
     free(m);
     if (--j->pending == 0) {
@@ -282,14 +296,10 @@ static njs_t *njs_new(nclient_t *c, lua_State *L, int opts)
     j->durable = osara_xstrdup(lua_tostring(L, -2));
     j->stream = lua_isstring(L, -1) ? osara_xstrdup(lua_tostring(L, -1)) : NULL;
     lua_getfield(L, opts, "batch");
-    lua_getfield(L, opts, "max_deliver");
-    lua_getfield(L, opts, "nak_delay");
     lua_getfield(L, opts, "ack_wait");
-    j->batch = lua_isnumber(L, -4) ? (int)lua_tointeger(L, -4) : 64;
-    j->max_deliver = lua_isnumber(L, -3) ? (int64_t)lua_tointeger(L, -3) : 5;
-    j->nak_delay = lua_isnumber(L, -2) ? lua_tonumber(L, -2) : 1.0;
+    j->batch = lua_isnumber(L, -2) ? (int)lua_tointeger(L, -2) : 64;
     j->ack_wait = lua_isnumber(L, -1) ? lua_tonumber(L, -1) : 30.0;
-    lua_pop(L, 7);
+    lua_pop(L, 5);
     osara_lane_init(&j->lane, &js_transport, j, j->subject, 0, j->batch, j->batch);
     uv_sem_init(&j->go, 0);
     j->refs = 1; /* the registry entry's */
@@ -308,7 +318,9 @@ static natsStatus njs_subscribe(njs_t *j, jsErrCode *jerr)
         cc.Durable = j->durable;
         cc.AckPolicy = js_AckExplicit;
         cc.FilterSubject = j->subject;
-        cc.MaxDeliver = j->max_deliver > 0 ? j->max_deliver + 1 : -1;
+        /* Unlimited: the failure policy counts the attempts and terms the
+         * last; a message whose dead letter was not stored comes back. */
+        cc.MaxDeliver = -1;
         /* A message delivered to an instance that died is redelivered after this. */
         cc.AckWait = (int64_t)(j->ack_wait * 1e9);
         jsConsumerInfo *ci = NULL;
@@ -472,9 +484,7 @@ typedef struct {
     osara_sched_future_t f; /* first: the future's free finds it */
     uv_work_t work;
     nclient_t *c;
-    char *subject;
-    char *data;
-    int len;
+    natsMsg *msg;
     natsStatus status;
     jsErrCode jerr;
     uint64_t seq;
@@ -487,8 +497,7 @@ typedef struct {
 static void jspub_free(osara_sched_future_t *f)
 {
     jspub_t *p = (jspub_t *)f;
-    free(p->subject);
-    free(p->data);
+    natsMsg_Destroy(p->msg);
     free(p);
 }
 
@@ -496,7 +505,7 @@ static void jspub_work(uv_work_t *w)
 {
     jspub_t *p = w->data;
     jsPubAck *ack = NULL;
-    p->status = js_Publish(&ack, p->c->js, p->subject, p->data, p->len, NULL, &p->jerr);
+    p->status = js_PublishMsg(&ack, p->c->js, p->msg, NULL, &p->jerr);
     if (ack) {
         p->seq = ack->Sequence;
         jsPubAck_Destroy(ack);
@@ -524,26 +533,34 @@ static void jspub_after(uv_work_t *w, int status)
     osara_sched_future_unref(&p->f); /* the job's */
 }
 
-/* client:jspublish(subject, bytes) -> handle with :wait() -> seq | nil, err
- * Publishes in the thread pool (js_Publish waits for the stream's ack). */
+/* The message of jspublish's arguments (headers at 4, optional). */
+static natsStatus jspub_msg(lua_State *L, natsMsg **msg)
+{
+    size_t len;
+    const char *data = lua_tolstring(L, 3, &len);
+    natsStatus s = natsMsg_Create(msg, lua_tostring(L, 2), NULL, data, (int)len);
+    if (s == NATS_OK && lua_istable(L, 4)) {
+        s = osara__nats_add_headers(L, 4, *msg);
+    }
+    return s;
+}
+
+/* client:jspublish(subject, bytes, headers|nil) -> handle with :wait() ->
+ * seq | nil, err. Publishes in the thread pool (js_PublishMsg waits for the
+ * stream's ack). */
 static int l_client_jspublish(lua_State *L)
 {
     nclient_t *c = osara__nats_check_client(L, 1);
-    const char *subject = luaL_checkstring(L, 2);
-    size_t len;
-    const char *data = luaL_checklstring(L, 3, &len);
+    luaL_checkstring(L, 2);
+    luaL_checkstring(L, 3);
     if (!c->closing && ensure_js(c) != NATS_OK) {
         return luaL_error(L, "nats: JetStream is not available");
     }
     jspub_t *p = osara_xcalloc(1, sizeof(*p));
     osara_sched_future_init(&p->f, jspub_free); /* the handle's reference */
     p->c = c;
-    p->status = NATS_CONNECTION_CLOSED;
-    if (!c->closing) {
-        p->subject = osara_xstrdup(subject);
-        p->data = osara_xmalloc(len ? len : 1);
-        memcpy(p->data, data, len);
-        p->len = (int)len;
+    p->status = c->closing ? NATS_CONNECTION_CLOSED : jspub_msg(L, &p->msg);
+    if (p->status == NATS_OK) {
         p->work.data = p;
         osara__nats_job_begin(c);
         osara_sched_future_ref(&p->f); /* the job's */

@@ -147,6 +147,8 @@ void osara__nats_subs_open(void);
 
 /* request.c */
 natsStatus osara__nats_responses_start(nclient_t *c);
+/* Sets the string fields of the table at idx as headers of m. */
+natsStatus osara__nats_add_headers(lua_State *L, int idx, natsMsg *m);
 /* Fails the requests still waiting ("client closed"). */
 void osara__nats_requests_close(nclient_t *c);
 /* Adds publish, reply and request to the method table at idx. */

@@ -99,7 +99,7 @@ natsStatus osara__nats_responses_start(nclient_t *c)
     return natsSubscription_SetOnCompleteCB(c->resp_sub, on_responses_complete, c);
 }
 
-static natsStatus add_headers(lua_State *L, int idx, natsMsg *m)
+natsStatus osara__nats_add_headers(lua_State *L, int idx, natsMsg *m)
 {
     natsStatus s = NATS_OK;
     lua_pushnil(L);
@@ -128,7 +128,7 @@ static int l_client_publish(lua_State *L)
     if (lua_istable(L, 5)) {
         natsMsg *m = NULL;
         s = natsMsg_Create(&m, subject, reply, data, (int)len);
-        if (s == NATS_OK) s = add_headers(L, 5, m);
+        if (s == NATS_OK) s = osara__nats_add_headers(L, 5, m);
         if (s == NATS_OK) s = natsConnection_PublishMsg(c->nc, m);
         natsMsg_Destroy(m);
     } else if (reply) {
@@ -184,7 +184,7 @@ static natsStatus send_request(nclient_t *c, lua_State *L, uint64_t token)
     }
     natsMsg *m = NULL;
     natsStatus s = natsMsg_Create(&m, subject, reply, data, (int)len);
-    if (s == NATS_OK) s = add_headers(L, 5, m);
+    if (s == NATS_OK) s = osara__nats_add_headers(L, 5, m);
     if (s == NATS_OK) s = natsConnection_PublishMsg(c->nc, m);
     natsMsg_Destroy(m);
     return s;

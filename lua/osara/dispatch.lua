@@ -257,6 +257,16 @@ function Policy:retryable(err, msg)
   return false
 end
 
+-- retrying(msg, last, err) -> seconds before attempt msg.attempt + 1 (of
+-- last), counted and logged as a warning.
+function Policy:retrying(msg, last, err)
+  local wait = self:delay(msg.attempt)
+  metrics.add("osara_retries_total", self.labels, "handler calls retried after an error")
+  require("osara.log_c").write("warn", ("%s %s: handler failed at %s (attempt %d of %d, again in %.2f s): %s")
+    :format(self.kind, self.name, self.where(msg), msg.attempt, last, wait, err))
+  return wait
+end
+
 -- after(msg, fn, emit, pcall results...): success passes fn's results on;
 -- a failure is retried while the policy allows, else taken.
 function Policy:after(msg, fn, emit, ok, ...)
@@ -267,10 +277,7 @@ function Policy:after(msg, fn, emit, ok, ...)
   if n > r.max or not self:retryable(err, msg) then
     return self:fail(msg, "handler", err)
   end
-  local wait = self:delay(n)
-  metrics.add("osara_retries_total", self.labels, "handler calls retried after an error")
-  require("osara.log_c").write("warn", ("%s %s: handler failed at %s (attempt %d of %d, again in %.2f s): %s")
-    :format(self.kind, self.name, self.where(msg), n, r.max + 1, wait, err))
+  local wait = self:retrying(msg, r.max + 1, err)
   if wait > 0 then require("osara").sleep(wait) end
   msg.attempt = n + 1
   if self.before_retry then self.before_retry(msg) end
@@ -280,17 +287,38 @@ end
 -- call(msg, fn, emit) -> true, fn's results | false (filtered out, or the
 -- failure taken). Runs inside the message's coroutine (the backoff sleeps).
 function Policy:call(msg, fn, emit)
-  if self.filter then
-    local ok, keep = pcall(self.filter, msg)
-    if not ok then return self:fail(msg, "handler", "filter: " .. tostring(keep)) end
-    if not keep then
-      metrics.add("osara_filtered_total", self.labels, "messages a handler's filter skipped")
-      msg.skipped = "filtered"
-      return false
-    end
-  end
+  if not self:keep(msg) then return false end
   msg.attempt = msg.attempt or 1
   return self:after(msg, fn, emit, pcall(fn, msg, emit))
+end
+
+-- keep(msg) -> false when the filter skipped msg (counted) or raised (the
+-- failure taken); true when the handler should see it.
+function Policy:keep(msg)
+  if not self.filter then return true end
+  local ok, keep = pcall(self.filter, msg)
+  if not ok then return self:fail(msg, "handler", "filter: " .. tostring(keep)) end
+  if not keep then
+    metrics.add("osara_filtered_total", self.labels, "messages a handler's filter skipped")
+    msg.skipped = "filtered"
+    return false
+  end
+  return true
+end
+
+-- For a broker that redelivers a failed message itself (JetStream's nak
+-- with a delay), one call per delivery, msg.attempt set by the broker:
+-- redeliver(msg, err, max_attempts) -> the delay before the next attempt,
+-- or nil once the failure was taken (the last attempt, or retry.on said
+-- no). max_attempts caps retry.max + 1 (JetStream's max_deliver).
+function Policy:redeliver(msg, err, max_attempts)
+  msg.first_failure = msg.first_failure or now()
+  local last = math.min(self.retry.max + 1, max_attempts or math.huge)
+  if msg.attempt >= last or not self:retryable(err, msg) then
+    self:fail(msg, "handler", err)
+    return nil
+  end
+  return self:retrying(msg, last, err)
 end
 
 return M

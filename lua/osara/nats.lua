@@ -246,7 +246,7 @@ function Client:stream(subject, opts)
   return dispatch.iterator(function(fn) self:handle(subject, opts, fn) end, "nats stream")
 end
 
--- nats:jspublish(subject, value, {codec=}) -> handle; handle:wait() yields
+-- nats:jspublish(subject, value, {codec=, headers=}) -> handle; handle:wait() yields
 -- until the stream acknowledged: its sequence number, or nil, err.
 function Client:jspublish(subject, value, opts)
   check_subject(subject, false, 2)
@@ -254,51 +254,97 @@ function Client:jspublish(subject, value, opts)
   local bytes = encode(value, opts.codec, "nats:jspublish")
   if self.checking then
     local testing = package.loaded["osara.testing"]
-    if testing then testing.record_send(subject, value, { jetstream = true }) end
+    if testing then testing.record_send(subject, value, { jetstream = true, headers = opts.headers }) end
     return { wait = function() return 0 end }
   end
-  return self.c:jspublish(subject, bytes)
+  return self.c:jspublish(subject, bytes, opts.headers)
 end
 
--- A durable pull consumer: the runner returns "ok" (ack), "nak" (redeliver
--- after opts.nak_delay) or "term" (undecodable or invalid: never retried).
-function Client:_durable(subject, opts, fn, at)
-  for _, k in ipairs { "retry", "dlq", "on_failure", "filter" } do
-    if opts[k] ~= nil then
-      options.raise(("option '%s' in nats:handle is not supported yet on a JetStream consumer (durable): "
-        .. "a failing message is nak'ed and redelivered up to max_deliver times"):format(k))
-    end
+-- Where a JetStream message came from: "<stream>/<sequence>/<subject>"
+-- (osara-origin of its dead letter, as Kafka's topic/partition/offset).
+local function js_place(msg)
+  return ("%s/%s/%s"):format(tostring(msg.stream), tostring(msg.seq), msg.subject)
+end
+
+-- The dead letter of a failed JetStream message: stored by JetStream (the
+-- dlq subject must belong to a stream) before the input is terminated;
+-- raises when the stream did not acknowledge it, so the input is nak'ed
+-- and comes back.
+function Client:_js_dead_letter(dlq, msg, headers)
+  if self.checking then return self:_dead_letter(dlq, msg, headers) end
+  local seq, err = self.c:jspublish(dlq, msg.raw, headers):wait()
+  if not seq then
+    error(("nats %s: dead letter to %s not stored (is %s in a stream?): %s"):format(
+      js_place(msg), dlq, dlq, tostring(err)), 0)
   end
+end
+
+-- The failure policy of a JetStream consumer: the server redelivers, so
+-- each delivery is one handler call; a failure naks with the policy's
+-- backoff until the last attempt (retry.max + 1, capped by max_deliver),
+-- which takes the failure (dead letter, on_failure) and terminates.
+-- nak_delay, the old fixed delay, is a constant backoff.
+local function js_policy(self, subject, opts)
+  if opts.nak_delay ~= nil then
+    if opts.retry ~= nil then
+      options.raise("nats:handle: nak_delay and retry together: set retry.backoff instead")
+    end
+    opts.retry = { backoff = opts.nak_delay, max_backoff = opts.nak_delay, jitter = 0 }
+  end
+  return dispatch.policy { kind = "nats", name = subject, opts = opts,
+    where = js_place, origin = js_place,
+    dead_letter = opts.dlq and function(msg, headers) self:_js_dead_letter(opts.dlq, msg, headers) end }
+end
+
+-- A durable pull consumer: the runner returns "ok" (ack), "nak", delay
+-- (redelivered after delay seconds) or "term" (the failure was taken:
+-- never redelivered). A runner that raises (a dead letter not stored)
+-- leaves the message to be redelivered.
+function Client:_durable(subject, opts, fn, at)
   local h = dispatch.handler { kind = "nats", name = subject, codec = opts.codec,
                                schema = opts.schema, fn = fn, where = at }
   local emit, results = make_outputs(self, subject, opts.sink)
+  local policy = js_policy(self, subject, opts)
+  local max_bytes, max_deliver = opts.max_bytes, opts.max_deliver
+  -- msg.first_failure across redeliveries to this script version, by
+  -- stream sequence; bounded, as another instance may take the message.
+  local first_failures, tracked = {}, 0
+  local function settled(msg, ...)
+    if first_failures[msg.seq] then first_failures[msg.seq], tracked = nil, tracked - 1 end
+    return ...
+  end
   local runner = function(msg)
     setmetatable(msg, Msg)
-    local ok, reason, err = h:decode(msg)
-    if not ok then
-      dispatch.bad_input("nats", subject, reason, msg.subject, err .. " (terminated)")
-      return "term"
+    msg.first_failure = first_failures[msg.seq]
+    if policy:too_large(msg, max_bytes) or not policy:decode(h, msg) then
+      return settled(msg, "term")
+    end
+    if not policy:keep(msg) then
+      return settled(msg, msg.skipped and "ok" or "term")
     end
     local res = { pcall(fn, msg, emit) }
     if not res[1] then
-      dispatch.bad_input("nats", subject, "handler", msg.subject, tostring(res[2]) .. " (redelivered later)")
-      return "nak"
+      local delay = policy:redeliver(msg, tostring(res[2]), max_deliver)
+      if delay == nil then return settled(msg, "term") end
+      if not first_failures[msg.seq] then
+        if tracked >= 100000 then first_failures, tracked = {}, 0 end
+        first_failures[msg.seq], tracked = msg.first_failure, tracked + 1
+      end
+      return "nak", delay
     end
     if dispatch.on_return then dispatch.on_return(unpack(res, 2, table.maxn(res))) end
     results(msg, unpack(res, 2, table.maxn(res)))
-    return "ok"
+    return settled(msg, "ok")
   end
   local key = ("%s (durable %s)"):format(subject, opts.durable)
   local sig = signature { client = self.key,
                           codec = type(opts.codec) == "table" and "custom" or opts.codec,
                           schema = opts.schema ~= nil, stream = opts.stream, batch = opts.batch,
-                          max_deliver = opts.max_deliver, nak_delay = opts.nak_delay,
                           ack_wait = opts.ack_wait,
                           sink = type(opts.sink) == "table" and table.concat(opts.sink, ",") or opts.sink }
   vm_c.register("nats-durable", key, sig, runner,
     { client = self.c, subject = subject, durable = opts.durable, stream = opts.stream,
-      batch = opts.batch, max_deliver = opts.max_deliver, nak_delay = opts.nak_delay,
-      ack_wait = opts.ack_wait, codec = opts.codec, fn = fn },
+      batch = opts.batch, ack_wait = opts.ack_wait, codec = opts.codec, fn = fn },
     at, ("stream %s, durable %s"):format(tostring(opts.stream), opts.durable))
 end
 

@@ -145,11 +145,11 @@ local nats_handler = {
   { "durable", "string", nil, "JetStream: the durable pull consumer's name (makes this a JetStream handler)" },
   { "stream", "string", nil, "JetStream: the stream the durable consumer reads" },
   { "batch", "integer", 64, "JetStream: messages pulled per fetch (bounds what is in flight)" },
-  { "max_deliver", "integer", 5, "JetStream: deliveries before a failing message is terminated" },
-  { "nak_delay", "number", 1, "JetStream: seconds before a nak'ed message is redelivered" },
+  { "max_deliver", "integer", nil, "JetStream: caps the attempts of a failing message (deliveries); the last one takes the failure (dead letter, `on_failure`) and terminates it", shown = "`retry.max` + 1" },
+  { "nak_delay", "number", nil, "JetStream: a fixed delay before a failed message is redelivered, instead of `retry`'s backoff", shown = "`retry`'s backoff" },
   { "ack_wait", "number", 30, "JetStream: seconds before an unacknowledged message is redelivered" },
 }
-with(nats_handler, failure_policy("a subject: failed messages are published there with `osara-error*` headers; `false`: none (core NATS only, as `retry`, `on_failure` and `filter`)"))
+with(nats_handler, failure_policy("a subject: failed messages are published there with `osara-error*` headers (on a JetStream consumer: stored in the stream that holds the subject, before the input is terminated); `false`: none"))
 define("nats:handle", nats_handler)
 define("nats:stream", nats_handler)
 
@@ -167,6 +167,7 @@ define("nats:request", {
 
 define("nats:jspublish", {
   { "codec", "codec", "json", "encodes the value" },
+  { "headers", "table", nil, "header name → string value" },
 })
 
 define("nats:add_stream", {

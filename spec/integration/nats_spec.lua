@@ -462,7 +462,7 @@ end)
     local dir = H.tmpdir()
     H.write(dir .. "/app.lua", APP)
     local env = { NATS_URL = url }
-    local p = H.osara({ "run", dir .. "/app.lua" }, env, { errors = { "transient %d+ %(redelivered later%)" } })
+    local p = H.osara({ "run", dir .. "/app.lua" }, env)
     H.expect(p, "ready")
     local nats = osara.nats { servers = url }
     local n = 120
@@ -484,7 +484,7 @@ end)
     -- what it logged (and acked) before the kill; the last lines may not
     -- have been read by drain yet
     for d in p:output():gmatch("done (%d+)") do seen[tonumber(d)] = true end
-    local p2 = H.osara({ "run", dir .. "/app.lua" }, env, { errors = { "transient %d+ %(redelivered later%)" } })
+    local p2 = H.osara({ "run", dir .. "/app.lua" }, env)
     local ok = pcall(H.eventually, function()
       drain(p2)
       for i = 1, n do if not seen[i] then return false end end

@@ -1,0 +1,126 @@
+-- Delivery on NATS (issue 13): the failure policy on JetStream consumers,
+-- error replies to requests whose handler failed, publishes that fail their
+-- input, a server that is late, and an embedded server that dies.
+local osara = require "osara"
+local H = require "spec.helpers.host"
+local N = require "spec.helpers.nats"
+
+-- Waits until p's whole output so far matches every pattern; returns it.
+local function logged(p, patterns, timeout)
+  local out
+  H.eventually(function()
+    p:line(0.05)
+    out = p:output()
+    for _, pat in ipairs(patterns) do
+      if not out:find(pat) then return false end
+    end
+    return true
+  end, timeout or 30, table.concat(patterns, ", "))
+  return out
+end
+
+local function count(s, pattern)
+  local n = 0
+  for _ in s:gmatch(pattern) do n = n + 1 end
+  return n
+end
+
+describe("nats JetStream failure policy", function()
+  after_each(H.cleanup)
+
+  it("naks with backoff, dead-letters the last attempt with every header, then terminates it", function()
+    local server, url = N.server(nil, H.tmpdir())
+    local dir = H.tmpdir()
+    H.write(dir .. "/app.lua", [[
+local osara = require "osara"
+local nats = osara.nats { servers = os.getenv("NATS_URL") }
+nats:add_stream { name = "PAY", subjects = { "pay.>" }, storage = "memory" }
+nats:add_stream { name = "DEAD", subjects = { "dead.>" }, storage = "memory" }
+local calls = {}
+nats:handle("pay.>", { durable = "payer", stream = "PAY", batch = 4,
+  retry = { max = 2, backoff = 0.05, jitter = 0 },
+  dlq = "dead.pay",
+  filter = function(msg) return msg.value.amount ~= 0 end,
+  on_failure = function(msg, err, attempts)
+    osara.log.info("on_failure seq=%d attempts=%d", msg.seq, attempts)
+  end,
+}, function(msg)
+  local a = msg.value.amount
+  calls[a] = (calls[a] or 0) + 1
+  if a < 0 then error("negative amount") end
+  if a == 13 and msg.attempt < 2 then error("transient") end
+  osara.log.info("paid %d after attempt %d", a, msg.attempt)
+end)
+nats:handle("dead.>", { durable = "dead", stream = "DEAD", codec = "raw" }, function(msg)
+  local h = msg.headers
+  osara.log.info("dead raw=%s trace=%s kind=%s attempts=%s origin=%s first=%s error=%s",
+    msg.raw, tostring(h.trace), h["osara-error-kind"], h["osara-attempts"], h["osara-origin"],
+    tostring(h["osara-first-failure"]), h["osara-error"])
+end)
+-- max_deliver caps retry.max + 1; no dead letter: one error line
+nats:handle("cap.>", { durable = "capper", stream = "CAP", retry = { backoff = 0.02 }, max_deliver = 2,
+  on_failure = function(msg, err, attempts) osara.log.info("cap on_failure attempts=%d", attempts) end,
+}, function(msg) error("always") end)
+nats:add_stream { name = "CAP", subjects = { "cap.>" }, storage = "memory" }
+osara.every(0.05, function()
+  local termed = osara.metrics.value("osara_nats_js_termed_total")
+  if termed == 3 then osara.log.info("termed=3 calls-5=%d", calls[-5] or 0) end
+end)
+osara.after(0, function() osara.log.info("ready") end)
+]])
+    local p = H.osara({ "run", dir .. "/app.lua" }, { NATS_URL = url },
+      { errors = { "nats cap.>: handler failed at CAP/1/cap.x after 2 attempts: .*always" } })
+    H.expect(p, "ready", 20)
+    local nats = osara.nats { servers = url }
+    assert(nats:jspublish("pay.eu", { amount = 0 }):wait())
+    assert(nats:jspublish("pay.eu", { amount = -5 }, { headers = { trace = "t9" } }):wait())
+    assert(nats:jspublish("pay.eu", "{broken", { codec = "raw" }):wait())
+    assert(nats:jspublish("pay.eu", { amount = 13 }):wait())
+    assert(nats:jspublish("pay.eu", { amount = 7 }):wait())
+    assert(nats:jspublish("cap.x", { amount = 1 }):wait())
+    local out = logged(p, { "paid 13 after attempt 2", "paid 7 after attempt 1", "dead raw=.-dead raw=",
+                            "cap on_failure attempts=2", "termed=3" })
+    assert.matches("termed=3 calls%-5=3", out)
+    assert.matches('dead raw={"amount":%-5} trace=t9 kind=handler attempts=3 origin=PAY/2/pay.eu '
+      .. "first=%d+%.%d%d%d error=.*negative amount", out)
+    assert.matches("dead raw={broken trace=nil kind=decode attempts=1 origin=PAY/3/pay.eu first=%d+%.%d%d%d error=json:", out)
+    assert.matches("on_failure seq=2 attempts=3", out)
+    assert.matches("handler failed at PAY/2/pay.eu %(attempt 1 of 3, again in 0.05 s%)", out)
+    assert.matches("handler failed at PAY/2/pay.eu %(attempt 2 of 3, again in 0.10 s%)", out)
+    assert.are.equal(1, count(out, "paid 13 "))
+    assert.are.equal(0, count(out, "paid 0 "))
+    H.stop(p)
+    -- terminated messages never come back: a restart sees none of them
+    local p2 = H.osara({ "run", dir .. "/app.lua" }, { NATS_URL = url })
+    H.expect(p2, "ready", 20)
+    assert(nats:jspublish("pay.eu", { amount = 8 }):wait())
+    H.expect(p2, "paid 8 after attempt 1", 20)
+    out = p2:output()
+    assert.is_nil(out:find("negative amount"), out)
+    assert.is_nil(out:find("dead raw="), out)
+    H.stop(p2)
+    H.stop(server)
+  end)
+
+  it("keeps a message whose dead letter is not stored and redelivers it", function()
+    local server, url = N.server(nil, H.tmpdir())
+    local dir = H.tmpdir()
+    H.write(dir .. "/app.lua", [[
+local osara = require "osara"
+local nats = osara.nats { servers = os.getenv("NATS_URL") }
+nats:add_stream { name = "W", subjects = { "w.>" }, storage = "memory" }
+nats:handle("w.>", { durable = "w", stream = "W", retry = false, dlq = "nowhere.w" },
+  function(msg) osara.log.info("attempt %d", msg.attempt) error("fails") end)
+osara.after(0, function() osara.log.info("ready") end)
+]])
+    local p = H.osara({ "run", dir .. "/app.lua" }, { NATS_URL = url },
+      { errors = { "error in nats handler w.>", "dead letter to nowhere.w not stored" } })
+    H.expect(p, "ready", 20)
+    local nats = osara.nats { servers = url }
+    assert(nats:jspublish("w.1", { n = 1 }):wait())
+    local out = logged(p, { "attempt 2" }, 30)
+    assert.matches("dead letter to nowhere.w not stored %(is nowhere.w in a stream%?%)", out)
+    H.stop(p)
+    H.stop(server)
+  end)
+end)
