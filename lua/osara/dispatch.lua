@@ -56,7 +56,7 @@ local function call_fn(fn, msg)
   return pcall(fn, msg)
 end
 
--- decode(msg) -> true | false, reason, message
+-- decode(msg) -> true | false, reason, message [, errors: {{path=, message=}}]
 function Handler:decode(msg)
   local v, err = self.codec.decode(msg.raw)
   if v == nil and err ~= nil then
@@ -72,7 +72,11 @@ function Handler:decode(msg)
         end
         return out
       end)(), "; ")) or tostring(errs)
-      return false, "schema", text
+      local list = {}
+      for i, e in ipairs(type(errs) == "table" and errs or {}) do
+        list[i] = type(e) == "table" and { path = e.path, message = e.message } or { message = tostring(e) }
+      end
+      return false, "schema", text, list
     end
     v = ok
   end
@@ -214,7 +218,9 @@ local function dead_letter_headers(self, msg, reason, err)
 end
 
 -- fail(msg, reason, err) -> false, once the failure was taken (see above).
+-- msg.failed = reason afterwards (a transport may answer a request with it).
 function Policy:fail(msg, reason, err)
+  msg.failed = reason
   msg.first_failure = msg.first_failure or now()
   local attempts = msg.attempt or 1
   if self.dlq then
@@ -232,9 +238,11 @@ function Policy:fail(msg, reason, err)
 end
 
 -- decode(h, msg) -> true | false (the failure taken: retrying cannot fix it).
+-- A schema failure leaves its list in msg.invalid.
 function Policy:decode(h, msg)
-  local ok, reason, err = h:decode(msg)
+  local ok, reason, err, invalid = h:decode(msg)
   if ok then return true end
+  msg.invalid = invalid
   return self:fail(msg, reason, err)
 end
 

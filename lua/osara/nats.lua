@@ -91,13 +91,20 @@ local Msg = {
 }
 
 -- nats:request(subject, value, {timeout=, headers=, codec=}) -> msg | nil, err
--- msg.value is the decoded reply; err is "timeout" or "no responders".
+-- msg.value is the decoded reply; err is "timeout", "no responders" or,
+-- when the responder's handler failed, "<kind>: <error>" (e.g. "handler:
+-- internal error") with the error reply (its JSON body decoded) third.
 function Client:request(subject, value, opts)
   check_subject(subject, false, 2)
   opts = options.check("nats:request", opts)
   local c = codec.get(opts.codec)
   local msg, err = self.c:request(subject, encode(value, c, "nats:request"), opts.timeout, opts.headers)
   if not msg then return nil, err end
+  local failed = msg.headers["osara-error"]
+  if failed then
+    msg.value = codec.get("json").decode(msg.raw)
+    return nil, ("%s: %s"):format(tostring(msg.headers["osara-error-kind"]), failed), setmetatable(msg, Msg)
+  end
   local v, derr = c.decode(msg.raw)
   if v == nil and derr then return nil, derr end
   msg.value = v
@@ -151,6 +158,29 @@ function Client:_dead_letter(dlq, msg, headers)
   end
 end
 
+-- The answer to a request whose handler failed, as HTTP's 400/500: the
+-- osara-error and osara-error-kind headers and a JSON body naming the kind,
+-- never the handler's error text.
+local ERROR_BODIES = {
+  decode = function(msg) return { error = "invalid body", kind = "decode" } end,
+  schema = function(msg) return { error = "invalid body", kind = "schema", errors = msg.invalid } end,
+  too_large = function(msg) return { error = "payload too large", kind = "too_large" } end,
+}
+local function error_reply(self, msg)
+  local kind = msg.failed or "handler"
+  local body = (ERROR_BODIES[kind] or function() return { error = "internal error", kind = kind } end)(msg)
+  local headers = { ["osara-error"] = body.error, ["osara-error-kind"] = kind }
+  if self.checking then
+    local testing = package.loaded["osara.testing"]
+    if testing then testing.record_send(msg.reply, body, { reply = true, headers = headers }) end
+    return
+  end
+  local ok, err = self.c:reply(msg.reply, codec.get("json").encode(body), nil, headers)
+  if not ok then
+    require("osara.log_c").write("error", ("nats %s: error reply not sent: %s"):format(msg.subject, tostring(err)))
+  end
+end
+
 -- Builds the function C calls for each message of one subscription.
 local function make_runner(self, subject, opts, fn, at)
   local h = dispatch.handler { kind = "nats", name = subject, codec = opts.codec,
@@ -164,10 +194,12 @@ local function make_runner(self, subject, opts, fn, at)
   return function(msg)
     setmetatable(msg, Msg)
     if policy:too_large(msg, max_bytes) or not policy:decode(h, msg) then
+      if msg.reply then error_reply(self, msg) end
       return
     end
     local res = { policy:call(msg, fn, emit) }
     if not res[1] then -- filtered, or the failure policy took it
+      if msg.reply and msg.failed then error_reply(self, msg) end
       return
     end
     if dispatch.on_return then dispatch.on_return(unpack(res, 2, table.maxn(res))) end

@@ -124,3 +124,44 @@ osara.after(0, function() osara.log.info("ready") end)
     H.stop(server)
   end)
 end)
+
+describe("nats requests whose handler fails", function()
+  after_each(H.cleanup)
+
+  it("get an error reply (osara-error headers, a JSON body without the error text), not a timeout", function()
+    local server, url = N.server()
+    local dir = H.tmpdir()
+    H.write(dir .. "/app.lua", [[
+local osara = require "osara"
+local nats = osara.nats { servers = os.getenv("NATS_URL") }
+local Order = osara.schema { qty = osara.integer { min = 1 } }
+nats:handle("orders.price", { schema = Order, retry = { max = 1, backoff = 0.01 }, max_bytes = 64 }, function(msg)
+  if msg.value.qty == 13 then error("secret detail of the code") end
+  return { total = msg.value.qty * 2 }
+end)
+]])
+    local p = H.osara({ "run", dir .. "/app.lua" }, { NATS_URL = url },
+      { errors = { "nats orders.price: %S+ failed at orders.price" } })
+    N.subscribed(p, { "orders.price" })
+    local nats = osara.nats { servers = url }
+    local r, err = nats:request("orders.price", { qty = 2 }, { timeout = 5 })
+    assert.are.equal(4, r and r.value.total, err)
+    local e
+    r, err, e = nats:request("orders.price", { qty = 13 }, { timeout = 5 })
+    assert.is_nil(r)
+    assert.are.equal("handler: internal error", err)
+    assert.are.same({ error = "internal error", kind = "handler" }, e.value)
+    assert.are.equal("handler", e.headers["osara-error-kind"])
+    assert.is_nil(e.raw:find("secret"))
+    r, err, e = nats:request("orders.price", { qty = 0 }, { timeout = 5 })
+    assert.are.equal("schema: invalid body", err)
+    assert.are.equal("schema", e.value.kind)
+    assert.are.equal("/qty", e.value.errors[1].path)
+    r, err, e = nats:request("orders.price", "{oops", { timeout = 5, codec = "raw" })
+    assert.are.equal("decode: invalid body", err)
+    r, err, e = nats:request("orders.price", { pad = string.rep("x", 100) }, { timeout = 5 })
+    assert.are.equal("too_large: payload too large", err)
+    H.stop(p)
+    H.stop(server)
+  end)
+end)
