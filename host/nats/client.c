@@ -33,6 +33,12 @@ static void metrics_create(void)
                                      "JetStream messages naked for redelivery", NULL);
     m->termed = osara_metrics_counter("osara_nats_js_termed_total",
                                       "JetStream messages terminated", NULL);
+    m->publish_failed = osara_metrics_counter("osara_nats_publish_failed_total",
+                                              "publishes nats.c refused (reconnect buffer full, "
+                                              "connection closed)", NULL);
+    m->js_publish_failed = osara_metrics_counter("osara_nats_js_publish_failed_total",
+                                                 "JetStream publishes the stream did not "
+                                                 "acknowledge", NULL);
 }
 
 void osara__nats_metrics_init(void)

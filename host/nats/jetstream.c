@@ -529,6 +529,9 @@ static void jspub_after(uv_work_t *w, int status)
     (void)status;
     jspub_t *p = w->data;
     osara__nats_job_end(p->c);
+    if (p->status != NATS_OK) {
+        osara_metric_add(osara__nats_m.js_publish_failed, 1);
+    }
     osara_sched_future_complete(&p->f, jspub_push, p);
     osara_sched_future_unref(&p->f); /* the job's */
 }

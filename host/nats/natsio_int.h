@@ -104,7 +104,7 @@ typedef struct {
 /* Counters of every NATS client (the metrics registry is per process). */
 typedef struct {
     osara_metric_t *received, *handled, *failed, *replies, *requests, *timeouts, *slow,
-        *reconnects, *disconnects, *acked, *naked, *termed;
+        *reconnects, *disconnects, *acked, *naked, *termed, *publish_failed, *js_publish_failed;
 } osara__nats_metrics_t;
 
 extern osara__nats_metrics_t osara__nats_m;

@@ -137,6 +137,7 @@ static int l_client_publish(lua_State *L)
         s = natsConnection_Publish(c->nc, subject, data, (int)len);
     }
     if (s != NATS_OK) {
+        osara_metric_add(osara__nats_m.publish_failed, 1);
         lua_pushnil(L);
         lua_pushfstring(L, "nats: publish to %s: %s", subject, natsStatus_GetText(s));
         return 2;

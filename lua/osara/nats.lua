@@ -12,6 +12,11 @@ local M = {}
 local Client = {}
 Client.__index = Client
 
+-- The outputs of the handler call running in a coroutine (guard_outputs):
+-- the first publish nats.c refused and the JetStream publishes whose ack
+-- is still to come.
+local outputs_of = setmetatable({}, { __mode = "k" })
+
 
 -- Subjects: tokens separated by dots, no whitespace, no empty token;
 -- wildcards only as whole tokens ("*" anywhere, ">" last) when allowed.
@@ -75,7 +80,12 @@ function Client:publish(subject, value, opts)
     local testing = package.loaded["osara.testing"]
     return testing and testing.record_send(subject, value, opts) or true
   end
-  return self.c:publish(subject, bytes, opts.reply_to, opts.headers)
+  local ok, err = self.c:publish(subject, bytes, opts.reply_to, opts.headers)
+  if not ok then
+    local o = outputs_of[coroutine.running()]
+    if o and not o.failed then o.failed = err end
+  end
+  return ok, err
 end
 
 -- Messages: msg.value is the decoded payload, as on every transport;
@@ -125,20 +135,43 @@ local function make_outputs(self, subject, sink)
     end
     return true
   end
-  local function send_all(...)
+  -- Results of a message without msg.reply, published to the sinks;
+  -- raises when one cannot be encoded or published.
+  local function results(msg, ...)
+    if not sinks or msg.reply then return end
     for i = 1, select("#", ...) do
       local v = select(i, ...)
-      if v ~= nil then emit(v) end
+      if v ~= nil then assert(emit(v)) end
     end
   end
-  -- Results of a message without msg.reply; a value that cannot be
-  -- encoded is bad input of that message, not an error of the host.
-  local function results(msg, ...)
-    if not sinks then return end
-    local ok, err = pcall(send_all, ...)
-    if not ok then dispatch.bad_input("nats", subject, "encode", msg.subject, tostring(err)) end
-  end
   return emit, results
+end
+
+-- fn(msg, emit) wrapped so that its outputs fail its call, and so take the
+-- failure policy, instead of vanishing: a publish nats.c refused (its
+-- reconnect buffer full, the connection closed) even when the handler let
+-- the nil, err go; a JetStream publish whose ack does not come (awaited
+-- here); a return value for the sinks (published here) that cannot be
+-- published.
+local function guard_outputs(fn, results)
+  local function finish(co, o, msg, ok, ...)
+    local err = not ok and (...) or nil
+    if ok then ok, err = pcall(results, msg, ...) end
+    outputs_of[co] = nil
+    if not ok then error(err, 0) end
+    for _, r in ipairs(o.pending) do
+      local seq, err = r:wait()
+      if not seq and not o.failed then o.failed = err end
+    end
+    if o.failed then error("an output was not published: " .. tostring(o.failed), 0) end
+    return ...
+  end
+  return function(msg, emit)
+    local co = coroutine.running()
+    local o = { pending = {} }
+    outputs_of[co] = o
+    return finish(co, o, msg, pcall(fn, msg, emit))
+  end
 end
 
 local function subject_of(msg) return msg.subject end
@@ -188,6 +221,7 @@ local function make_runner(self, subject, opts, fn, at)
   local max_bytes = opts.max_bytes
   local reply_empty = opts.reply_empty
   local emit, results = make_outputs(self, subject, opts.sink)
+  local call = guard_outputs(fn, results)
   local policy = dispatch.policy { kind = "nats", name = subject, opts = opts,
     where = subject_of, origin = subject_of,
     dead_letter = opts.dlq and function(msg, headers) self:_dead_letter(opts.dlq, msg, headers) end }
@@ -197,16 +231,13 @@ local function make_runner(self, subject, opts, fn, at)
       if msg.reply then error_reply(self, msg) end
       return
     end
-    local res = { policy:call(msg, fn, emit) }
+    local res = { policy:call(msg, call, emit) }
     if not res[1] then -- filtered, or the failure policy took it
       if msg.reply and msg.failed then error_reply(self, msg) end
       return
     end
     if dispatch.on_return then dispatch.on_return(unpack(res, 2, table.maxn(res))) end
-    if not msg.reply then
-      return results(msg, unpack(res, 2, table.maxn(res)))
-    end
-    if res[2] ~= nil or reply_empty then
+    if msg.reply and (res[2] ~= nil or reply_empty) then
       local bytes = res[2] == nil and "" or h:encode(res[2])
       if bytes == nil then
         dispatch.bad_input("nats", subject, "encode", msg.subject, "cannot encode the reply")
@@ -216,7 +247,10 @@ local function make_runner(self, subject, opts, fn, at)
         local testing = package.loaded["osara.testing"]
         if testing then testing.record_send(msg.reply, res[2], { reply = true }) end
       else
-        self.c:reply(msg.reply, bytes)
+        local ok, err = self.c:reply(msg.reply, bytes)
+        if not ok then -- the requester times out: say why here
+          require("osara.log_c").write("error", ("nats %s: reply not sent: %s"):format(msg.subject, tostring(err)))
+        end
       end
     end
   end
@@ -289,7 +323,10 @@ function Client:jspublish(subject, value, opts)
     if testing then testing.record_send(subject, value, { jetstream = true, headers = opts.headers }) end
     return { wait = function() return 0 end }
   end
-  return self.c:jspublish(subject, bytes, opts.headers)
+  local r = self.c:jspublish(subject, bytes, opts.headers)
+  local o = outputs_of[coroutine.running()]
+  if o then o.pending[#o.pending + 1] = r end
+  return r
 end
 
 -- Where a JetStream message came from: "<stream>/<sequence>/<subject>"
@@ -336,6 +373,7 @@ function Client:_durable(subject, opts, fn, at)
   local h = dispatch.handler { kind = "nats", name = subject, codec = opts.codec,
                                schema = opts.schema, fn = fn, where = at }
   local emit, results = make_outputs(self, subject, opts.sink)
+  local call = guard_outputs(fn, results)
   local policy = js_policy(self, subject, opts)
   local max_bytes, max_deliver = opts.max_bytes, opts.max_deliver
   -- msg.first_failure across redeliveries to this script version, by
@@ -354,7 +392,7 @@ function Client:_durable(subject, opts, fn, at)
     if not policy:keep(msg) then
       return settled(msg, msg.skipped and "ok" or "term")
     end
-    local res = { pcall(fn, msg, emit) }
+    local res = { pcall(call, msg, emit) }
     if not res[1] then
       local delay = policy:redeliver(msg, tostring(res[2]), max_deliver)
       if delay == nil then return settled(msg, "term") end
@@ -365,7 +403,6 @@ function Client:_durable(subject, opts, fn, at)
       return "nak", delay
     end
     if dispatch.on_return then dispatch.on_return(unpack(res, 2, table.maxn(res))) end
-    results(msg, unpack(res, 2, table.maxn(res)))
     return settled(msg, "ok")
   end
   local key = ("%s (durable %s)"):format(subject, opts.durable)

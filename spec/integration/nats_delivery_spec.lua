@@ -165,3 +165,71 @@ end)
     H.stop(server)
   end)
 end)
+
+describe("nats outputs", function()
+  after_each(H.cleanup)
+
+  it("a publish refused by a full reconnect buffer fails its JetStream input, which is redelivered until it is sent", function()
+    local server, url = N.server(nil, H.tmpdir())
+    local out_server, out_url, out_port = N.server()
+    local dir = H.tmpdir()
+    H.write(dir .. "/app.lua", [[
+local osara = require "osara"
+local nats = osara.nats { servers = os.getenv("NATS_URL") }
+local out = osara.nats { servers = os.getenv("NATS_OUT"), name = "out" }
+nats:add_stream { name = "IN", subjects = { "in.>" }, storage = "memory" }
+nats:handle("in.>", { durable = "in", stream = "IN", batch = 1,
+                      retry = { max = 1000, backoff = 0.05, max_backoff = 0.2, jitter = 0 } }, function(msg)
+  out:publish("big", string.rep("x", 900000), { codec = "raw" }) -- nil, err ignored, as handlers do
+  osara.log.info("published %d attempt %d failed=%d", msg.value.n, msg.attempt,
+    osara.metrics.value("osara_nats_publish_failed_total"))
+end)
+osara.after(0, function() osara.log.info("ready") end)
+]])
+    local p = H.osara({ "run", dir .. "/app.lua" }, { NATS_URL = url, NATS_OUT = out_url })
+    H.expect(p, "ready", 20)
+    H.stop(out_server)
+    H.expect(p, "nats " .. out_url .. ": disconnected", 20)
+    local nats = osara.nats { servers = url }
+    for n = 1, 12 do assert(nats:jspublish("in.x", { n = n }):wait()) end
+    logged(p, { "an output was not published: nats: publish to big: " }, 30)
+    out_server = N.server(out_port)
+    local seen = {}
+    H.eventually(function()
+      p:line(0.05)
+      for n in p:output():gmatch("published (%d+) attempt") do seen[tonumber(n)] = true end
+      for n = 1, 12 do if not seen[n] then return false end end
+      return true
+    end, 60, "all 12 published")
+    local out = p:output()
+    assert.matches("published %d+ attempt [2-9]%d* failed=[1-9]", out)
+    H.stop(p)
+    H.stop(out_server)
+    H.stop(server)
+  end)
+
+  it("a JetStream publish without an ack fails the handler's call, which takes the failure policy", function()
+    local server, url = N.server(nil, H.tmpdir())
+    local dir = H.tmpdir()
+    H.write(dir .. "/app.lua", [[
+local osara = require "osara"
+local nats = osara.nats { servers = os.getenv("NATS_URL") }
+nats:handle("jp", { retry = { max = 1, backoff = 0.01 },
+  on_failure = function(msg, err, attempts)
+    osara.log.info("on_failure attempts=%d js_failed=%d", attempts,
+      osara.metrics.value("osara_nats_js_publish_failed_total"))
+  end }, function(msg)
+  nats:jspublish("nostream.x", msg.value) -- never waited for by the handler
+end)
+]])
+    local p = H.osara({ "run", dir .. "/app.lua" }, { NATS_URL = url },
+      { errors = { "nats jp: handler failed at jp after 2 attempts: an output was not published: " } })
+    N.subscribed(p, { "jp" })
+    local nats = osara.nats { servers = url }
+    nats:publish("jp", { n = 1 })
+    nats:flush()
+    H.expect(p, "on_failure attempts=2 js_failed=2", 20)
+    H.stop(p)
+    H.stop(server)
+  end)
+end)
