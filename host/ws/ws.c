@@ -81,7 +81,7 @@ typedef struct {
 } conn_ud_t;
 
 static _Thread_local ws_endpoint_t *endpoints; /* this worker thread's */
-static osara_metric_t *m_server_conns, *m_client_conns;
+static osara_metric_t *m_server_conns, *m_client_conns, *m_calls_ok, *m_calls_error;
 
 /* ---- small helpers ----------------------------------------------------------- */
 
@@ -121,6 +121,10 @@ static void metrics_init(void)
                                              "side=\"server\"");
         m_client_conns = osara_metrics_gauge("osara_ws_connections", "open WebSocket connections",
                                              "side=\"client\"");
+        m_calls_ok = osara_metrics_counter("osara_rpc_calls_total", "RPC calls answered",
+                                           "result=\"ok\"");
+        m_calls_error = osara_metrics_counter("osara_rpc_calls_total", "RPC calls answered",
+                                              "result=\"error\"");
     }
 }
 
@@ -424,6 +428,7 @@ static void on_call_done(osara_co_t *co, int ok, void *ud)
     ws_conn_t *c = ud;
     lua_State *T = osara_co_thread(co);
     c->inflight--;
+    osara_metric_add(ok && !lua_toboolean(T, 2) ? m_calls_ok : m_calls_error, 1);
     if (ok && !c->closing && lua_type(T, 1) == LUA_TSTRING) {
         size_t n;
         const char *reply = lua_tolstring(T, 1, &n);
@@ -431,6 +436,23 @@ static void on_call_done(osara_co_t *co, int ok, void *ud)
     }
     update_reading(c);
     conn_unref(c);
+}
+
+/* Pushes osara.rpc._dispatch of T's VM: from package.loaded, or required
+ * (a VM loaded after a reload that dropped every expose has not loaded it). */
+static void push_dispatch(lua_State *T)
+{
+    lua_getfield(T, LUA_REGISTRYINDEX, "_LOADED");
+    lua_getfield(T, -1, "osara.rpc"); /* [loaded, rpc] */
+    if (!lua_istable(T, -1)) {
+        lua_pop(T, 1);
+        lua_getglobal(T, "require");
+        lua_pushliteral(T, "osara.rpc");
+        lua_call(T, 1, 1);
+    }
+    lua_getfield(T, -1, "_dispatch");
+    lua_replace(T, -3);
+    lua_pop(T, 1); /* [dispatch] */
 }
 
 /* A text message from a client: the serving VM's dispatcher answers it in a
@@ -445,11 +467,7 @@ static void server_message(ws_conn_t *c, const uint8_t *msg, size_t n)
         wslay_event_queue_close(c->ctx, WSLAY_CODE_GOING_AWAY, (const uint8_t *)"shutting down", 13);
         return;
     }
-    lua_getglobal(T, "require");
-    lua_pushliteral(T, "osara.rpc");
-    lua_call(T, 1, 1);
-    lua_getfield(T, -1, "_dispatch");
-    lua_remove(T, -2);
+    push_dispatch(T);
     lua_pushlstring(T, (const char *)msg, n); /* T: [dispatch, text] */
     c->refs++;
     c->inflight++;

@@ -6,7 +6,6 @@ local ws_c = require "osara.ws_c"
 local vm_c = require "osara.vm_c"
 local sched = require "osara.sched_c"
 local log = require "osara.log_c"
-local metrics = require "osara.metrics_c"
 local options = require "osara.options"
 
 local json = require("cjson").new()
@@ -139,11 +138,9 @@ local function run(name, id, args)
   end
   local ok, res = xpcall(fn, traceback, unpack(args, 1, args.n))
   if ok then
-    metrics.add("osara_rpc_calls_total", { result = "ok" }, "RPC calls answered", 1)
     if res == nil then res = json.null end
     return { jsonrpc = "2.0", id = id, result = res }
   end
-  metrics.add("osara_rpc_calls_total", { result = "error" }, "RPC calls answered", 1)
   local e = error_object(res.err)
   if not BUILTIN[name] then
     -- a { code, message } table is the function's answer; anything else a failure
@@ -162,22 +159,23 @@ local function encode(msg)
 end
 
 -- Called by host/ws for every text message, in its own coroutine: returns
--- the reply text, or nil for a notification (a request without id).
+-- the reply text (nil for a notification: a request without id) and
+-- whether it is an error (host/ws counts both in osara_rpc_calls_total).
 function M._dispatch(text)
   local ok, msg = pcall(json.decode, text)
   if not ok then
-    return encode(fail(json.null, CODE.PARSE, "parse error: " .. tostring(msg):gsub("^.-: ", "")))
+    return encode(fail(json.null, CODE.PARSE, "parse error: " .. tostring(msg):gsub("^.-: ", ""))), true
   end
   if type(msg) ~= "table" or type(msg.method) ~= "string" then
     local id = type(msg) == "table" and msg.id or json.null
-    return encode(fail(id, CODE.INVALID, "invalid request: expected {id, method, params}"))
+    return encode(fail(id, CODE.INVALID, "invalid request: expected {id, method, params}")), true
   end
   local id = msg.id
   local args = arguments(msg.params)
   local reply = args and run(msg.method, id == nil and json.null or id, args)
     or fail(id, CODE.PARAMS, "invalid params: expected an array or an object")
-  if id == nil then return nil end
-  return encode(reply)
+  if id == nil then return nil, reply.error ~= nil end
+  return encode(reply), reply.error ~= nil
 end
 
 -- ---- client ------------------------------------------------------------------------

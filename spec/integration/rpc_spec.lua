@@ -94,6 +94,8 @@ describe("rpc over WebSocket, called by an independent client", function()
     local invalid = tool(url, "raw_text", '{"id": 7, "params": []}')
     assert.are.equal(-32600, invalid.error.code)
     assert.are.equal(7, invalid.id)
+    assert.is_true(metric(port, 'osara_rpc_calls_total{result="error"}') >= 7)
+    assert.is_true(metric(port, 'osara_rpc_calls_total{result="ok"}') >= 100)
   end)
 
   it("closes with 1002 on a malformed frame and keeps serving others", function()
