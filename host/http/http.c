@@ -61,8 +61,14 @@ struct hconn_s {
     hreq_t *cur;                /* being parsed */
     hreq_t *head, *tail;        /* parsed, answered in order */
     hreq_t *upgrading;          /* a WebSocket request, handed to host/ws */
+    int nqueued;                /* requests from head to tail */
+    buf_t held;                 /* bytes read but not parsed while congested */
     size_t header_bytes;
     int closing;
+    int reading;                /* uv_read_start is in effect */
+    int parsing;                /* inside http_parser_execute */
+    int ending;                 /* last answer sent: closes once written, reads no more */
+    int writes;                 /* uv_write requests not completed */
     int handles;                /* tcp + timer open */
     int busy;                   /* requests held by Lua coroutines */
     hconn_t *prev, *next;       /* the server's connections */
@@ -82,7 +88,14 @@ struct hserver_s {
     uint64_t next_id;
 };
 
-static osara_metric_t *m_rejected, *m_conns;
+/* A client that pipelines requests without reading the answers must not
+ * grow the server: past MAX_QUEUED parsed requests or MAX_UNSENT bytes of
+ * answers the kernel would not take yet, the connection stops reading (and
+ * answering) until the client catches up. */
+#define MAX_QUEUED 32
+#define MAX_UNSENT ((size_t)1 << 20)
+
+static osara_metric_t *m_rejected, *m_conns, *m_reclaimed;
 static http_parser_settings parser_settings;
 
 /* ---- buffers ------------------------------------------------------------- */
@@ -155,6 +168,7 @@ static void conn_maybe_free(hconn_t *c)
     if (c->upgrading) {
         req_free(c->upgrading);
     }
+    free(c->held.p);
     free(c);
     server_unref(srv);
 }
@@ -197,15 +211,23 @@ typedef struct {
     char data[];
 } wreq_t;
 
+static void dispatch_next(hconn_t *c);
+static void conn_resume(hconn_t *c);
+
 static void on_written(uv_write_t *req, int status)
 {
     wreq_t *w = (wreq_t *)req;
     hconn_t *c = w->conn;
     c->busy--;
-    if ((status != 0 || w->close_after)) {
+    c->writes--;
+    if (status != 0 || w->close_after || (c->ending && c->writes == 0)) {
         conn_close(c);
     }
     free(w);
+    if (!c->closing) {
+        dispatch_next(c); /* the client read: answers may go on */
+        conn_resume(c);
+    }
     conn_maybe_free(c);
 }
 
@@ -220,8 +242,10 @@ static int conn_write(hconn_t *c, const char *p, size_t n, int close_after)
     w->close_after = close_after;
     uv_buf_t b = uv_buf_init(w->data, (unsigned)n);
     c->busy++;
+    c->writes++;
     if (uv_write(&w->req, (uv_stream_t *)&c->tcp, &b, 1, on_written) != 0) {
         c->busy--;
+        c->writes--;
         free(w);
         conn_close(c);
         return -1;
@@ -272,8 +296,10 @@ static void reject(hconn_t *c, int status, const char *why)
     osara_metric_add(osara_metrics_counter("osara_http_rejected_total",
                                            "requests refused by a limit or as malformed", labels), 1);
     (void)m_rejected;
-    if (!c->closing) {
+    c->ending = 1;
+    if (c->reading) {
         uv_read_stop((uv_stream_t *)&c->tcp);
+        c->reading = 0;
     }
     conn_write(c, resp, (size_t)n, 1);
     if (c->cur) {
@@ -282,9 +308,70 @@ static void reject(hconn_t *c, int status, const char *why)
     }
 }
 
-/* ---- dispatch to Lua ------------------------------------------------------ */
+/* ---- flow control ---------------------------------------------------------- */
 
-static void dispatch_next(hconn_t *c);
+static size_t unsent(hconn_t *c)
+{
+    return c->tcp.write_queue_size;
+}
+
+static int congested(hconn_t *c)
+{
+    return c->nqueued >= MAX_QUEUED || unsent(c) >= MAX_UNSENT;
+}
+
+static void on_alloc(uv_handle_t *h, size_t suggested, uv_buf_t *b);
+static void on_read(uv_stream_t *s, ssize_t nread, const uv_buf_t *b);
+static void conn_parse(hconn_t *c, const char *p, size_t n);
+
+static void conn_read_stop(hconn_t *c)
+{
+    if (c->reading) {
+        uv_read_stop((uv_stream_t *)&c->tcp);
+        c->reading = 0;
+    }
+}
+
+/* Reads again once a congested connection caught up: the bytes held back
+ * are parsed first (they may congest it again), then reading restarts.
+ * Callers may be inside the parser (a route answering synchronously): the
+ * outer parse goes on by itself then. */
+static void conn_resume(hconn_t *c)
+{
+    if (c->closing || c->ending || c->parsing || congested(c)) {
+        return;
+    }
+    if (HTTP_PARSER_ERRNO(&c->parser) == HPE_PAUSED) {
+        http_parser_pause(&c->parser, 0);
+        buf_t held = c->held;
+        c->held = (buf_t){0};
+        if (held.len > 0) {
+            conn_parse(c, held.p, held.len);
+        }
+        free(held.p);
+        if (c->closing || HTTP_PARSER_ERRNO(&c->parser) == HPE_PAUSED) {
+            return;
+        }
+    }
+    if (!c->reading && uv_read_start((uv_stream_t *)&c->tcp, on_alloc, on_read) == 0) {
+        c->reading = 1;
+    }
+}
+
+/* Closes the connection once its answers are written (closing at once
+ * would drop the ones the client has not read yet). */
+static void conn_end(hconn_t *c)
+{
+    c->ending = 1;
+    conn_read_stop(c);
+    if (c->writes == 0) {
+        conn_close(c);
+    } else {
+        arm_timer(c, c->srv->idle_timeout); /* a client that never reads them */
+    }
+}
+
+/* ---- dispatch to Lua ------------------------------------------------------ */
 
 static void req_done(hconn_t *c, hreq_t *r)
 {
@@ -293,10 +380,11 @@ static void req_done(hconn_t *c, hreq_t *r)
     if (c->head == NULL) {
         c->tail = NULL;
     }
+    c->nqueued--;
     int keep = r->keepalive && !c->srv->closed;
     req_free(r);
     if (!keep) {
-        conn_close(c);
+        conn_end(c);
         return;
     }
     if (c->head) {
@@ -304,6 +392,7 @@ static void req_done(hconn_t *c, hreq_t *r)
     } else {
         arm_timer(c, c->srv->idle_timeout);
     }
+    conn_resume(c);
 }
 
 /* Writes status line, headers (table at idx on L) and body. */
@@ -417,7 +506,12 @@ static void push_request(lua_State *T, hreq_t *r)
 static void dispatch_next(hconn_t *c)
 {
     hreq_t *r = c->head;
-    if (r == NULL || !r->complete || r->dispatched || c->closing) {
+    if (r == NULL || !r->complete || r->dispatched || c->closing || c->ending) {
+        return;
+    }
+    if (unsent(c) >= MAX_UNSENT) {
+        /* the client is not reading its answers: wait (on_written) */
+        arm_timer(c, c->srv->idle_timeout);
         return;
     }
     uv_timer_stop(&c->timer);
@@ -588,7 +682,11 @@ static int on_message_complete(http_parser *p)
         c->head = r;
     }
     c->tail = r;
+    c->nqueued++;
     dispatch_next(c);
+    if (congested(c) && !c->closing) {
+        http_parser_pause(p, 1); /* conn_parse holds the rest back */
+    }
     return 0;
 }
 
@@ -629,15 +727,29 @@ static void on_read(uv_stream_t *s, ssize_t nread, const uv_buf_t *b)
         free(b->base);
         return;
     }
-    size_t done = http_parser_execute(&c->parser, &c->srv->settings, b->base, (size_t)nread);
+    conn_parse(c, b->base, (size_t)nread);
+    free(b->base);
+}
+
+/* Parses bytes read. When a request congests the connection the parser
+ * pauses: the rest of the bytes wait in c->held and reading stops until
+ * conn_resume. */
+static void conn_parse(hconn_t *c, const char *p, size_t n)
+{
+    c->parsing = 1;
+    size_t done = http_parser_execute(&c->parser, &c->srv->settings, p, n);
+    c->parsing = 0;
     enum http_errno err = HTTP_PARSER_ERRNO(&c->parser);
     if (c->upgrading && err == HPE_OK) {
-        hand_over(c, b->base + done, (size_t)nread - done);
-        free(b->base);
+        hand_over(c, p + done, n - done);
         return;
     }
-    free(b->base);
-    if (err == HPE_OK && done == (size_t)nread) {
+    if (err == HPE_PAUSED) {
+        buf_add(&c->held, p + done, n - done);
+        conn_read_stop(c);
+        return;
+    }
+    if (err == HPE_OK && done == n) {
         return;
     }
     if (c->header_bytes > c->srv->max_header) {
@@ -652,11 +764,31 @@ static void on_read(uv_stream_t *s, ssize_t nread, const uv_buf_t *b)
 static void on_timeout(uv_timer_t *t)
 {
     hconn_t *c = t->data;
-    if (c->cur || (c->head && !c->head->complete)) {
+    if (c->cur) {
         reject(c, 408, "request timeout"); /* slow or stalled client */
-    } else if (c->head == NULL) {
-        conn_close(c); /* idle keep-alive connection */
+    } else if (c->head == NULL || !c->head->dispatched) {
+        /* idle, silent since it connected, or not reading its answers */
+        conn_close(c);
     }
+}
+
+/* Makes room for a new connection when every slot is taken: closes the
+ * oldest connection that waits for a request (idle keep-alive, or silent
+ * since it connected) and is not writing. Returns 0 when there is none. */
+static int reclaim_slot(hserver_t *srv, hconn_t *newest)
+{
+    hconn_t *oldest = NULL;
+    for (hconn_t *c = srv->conns; c; c = c->next) { /* newest first */
+        if (c != newest && !c->closing && c->cur == NULL && c->head == NULL && c->busy == 0) {
+            oldest = c;
+        }
+    }
+    if (oldest == NULL) {
+        return 0;
+    }
+    conn_close(oldest);
+    osara_metric_add(m_reclaimed, 1);
+    return 1;
 }
 
 static void on_connection(uv_stream_t *server, int status)
@@ -688,14 +820,18 @@ static void on_connection(uv_stream_t *server, int status)
     uv_tcp_nodelay(&c->tcp, 1);
     http_parser_init(&c->parser, HTTP_REQUEST);
     c->parser.data = c;
-    if (srv->nconns > srv->max_conns) {
+    if (srv->nconns > srv->max_conns && !reclaim_slot(srv, c)) {
         reject(c, 503, "too many connections");
         return;
     }
-    arm_timer(c, srv->idle_timeout);
+    /* A new connection owes a request: it gets the request timeout, so
+     * connections that never send a byte cannot hold slots for long. */
+    arm_timer(c, srv->request_timeout);
     if (uv_read_start((uv_stream_t *)&c->tcp, on_alloc, on_read) != 0) {
         conn_close(c);
+        return;
     }
+    c->reading = 1;
 }
 
 /* ---- server ---------------------------------------------------------------- */
@@ -721,16 +857,30 @@ static void server_close(void *ptr)
     }
 }
 
+/* "host:port" (host may be empty: 127.0.0.1) -> 0, or -1 with the reason
+ * recorded. The port is checked, not wrapped: 99999 is an error. */
 static int parse_addr(const char *s, struct sockaddr_in *a)
 {
     char host[64];
     const char *colon = strrchr(s, ':');
     if (colon == NULL || colon - s >= (int)sizeof(host)) {
+        osara_err_set(OSARA_EINVAL, "invalid listen address '%s' (host:port)", s);
+        return -1;
+    }
+    const char *port = colon + 1;
+    size_t digits = strspn(port, "0123456789");
+    if (digits == 0 || digits > 5 || port[digits] != '\0' || atoi(port) > 65535) {
+        osara_err_set(OSARA_EINVAL, "invalid port '%s' in listen address '%s' (0 to 65535)", port, s);
         return -1;
     }
     memcpy(host, s, (size_t)(colon - s));
     host[colon - s] = '\0';
-    return uv_ip4_addr(host[0] ? host : "127.0.0.1", atoi(colon + 1), a);
+    if (uv_ip4_addr(host[0] ? host : "127.0.0.1", atoi(port), a) != 0) {
+        osara_err_set(OSARA_EINVAL, "invalid host '%s' in listen address '%s' (an IPv4 address)",
+                      host, s);
+        return -1;
+    }
+    return 0;
 }
 
 /* listen(addr, {max_header=, max_body=, request_timeout=, idle_timeout=,
@@ -741,6 +891,9 @@ static int l_http_listen(lua_State *L)
     osara_worker_t *w = osara_vm_from_L(L)->w;
     if (m_conns == NULL) {
         m_conns = osara_metrics_gauge("osara_http_connections", "open HTTP connections", NULL);
+        m_reclaimed = osara_metrics_counter("osara_http_reclaimed_total",
+                                            "connections waiting for a request closed to make room",
+                                            NULL);
         parser_settings = (http_parser_settings){
             .on_message_begin = on_message_begin, .on_url = on_url,
             .on_header_field = on_header_field, .on_header_value = on_header_value,
@@ -754,7 +907,7 @@ static int l_http_listen(lua_State *L)
     if (srv == NULL && w->opts.mode != OSARA_MODE_CHECK) {
         struct sockaddr_in a;
         if (parse_addr(addr, &a) != 0) {
-            return luaL_error(L, "http: invalid listen address '%s' (host:port)", addr);
+            return luaL_error(L, "http: %s", osara_err_msg());
         }
         srv = osara_xcalloc(1, sizeof(*srv));
         srv->w = w;

@@ -5,9 +5,12 @@
  * and keep-alive connections survive; each complete request is dispatched
  * to the serving VM's Lua router (lua/osara/http.lua) in its own pooled
  * coroutine, so in-flight requests finish on the code they started on.
- * Pipelined requests are answered in order. Limits (header size, body size,
- * request and idle timeouts, connections) answer 431, 413, 408, 503 and
- * close the connection; malformed input answers 400. */
+ * Pipelined requests are answered in order; a connection with 32 requests
+ * unanswered or 1 MiB of answers unread is not read until its client
+ * catches up. Limits (header size, body size, request and idle timeouts,
+ * connections) answer 431, 413, 408, 503 and close the connection;
+ * malformed input answers 400. A full server makes room by closing the
+ * oldest connection waiting for a request. */
 #ifndef OSARA_HTTP_H
 #define OSARA_HTTP_H
 

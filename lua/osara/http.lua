@@ -31,7 +31,11 @@ local function start_server(opts)
   server = { listen = listen, healthz = opts.healthz, metrics = opts.metrics }
   if capturing then return server end -- osara.testing: routes without a socket
   local ok, addr = pcall(http_c.listen, listen, opts)
-  if not ok then options.raise(tostring(addr):gsub("^[^:]*:%d+: ", "")) end
+  if not ok then
+    local msg = tostring(addr):gsub("^[^:]*:%d+: ", "")
+    if os.getenv("OSARA_HTTP_LISTEN") then msg = msg .. " (from --http or OSARA_HTTP_LISTEN)" end
+    options.raise(msg)
+  end
   server.addr = addr
   if vm_c.mode() == "run" then log.write("info", "http: listening on http://" .. addr) end
   return server

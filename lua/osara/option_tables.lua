@@ -188,9 +188,9 @@ define("osara.http", {
   { "metrics", "string|boolean", "/metrics", "path of the Prometheus metrics, or `false`" },
   { "max_body", "integer", 1048576, "larger request bodies answer 413" },
   { "max_header", "integer", 16384, "larger request heads answer 431" },
-  { "request_timeout", "number", 10, "seconds to receive a whole request" },
+  { "request_timeout", "number", 10, "seconds to receive a whole request (a new connection's first byte included)" },
   { "idle_timeout", "number", 60, "seconds an idle keep-alive connection stays open" },
-  { "max_connections", "integer", 1024, "connections at once; more are refused" },
+  { "max_connections", "integer", 1024, "connections at once; when full, the oldest waiting for a request is closed, else 503" },
 })
 
 define("osara.route", {

@@ -316,3 +316,23 @@ timeout 5 cat <&3]]):format(a) }, { status = false })
     H.stop(p)
   end)
 end)
+
+describe("http rough edges (gh-14)", function()
+  after_each(H.cleanup)
+
+  it("gh_14_http_port: rejects a listen port out of range instead of wrapping it", function()
+    local dir = H.tmpdir()
+    H.write(dir .. "/app.lua", [[
+local osara = require "osara"
+osara.route("GET", "/a", function() return {} end)
+]])
+    for _, port in ipairs { "99999", "70000", "-1", "8o80" } do
+      local status, out = H.run({ "run", "--http", "127.0.0.1:" .. port, dir .. "/app.lua" }, 20, nil,
+                                { errors = { "invalid port" } })
+      assert.are.equal(1, status)
+      assert.is_truthy(out:find("invalid port '" .. port .. "' in listen address '127.0.0.1:" .. port
+        .. "' (0 to 65535) (from --http or OSARA_HTTP_LISTEN)", 1, true), out)
+      assert.is_nil(out:find("listening"), out)
+    end
+  end)
+end)
