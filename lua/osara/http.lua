@@ -52,11 +52,35 @@ end
 
 -- ---- routes ---------------------------------------------------------------------
 
+-- Path parameter types. A segment that does not convert does not match (a
+-- request no route matches answers 404). int: decimal digits only, exact in
+-- a double (|n| <= 2^53), so 99999999999999999999999 is not an int; number:
+-- a finite decimal (no hex, inf or nan).
+local EXACT = "9007199254740992" -- 2^53: compared as digits, before rounding
+local function int_param(s)
+  local sign, digits = s:match("^(%-?)0*(%d+)$")
+  if not digits or #digits > #EXACT or (#digits == #EXACT and digits > EXACT) then return nil end
+  return tonumber(sign .. digits)
+end
+local function number_param(s)
+  local mantissa, exponent = s:match("^%-?([%d.]+)(.*)$")
+  if not mantissa or not (mantissa:match("^%d+$") or mantissa:match("^%d*%.%d+$")) then return nil end
+  if exponent ~= "" and not exponent:match("^[eE][+-]?%d+$") then return nil end
+  local n = tonumber(s)
+  if n == nil or n ~= n or n == math.huge or n == -math.huge then return nil end
+  return n
+end
 local TYPES = {
-  int = function(s) return s:match("^%-?%d+$") and tonumber(s) end,
-  number = function(s) return tonumber(s) end,
+  int = int_param,
+  number = number_param,
   str = function(s) return s end,
 }
+
+-- A decoded segment a `*` parameter may hold: joined onto a folder, the
+-- rest never leaves it (no "." or "..", no slash or NUL hidden as %2F).
+local function safe_segment(seg)
+  return seg ~= "." and seg ~= ".." and not seg:find("[/\\%z]")
+end
 
 -- "/foo/{id:int}/{name}/*" -> list of segments
 local function compile(pattern)
@@ -66,7 +90,9 @@ local function compile(pattern)
   local segs = {}
   for seg in pattern:gmatch("[^/]+") do
     local name, typ = seg:match("^{([%w_]+):?([%w]*)}$")
-    if seg == "*" or seg:match("^{[%w_]*%*}$") then
+    if seg == "**" then
+      segs[#segs + 1] = { rest = true, raw = true }
+    elseif seg == "*" or seg:match("^{[%w_]*%*}$") then
       segs[#segs + 1] = { rest = true }
     elseif name then
       typ = typ ~= "" and typ or "str"
@@ -79,10 +105,17 @@ local function compile(pattern)
   return segs
 end
 
-local function match(segs, parts)
+-- parts: the path's segments decoded; raw: as sent (still %-encoded).
+local function match(segs, parts, raw)
   local params = {}
   for i, s in ipairs(segs) do
-    if s.rest then
+    if s.rest and s.raw then
+      params[#params + 1] = table.concat(raw, "/", i)
+      return params
+    elseif s.rest then
+      for j = i, #parts do
+        if not safe_segment(parts[j]) then return nil end
+      end
       params[#params + 1] = table.concat(parts, "/", i)
       return params
     end
@@ -123,8 +156,9 @@ local function add_route(method, pattern, fn, opts, at)
   if not server and not capturing and vm_c.mode() ~= "test" then start_server() end
   local sig = ("format=%s schema=%s"):format(tostring(opts.format), tostring(opts.schema ~= nil))
   if vm_c.loading() then
-    vm_c.register("route", method .. " " .. pattern, sig, fn, nil, at,
+    local ok, err = pcall(vm_c.register, "route", method .. " " .. pattern, sig, fn, nil, at,
       type(opts.format) == "table" and table.concat(opts.format, "|") or tostring(opts.format or "json"))
+    if not ok then error(at .. ": " .. tostring(err):gsub("^[^:]*:%d+: ", ""), 0) end
   end
   return r
 end
@@ -146,8 +180,13 @@ end
 
 -- ---- requests ---------------------------------------------------------------------
 
+local function percent_decode(s)
+  return (s:gsub("%%(%x%x)", function(h) return string.char(tonumber(h, 16)) end))
+end
+
+-- a query or form value: '+' is a space there (not in paths)
 local function unescape(s)
-  return (s:gsub("+", " "):gsub("%%(%x%x)", function(h) return string.char(tonumber(h, 16)) end))
+  return percent_decode(s:gsub("+", " "))
 end
 
 local function parse_query(q)
@@ -211,18 +250,34 @@ end
 FORMATS = {
   json = { type = "application/json", encode = function(v) return cjson.encode(v) end },
   msgpack = { type = "application/msgpack", encode = function(v) return assert(codec.get("msgpack").encode(v)) end },
-  html = { type = "text/html; charset=utf-8", encode = function(v) return tostring(v) end },
-  text = { type = "text/plain; charset=utf-8", encode = function(v) return tostring(v) end },
+  html = { type = "text/html; charset=utf-8", encode = tostring, scalars = true },
+  text = { type = "text/plain; charset=utf-8", encode = tostring, scalars = true },
 }
 
--- Picks the route's format, honouring Accept when it allows several.
-local function negotiate(req, allowed)
-  if type(allowed) ~= "table" then return allowed or "json" end
+-- Whether format f can send body (html and text send strings and numbers,
+-- never a table's address).
+local function can_encode(f, body)
+  return not (FORMATS[f].scalars and type(body) == "table")
+end
+
+-- Picks the route's format for body, honouring Accept when it allows
+-- several: the first allowed format Accept names that can encode the body,
+-- else the first that can (a table asked for as text/html goes out as
+-- JSON when the route also allows JSON).
+local function negotiate(req, allowed, body)
+  if type(allowed) ~= "table" then allowed = { allowed or "json" } end
   local accept = req.headers["accept"] or ""
+  local fallback
   for _, f in ipairs(allowed) do
-    if accept:find(FORMATS[f].type:match("^[^;]+"), 1, true) then return f end
+    if can_encode(f, body) then
+      if accept:find(FORMATS[f].type:match("^[^;]+"), 1, true) then return f end
+      fallback = fallback or f
+    end
   end
-  return allowed[1]
+  if fallback then return fallback end
+  local route = req.route and (" " .. req.route) or ""
+  error(("route %s%s returned a table, but its format %s sends strings (return a string, "
+    .. "or allow \"json\" or \"msgpack\")"):format(req.method, route, table.concat(allowed, "|")), 0)
 end
 
 local function json_error(status, msg, extra)
@@ -233,7 +288,7 @@ end
 
 local function render(req, route, a, b, c)
   if getmetatable(a) == RESPONSE then
-    local fmt = FORMATS[a.format or negotiate(req, route and route.opts.format)]
+    local fmt = FORMATS[negotiate(req, a.format or (route and route.opts.format), a.body)]
     local body = a.body
     local headers = a.headers or {}
     if type(body) == "table" then body = fmt.encode(body) end
@@ -243,8 +298,7 @@ local function render(req, route, a, b, c)
   local status, body, headers = 200, a, nil
   if type(a) == "number" then status, body, headers = a, b, c end
   headers = headers or {}
-  local fname = negotiate(req, route and route.opts.format)
-  local fmt = FORMATS[fname]
+  local fmt = FORMATS[negotiate(req, route and route.opts.format, body)]
   if type(body) == "table" or (body ~= nil and type(body) ~= "string") then
     body = fmt.encode(body)
   elseif body == nil then
@@ -348,10 +402,10 @@ local function builtin(req, path)
   end
 end
 
-local function find(method, parts)
+local function find(method, parts, raw)
   local allowed, any = {}, false
   for _, r in ipairs(routes) do
-    local params = match(r.segs, parts)
+    local params = match(r.segs, parts, raw)
     if params then
       any = true
       if r.method == method or (method == "HEAD" and r.method == "GET") then
@@ -371,18 +425,22 @@ end
 
 local function handle(req)
   local target = req.target
-  local path, query = target:match("^([^?]*)%??(.*)$")
-  path = unescape(path)
+  local raw_path, query = target:match("^([^?]*)%??(.*)$")
+  local path = percent_decode(raw_path)
   if not codec_c.utf8_valid(path) then
     return "-", json_error(400, "invalid UTF-8 in the path")
   end
-  req.path = path
+  req.path, req.raw_path = path, raw_path
   req.query = parse_query(query or "")
   local b1, b2, b3 = builtin(req, path)
   if b1 then return path, b1, b2, b3 end
-  local parts = {}
-  for p in path:gmatch("[^/]+") do parts[#parts + 1] = p end
-  local route, params, allow = find(req.method, parts)
+  -- split before decoding: an encoded slash (%2F) stays inside its segment
+  local parts, raw = {}, {}
+  for seg in raw_path:gmatch("[^/]+") do
+    raw[#raw + 1] = seg
+    parts[#parts + 1] = percent_decode(seg)
+  end
+  local route, params, allow = find(req.method, parts, raw)
   if not route then
     if allow then
       if req.method == "OPTIONS" then

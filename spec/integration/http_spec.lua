@@ -23,13 +23,17 @@ osara.resource("/things/{id}", {
   get = function(req, id) return { id = id } end,
   delete = function(req, id) return 204, "" end,
 })
+osara.route("GET", "/raw/**", function(req, rest) return { rest = rest, raw_path = req.raw_path } end)
+osara.route("GET", "/n/{x:number}", function(req, x) return { x = x } end)
+osara.route("GET", "/neg", function() return { x = 1 } end, { format = { "json", "msgpack", "html" } })
+osara.route("GET", "/htmlonly", function() return { x = 1 } end, { format = "html" })
 ]]
 
 describe("http", function()
   local dir, p, port
   setup(function()
     dir = H.tmpdir()
-    p, port = T.app(dir, APP, nil, { errors = { "http GET /boom failed" } })
+    p, port = T.app(dir, APP, nil, { errors = { "http GET /boom failed", "http GET /htmlonly failed" } })
   end)
   teardown(function()
     H.stop(p)
@@ -46,6 +50,41 @@ describe("http", function()
     assert.are.equal("a/b/c.txt", cjson.decode(b2).rest)
     local _, _, b3 = T.curl { url "/q?a=1&b=hello%20world" }
     assert.are.same({ a = "1", b = "hello world" }, cjson.decode(b3))
+  end)
+
+  it("gh_13_wildcard: decodes each segment of a * parameter and never lets it climb out", function()
+    local function rest(path, ...)
+      local status, _, body = T.curl { "--path-as-is", url(path), ... }
+      return status, status == 200 and cjson.decode(body).rest or nil
+    end
+    -- before: the path was decoded whole, so %2F became a separator and
+    -- ..%2f.. reached the handler as ../..
+    assert.are.equal(404, (rest "/files/..%2f..%2fetc%2fpasswd"))
+    assert.are.equal(404, (rest "/files/a/../../etc/passwd"))
+    assert.are.equal(404, (rest "/files/a%2Fb"))
+    assert.are.equal(404, (rest "/files/./a"))
+    assert.are.equal(404, (rest "/files/a%00b"))
+    assert.are.same({ 200, "a b/c+d/..x" }, { rest "/files/a%20b/c+d/..x" })
+    -- ** is the raw form: as sent, still percent-encoded, unchecked
+    local status, _, body = T.curl { "--path-as-is", url "/raw/..%2f..%2fx/y" }
+    assert.are.equal(200, status)
+    assert.are.same({ rest = "..%2f..%2fx/y", raw_path = "/raw/..%2f..%2fx/y" }, cjson.decode(body))
+  end)
+
+  it("gh_13_int_param: matches an int parameter only when it is an exact integer", function()
+    -- before: 99999999999999999999999 matched and came out as 1e+23
+    assert.are.equal(404, (T.curl { url "/users/99999999999999999999999" }))
+    assert.are.equal(404, (T.curl { url "/users/9007199254740993" }))
+    assert.are.equal(404, (T.curl { url "/users/1e+23" }))
+    assert.are.equal(404, (T.curl { url "/users/1.0" }))
+    assert.are.equal(200, (T.curl { url "/users/-9007199254740992" }))
+    local _, _, body = T.curl { url "/users/00012345678901" }
+    assert.are.equal(12345678901, cjson.decode(body).id)
+    local _, _, b2 = T.curl { url "/n/1.5e3" }
+    assert.are.equal(1500, cjson.decode(b2).x)
+    for _, bad in ipairs { "0x10", "inf", "nan", "1e999", "1.", "-", "." } do
+      assert.are.equal(404, (T.curl { url("/n/" .. bad) }), bad)
+    end
   end)
 
   it("answers 404, 405 with Allow, HEAD and OPTIONS", function()
@@ -71,6 +110,18 @@ describe("http", function()
     local _, h3, b3 = T.curl { url "/multi" }
     assert.are.equal("application/json", h3["content-type"])
     assert.are.equal('{"x":1}', b3)
+  end)
+
+  it("gh_14_table_as_html: sends a table asked for as text/html as JSON, never its address", function()
+    local status, h, body = T.curl { "-H", "Accept: text/html", url "/neg" }
+    assert.are.equal(200, status)
+    assert.are.equal("application/json", h["content-type"])
+    assert.are.equal('{"x":1}', body)
+    -- a route that only sends html and returns a table: 500, logged
+    local s2, _, b2 = T.curl { url "/htmlonly" }
+    assert.are.equal(500, s2)
+    assert.is_nil(b2:find("table: ", 1, true))
+    assert.matches("returned a table, but its format html sends strings", H.expect(p, "http GET /htmlonly failed"))
   end)
 
   it("decodes json and form bodies, including a chunked upload", function()
@@ -319,6 +370,20 @@ end)
 
 describe("http rough edges (gh-14)", function()
   after_each(H.cleanup)
+
+  it("gh_14_duplicate_route: names the user's line for a route registered twice", function()
+    local dir = H.tmpdir()
+    H.write(dir .. "/app.lua", [[
+local osara = require "osara"
+osara.route("GET", "/a", function() return {} end)
+osara.route("GET", "/a", function() return {} end)
+]])
+    local status, out = H.run({ "check", dir .. "/app.lua" }, 20, nil, { errors = { "already registered" } })
+    assert.are.equal(1, status)
+    assert.is_truthy(out:find(dir .. "/app.lua:3: route 'GET /a' is already registered at " .. dir .. "/app.lua:2",
+      1, true), out)
+    assert.is_nil(out:find("osara/http.lua", 1, true), out)
+  end)
 
   it("gh_14_http_port: rejects a listen port out of range instead of wrapping it", function()
     local dir = H.tmpdir()
