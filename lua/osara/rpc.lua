@@ -1,6 +1,6 @@
 -- osara.rpc: plain functions exposed over WebSocket, and a client for them
 -- (micro_framework's WebSocketEntrypoint and WebSocketRPCClient). Messages
--- are JSON-RPC 2.0 text frames (docs/rpc.md); host/ws/ws.c does the
+-- are JSON-RPC 2.0 text frames (docs/rpc.md); host/ws does the
 -- WebSocket side: each call arrives here in its own coroutine.
 local ws_c = require "osara.ws_c"
 local vm_c = require "osara.vm_c"

@@ -15,6 +15,7 @@ osara.rpc.serve { max_message = 65536 }
 osara.rpc.expose("add", function(a, b) return a + b end, { doc = "adds two numbers" })
 osara.rpc.expose {
   slow = { function(seconds, v)
+    osara.log.info("slow %s started", tostring(v))
     osara.sleep(seconds)
     osara.log.info("slow %s done", tostring(v))
     return v
@@ -148,6 +149,49 @@ describe("rpc across a reload", function()
     H.finish(inflight, { timeout = 30 })
     assert.matches('"result": "old"', inflight:output())
     H.stop(p, { timeout = 30 })
+  end)
+end)
+
+describe("rpc when the script or the host goes", function()
+  after_each(H.cleanup)
+
+  local function holding(url, calls)
+    local p = H.child({ PYTHON, TOOL, url, "hold", cjson.encode(calls), "20" }, { name = "ws_rpc_client hold" })
+    H.expect(p, '"connected"', 15)
+    return p
+  end
+
+  local function held(p)
+    H.finish(p, { timeout = 40 })
+    local last
+    for line in p:output():gmatch("[^\n]+") do last = line end
+    return cjson.decode(last)
+  end
+
+  it("a reload that exposes nothing finishes the calls in flight, then says going away", function()
+    local dir = H.tmpdir()
+    local p, port = T.app(dir, server_app(dir, "v1"))
+    local client = holding("ws://127.0.0.1:" .. port .. "/rpc", { { "slow", { 1, "in flight" } } })
+    H.expect(p, "slow in flight started", 15)
+    H.write(dir .. "/app.lua", 'local osara = require "osara"\nosara.route("GET", "/x", function() return {} end)\n')
+    p:kill("HUP")
+    H.expect(p, "reloaded", 30)
+    local r = held(client)
+    assert.are.equal("in flight", r.replies[1].result)
+    assert.are.equal(1001, r.close_code)
+    H.stop(p, { timeout = 30 })
+  end)
+
+  it("a stopping host answers the calls in flight, then says going away and exits 0", function()
+    local dir = H.tmpdir()
+    local p, port = T.app(dir, server_app(dir, "v1"))
+    local client = holding("ws://127.0.0.1:" .. port .. "/rpc", { { "slow", { 1, "last" } } })
+    H.expect(p, "slow last started", 15)
+    p:kill("TERM")
+    local r = held(client)
+    assert.are.equal("last", r.replies[1].result)
+    assert.are.equal(1001, r.close_code)
+    H.finish(p, { timeout = 30 })
   end)
 end)
 

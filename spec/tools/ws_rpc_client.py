@@ -59,6 +59,24 @@ async def calls(url, pairs):
     return out
 
 
+async def hold(url, pairs, seconds):
+    """Sends the calls at once, then reads replies until the server closes
+    the connection (or `seconds` pass): the replies and the close code."""
+    replies, code = [], None
+    async with websockets.connect(url) as ws:
+        print(json.dumps({"connected": True}), flush=True)
+        for i, pair in enumerate(pairs, 1):
+            await ws.send(request(i, pair[0], pair[1] if len(pair) > 1 else None))
+        try:
+            while True:
+                replies.append(json.loads(await asyncio.wait_for(ws.recv(), seconds)))
+        except websockets.ConnectionClosed as e:
+            code = e.rcvd.code if e.rcvd else None
+        except asyncio.TimeoutError:
+            pass
+    return {"replies": replies, "close_code": code}
+
+
 async def raw_text(url, text):
     """Sends text as is (not JSON, say) and returns the reply."""
     async with websockets.connect(url) as ws:
@@ -127,6 +145,8 @@ def main():
         out = asyncio.run(concurrent(url, int(args[0])))
     elif scenario == "calls":
         out = asyncio.run(calls(url, json.loads(args[0])))
+    elif scenario == "hold":
+        out = asyncio.run(hold(url, json.loads(args[0]), float(args[1])))
     elif scenario == "raw_text":
         out = asyncio.run(raw_text(url, args[0]))
     elif scenario == "oversized":
