@@ -30,6 +30,7 @@ struct osara_co_s {
     int waiting;
     int pending_nret;        /* for resume_later */
     int load_task;           /* spawned while the script loaded */
+    int failed;              /* its entry failed though it returned (fail()) */
     void *user;              /* the entry's owner data (e.g. a Kafka input) */
     struct osara_co_s *next_idle;
     struct osara_co_s *next_all;
@@ -123,6 +124,7 @@ void *osara_co_user(osara_co_t *co) { return co->user; }
 osara_vm_t *osara_co_vm(osara_co_t *co) { return co->vm; }
 unsigned osara_co_seq(osara_co_t *co) { return co->seq; }
 int osara_co_waiting(osara_co_t *co) { return co->waiting; }
+int osara_co_failed(osara_co_t *co) { return co->failed; }
 
 static int new_thread(osara_co_t *co)
 {
@@ -170,6 +172,7 @@ static void release(osara_co_t *co, int dead)
         lua_settop(co->thread, 0);
     }
     co->load_task = 0;
+    co->failed = 0;
     co->user = NULL;
     co->next_idle = vm->idle;
     vm->idle = co;
@@ -656,6 +659,26 @@ static int l_sched_wake(lua_State *L)
     return 1;
 }
 
+/* fail(): the running entry failed although its function returns (the
+ * failure policy took the error): counted as failed, not handled. */
+static int l_sched_fail(lua_State *L)
+{
+    osara_co_t *co = osara_sched_current(L);
+    if (co != NULL) {
+        co->failed = 1;
+    }
+    return 0;
+}
+
+/* error(): counts an error raised by user code and caught in Lua (a
+ * handler's, a route's) in osara_lua_errors_total, as log_error does. */
+static int l_sched_error(lua_State *L)
+{
+    (void)L;
+    count(&m_errors);
+    return 0;
+}
+
 /* stats() -> {inflight=, idle=} for tests and metrics */
 static int l_sched_stats(lua_State *L)
 {
@@ -675,6 +698,7 @@ int osara_sched_open(lua_State *L)
         {"yield", l_sched_yield},
         {"current", l_sched_current}, {"park", l_sched_park},
         {"wake", l_sched_wake}, {"stats", l_sched_stats},
+        {"fail", l_sched_fail}, {"error", l_sched_error},
         {NULL, NULL},
     };
     lua_newtable(L);

@@ -50,6 +50,10 @@ int osara_sched_spawn(struct osara_vm_s *vm, int nargs, int force,
  * (the main thread, or a coroutine the user created). */
 osara_co_t *osara_sched_current(lua_State *L);
 
+/* 1 when the entry's Lua code marked it failed (sched_c.fail(): the
+ * failure policy took an error) although its function returned. */
+int osara_co_failed(osara_co_t *co);
+
 /* The pooled coroutine resumed on this thread now, whatever its state; NULL
  * when no Lua code runs from the scheduler. */
 osara_co_t *osara_sched_running(void);

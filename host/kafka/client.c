@@ -172,12 +172,64 @@ static int consumer_conf(kclient_t *c, rd_kafka_conf_t *conf, char *errstr, size
     return rc;
 }
 
+/* The string value after `"name":"` at or after *at (advances *at past
+ * it), copied into out; 0 when there is none. */
+static int json_next_string(const char **at, const char *name, char *out, size_t cap)
+{
+    const char *p = strstr(*at, name);
+    if (p == NULL) {
+        return 0;
+    }
+    p += strlen(name);
+    size_t n = strcspn(p, "\"");
+    snprintf(out, cap, "%.*s", (int)(n < cap ? n : cap - 1), p);
+    *at = p + n;
+    return 1;
+}
+
+void osara__kafka_on_stats(kclient_t *c, const char *json)
+{
+    /* Each broker object has "source" (configured, learned, internal,
+     * logical) just before "state"; only real brokers count. */
+    int up = 0;
+    char source[32], state[32];
+    const char *at = json;
+    while (json_next_string(&at, "\"source\":\"", source, sizeof(source)) &&
+           json_next_string(&at, "\"state\":\"", state, sizeof(state))) {
+        int real = strcmp(source, "configured") == 0 || strcmp(source, "learned") == 0;
+        up += real && strcmp(state, "UP") == 0;
+    }
+    c->brokers_up = up;
+    c->stats_seen = 1;
+    if (up > 0 && c->all_down) {
+        c->all_down = 0;
+        c->last_error = 0; /* the next failure is a change: logged again */
+        OSARA_INFO("kafka %s: connected again (%d broker(s) up)", c->bootstrap, up);
+    }
+}
+
+static int on_stats(rd_kafka_t *rk, char *json, size_t len, void *opaque)
+{
+    (void)rk;
+    (void)len;
+    kclient_t *c = opaque;
+    if (!c->closing) { /* closing: served on the pool by the final flush */
+        osara__kafka_on_stats(c, json);
+    }
+    return 0;
+}
+
 /* The producer's own settings; the embedded cluster starts with it. */
 static int producer_conf(kclient_t *c, rd_kafka_conf_t *conf, char *errstr, size_t cap)
 {
     int rc = 0;
     rd_kafka_conf_set_dr_msg_cb(conf, osara__kafka_on_delivery);
-    if (c->embedded) {
+    /* Statistics tell readiness which brokers are up (once a second). */
+    rd_kafka_conf_set_stats_cb(conf, on_stats);
+    if (!has_conf(c, "statistics.interval.ms")) {
+        rc = conf_set(conf, "statistics.interval.ms", "1000", errstr, cap);
+    }
+    if (rc == 0 && c->embedded) {
         char n[16];
         snprintf(n, sizeof(n), "%d", c->embedded);
         rc = conf_set(conf, "test.mock.num.brokers", n, errstr, cap);

@@ -253,8 +253,8 @@ static void kafka_settle(osara_delivery_t *d, osara_settle_t how)
 
 static void kafka_finished(osara_delivery_t *d, int ok)
 {
-    (void)d;
-    osara_metric_add(ok ? osara__kafka_metrics.handled : osara__kafka_metrics.failed, 1);
+    /* a failure the policy took (logged, dead-lettered) is not "handled" */
+    osara_metric_add(ok && !d->taken ? osara__kafka_metrics.handled : osara__kafka_metrics.failed, 1);
 }
 
 static void update_lag(kpart_t *p, int64_t offset)
@@ -401,10 +401,14 @@ void osara__kafka_retire_part(kclient_t *c, kpart_t *p)
 
 void osara__kafka_log_error(kclient_t *c, rd_kafka_resp_err_t err, const char *what)
 {
+    if (err == RD_KAFKA_RESP_ERR__ALL_BROKERS_DOWN) {
+        c->all_down = 1;
+    }
     if (err == c->last_error) {
         return; /* once per change, not a flood */
     }
     c->last_error = err;
+    snprintf(c->last_error_text, sizeof(c->last_error_text), "%s", what);
     OSARA_WARN("kafka %s: %s", c->bootstrap, what);
 }
 

@@ -125,6 +125,10 @@ struct kclient_s {
     int inputs_freed;              /* closing: delivery reports find no input */
     unsigned assign_gen;           /* the newest embedded assignment */
     rd_kafka_resp_err_t last_error;
+    /* Readiness (/readyz): brokers seen up in the last statistics, every
+     * broker reported down since, the consumer's assignment received. */
+    int brokers_up, stats_seen, all_down, assigned;
+    char last_error_text[200];
 };
 
 
@@ -187,6 +191,10 @@ void osara__kafka_sweep_retired(kclient_t *c);
 void osara__kafka_free_parts(kclient_t *c);
 /* Logs a consumer error once per change of error. */
 void osara__kafka_log_error(kclient_t *c, rd_kafka_resp_err_t err, const char *what);
+
+/* librdkafka's statistics (JSON) of the producer: counts the brokers that
+ * are up, for readiness; a broker back up ends an all-brokers-down spell. */
+void osara__kafka_on_stats(kclient_t *c, const char *json);
 /* The consumer queue's wake-up: drains it in batches. */
 void osara__kafka_on_consumer_ready(uv_poll_t *h, int status, int events);
 

@@ -335,6 +335,27 @@ static int l_client_stats(lua_State *L)
     return 1;
 }
 
+/* client:health() -> nil when ready, else why not (for /readyz): no
+ * broker seen up yet, every broker down, or a consumer still waiting for
+ * its assignment. */
+static int l_client_health(lua_State *L)
+{
+    kclient_t *c = live_client(L, 1);
+    if (c->closing) {
+        lua_pushliteral(L, "closing");
+    } else if (c->all_down || (c->stats_seen && c->brokers_up == 0)) {
+        lua_pushfstring(L, "no broker reachable (%s)",
+                        c->last_error_text[0] ? c->last_error_text : "all brokers down");
+    } else if (!c->stats_seen) {
+        lua_pushliteral(L, "connecting (no broker seen up yet)");
+    } else if (c->handlers && !c->assigned) {
+        lua_pushliteral(L, "consumer waiting for its partition assignment");
+    } else {
+        lua_pushnil(L);
+    }
+    return 1;
+}
+
 /* client:position(topic, partition) -> next offset to commit (-1: none yet)
  * and the number of inputs held for that partition. */
 static int l_client_position(lua_State *L)
@@ -372,6 +393,7 @@ int osara_kafka_open(lua_State *L)
     static const luaL_Reg client_methods[] = {
         {"bootstrap", l_client_bootstrap}, {"ensure_topic", l_client_ensure_topic},
         {"produce", l_client_produce},     {"stats", l_client_stats},
+        {"health", l_client_health},
         {"position", l_client_position},   {"mock_push_errors", l_client_mock_push_errors},
         {NULL, NULL},
     };

@@ -128,6 +128,8 @@ static const rd_kafka_message_t *next_report(kclient_t *c)
             if (rd_kafka_event_type(c->dr_event) == RD_KAFKA_EVENT_ERROR) {
                 osara__kafka_log_error(c, rd_kafka_event_error(c->dr_event),
                                        rd_kafka_event_error_string(c->dr_event));
+            } else if (rd_kafka_event_type(c->dr_event) == RD_KAFKA_EVENT_STATS) {
+                osara__kafka_on_stats(c, rd_kafka_event_stats(c->dr_event));
             }
         }
         const rd_kafka_message_t *rkm = rd_kafka_event_type(c->dr_event) == RD_KAFKA_EVENT_DR

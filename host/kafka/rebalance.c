@@ -97,6 +97,7 @@ void osara__kafka_on_rebalance(rd_kafka_t *rk, rd_kafka_resp_err_t err,
             OSARA_ERROR("kafka: cannot take %d assigned partition(s): %s", parts->cnt,
                         rd_kafka_err2str(aerr));
         } else {
+            c->assigned = 1;
             OSARA_INFO("kafka: assigned %d partition(s)", parts->cnt);
         }
         return;
@@ -106,6 +107,7 @@ void osara__kafka_on_rebalance(rd_kafka_t *rk, rd_kafka_resp_err_t err,
      * pending outputs get up to osara.revoke_timeout_ms to finish, so their
      * work is committed here instead of done twice. librdkafka waits for
      * the unassign, which finish_revoke makes from the loop. */
+    c->assigned = 0;
     if (c->revoking) {
         osara__kafka_finish_revoke(c);
     }
@@ -195,6 +197,7 @@ static void assign_handled(kclient_t *c, const rd_kafka_topic_partition_list_t *
     if (err) {
         OSARA_ERROR("kafka: cannot assign %d partition(s): %s", l->cnt, rd_kafka_err2str(err));
     } else {
+        c->assigned = 1;
         OSARA_DEBUG("kafka: embedded mode assigned %d partition(s) in %.1f ms", l->cnt,
                     (osara_monotonic() - t0) * 1000);
     }

@@ -141,11 +141,29 @@ static int l_client_url(lua_State *L)
     return 1;
 }
 
+/* client:health() -> nil when connected, else why not (for /readyz). */
+static int l_client_health(lua_State *L)
+{
+    client_ud_t *ud = luaL_checkudata(L, 1, CLIENT_MT);
+    nclient_t *c = ud->c;
+    natsConnStatus st = c && !c->closing ? natsConnection_Status(c->nc) : NATS_CONN_STATUS_CLOSED;
+    if (st == NATS_CONN_STATUS_CONNECTED) {
+        lua_pushnil(L);
+    } else {
+        lua_pushstring(L, st == NATS_CONN_STATUS_RECONNECTING ? "reconnecting"
+                          : st == NATS_CONN_STATUS_CONNECTING ? "connecting"
+                          : st == NATS_CONN_STATUS_DISCONNECTED ? "disconnected"
+                                                                : "closed");
+    }
+    return 1;
+}
+
 int osara_natsio_open(lua_State *L)
 {
     static const luaL_Reg methods[] = {
         {"flush", l_client_flush},
         {"url", l_client_url},
+        {"health", l_client_health},
         {NULL, NULL},
     };
     osara__nats_subs_open();

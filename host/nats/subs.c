@@ -141,8 +141,8 @@ static void tp_push_message(lua_State *T, osara_delivery_t *d)
 
 static void tp_finished(osara_delivery_t *d, int ok)
 {
-    (void)d;
-    osara_metric_add(ok ? osara__nats_m.handled : osara__nats_m.failed, 1);
+    /* a failure the policy took (logged, dead-lettered) is not "handled" */
+    osara_metric_add(ok && !d->taken ? osara__nats_m.handled : osara__nats_m.failed, 1);
 }
 
 /* Core NATS delivers at most once: whatever the outcome, the message goes. */

@@ -60,6 +60,7 @@ static void count_held(osara_lane_t *lane)
 static void reset_attempt(osara_delivery_t *d)
 {
     d->failed = 0;
+    d->taken = 0;
     d->cancelled = 0;
     d->in.handler_done = 0;
     d->in.outputs_pending = 0;
@@ -120,6 +121,7 @@ static void on_handler_done(osara_co_t *co, int ok, void *ud)
          * by its own code: the broker consumes it again. */
         d->cancelled = osara_co_vm(co)->closing;
     }
+    d->taken = ok && osara_co_failed(co);
     if (lane->tp->finished) {
         lane->tp->finished(d, ok);
     }

@@ -91,6 +91,8 @@ struct osara_delivery_s {
     osara_input_t in;       /* offsets, handler_done, outputs_pending */
     int failed;             /* the handler raised, or an output failed */
     int cancelled;          /* its VM closed while the handler waited */
+    int taken;              /* returned, but the failure policy took a
+                             * failure (counted failed, settled as done) */
     int attempt;            /* 1-based */
     osara_delivery_t *next; /* lane's run queue */
 };

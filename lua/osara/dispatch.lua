@@ -14,6 +14,7 @@
 -- validated with defaults applied when a schema is given).
 local codec = require "osara.codec"
 local metrics = require "osara.metrics_c"
+local sched = require "osara.sched_c"
 
 local M = {}
 -- osara.testing sets on_return(...) to see what a handler returned; the
@@ -40,6 +41,7 @@ end
 -- counter osara_bad_input_total{kind,name,reason}. A message sent to a dead
 -- letter is a warning naming it; otherwise an error.
 function M.bad_input(kind, name, reason, what, message, dead_letter, attempts)
+  sched.fail() -- the entry failed: osara_<transport>_failed_total, not handled
   metrics.add("osara_bad_input_total", { kind = kind, name = name, reason = reason },
     "messages that failed to decode, validate or be handled")
   local after = attempts and attempts > 1 and (" after %d attempts"):format(attempts) or ""
@@ -230,6 +232,7 @@ function Policy:fail(msg, reason, err)
   if self.on_failure then
     local ok, cerr = pcall(self.on_failure, msg, err, attempts)
     if not ok then
+      sched.error()
       require("osara.log_c").write("error", ("%s %s: on_failure raised at %s: %s"):format(
         self.kind, self.name, self.where(msg), tostring(cerr)))
     end
@@ -260,6 +263,7 @@ function Policy:retryable(err, msg)
   if not on then return true end
   local ok, yes = pcall(on, err, msg)
   if ok then return yes end
+  sched.error()
   require("osara.log_c").write("error", ("%s %s: retry.on raised at %s: %s"):format(
     self.kind, self.name, self.where(msg), tostring(yes)))
   return false
@@ -279,6 +283,7 @@ end
 -- a failure is retried while the policy allows, else taken.
 function Policy:after(msg, fn, emit, ok, ...)
   if ok then return true, ... end
+  sched.error() -- every raise counts in osara_lua_errors_total, retried or not
   local err = tostring((...))
   msg.first_failure = msg.first_failure or now()
   local n, r = msg.attempt, self.retry
@@ -305,7 +310,10 @@ end
 function Policy:keep(msg)
   if not self.filter then return true end
   local ok, keep = pcall(self.filter, msg)
-  if not ok then return self:fail(msg, "handler", "filter: " .. tostring(keep)) end
+  if not ok then
+    sched.error()
+    return self:fail(msg, "handler", "filter: " .. tostring(keep))
+  end
   if not keep then
     metrics.add("osara_filtered_total", self.labels, "messages a handler's filter skipped")
     msg.skipped = "filtered"

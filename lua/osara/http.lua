@@ -22,13 +22,13 @@ local METHODS = { GET = true, POST = true, PUT = true, PATCH = true, DELETE = tr
 
 -- ---- server -------------------------------------------------------------------
 
--- osara.http{listen="127.0.0.1:8080", healthz="/healthz"|false,
+-- osara.http{listen="127.0.0.1:8080", healthz="/healthz"|false, readyz="/readyz"|false,
 --            metrics="/metrics"|false, max_body=, max_header=,
 --            request_timeout=, idle_timeout=, max_connections=}
 local function start_server(opts)
   opts = options.check("osara.http", opts)
   local listen = os.getenv("OSARA_HTTP_LISTEN") or opts.listen
-  server = { listen = listen, healthz = opts.healthz, metrics = opts.metrics }
+  server = { listen = listen, healthz = opts.healthz, readyz = opts.readyz, metrics = opts.metrics }
   if capturing then return server end -- osara.testing: routes without a socket
   local ok, addr = pcall(http_c.listen, listen, opts)
   if not ok then
@@ -352,7 +352,10 @@ local function stream(req, sse)
         wake()
       end
     end)
-    if not ok then log.write("error", "sse source failed: " .. tostring(err)) end
+    if not ok then
+      sched.error()
+      log.write("error", "sse source failed: " .. tostring(err))
+    end
     ended = true
     wake()
   end)
@@ -396,6 +399,16 @@ local function builtin(req, path)
   if server and server.healthz and path == server.healthz then
     local body = { status = "ok", generation = vm_c.stats().generation, inflight = sched.stats().inflight }
     return 200, { ["Content-Type"] = "application/json" }, cjson.encode(body)
+  end
+  if server and server.readyz and path == server.readyz then
+    local ready, list = require("osara.health").readiness()
+    local body = { status = ready and "ready" or "not ready", checks = list }
+    local waiting = {}
+    for _, c in ipairs(list) do
+      if not c.ready then waiting[#waiting + 1] = c.name .. ": " .. c.reason end
+    end
+    if #waiting > 0 then body.not_ready = waiting end
+    return ready and 200 or 503, { ["Content-Type"] = "application/json" }, cjson.encode(body)
   end
   if server and server.metrics and path == server.metrics then
     return 200, { ["Content-Type"] = "text/plain; version=0.0.4" }, metrics.render()
@@ -465,6 +478,7 @@ local function handle(req)
   end
   local res = { pcall(route.fn, req, unpack(params)) }
   if not res[1] then
+    sched.error()
     log.write("error", ("http %s %s failed (request id %d, %s): %s"):format(req.method, path,
       req.id, route.where, tostring(res[2])))
     return route.pattern, json_error(500, "internal error", { request_id = req.id })

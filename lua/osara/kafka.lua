@@ -106,9 +106,13 @@ local function new(user)
   if not ok then
     options.raise("osara.kafka: " .. tostring(c):gsub("^[^:]*:%d+: ", ""):gsub("^kafka: ", ""))
   end
-  return setmetatable({ c = c, key = key, conf = lib, group = lib["group.id"], topics = {},
-                        checking = vm_c.mode() == "check",
-                        pending = {}, reply_topics = {} }, Client)
+  local client = setmetatable({ c = c, key = key, conf = lib, group = lib["group.id"], topics = {},
+                                checking = vm_c.mode() == "check",
+                                pending = {}, reply_topics = {} }, Client)
+  if not client.checking then
+    require("osara.health").add("kafka " .. c:bootstrap(), function() return c:health() end)
+  end
+  return client
 end
 
 setmetatable(M, { __call = function(_, conf) return new(require("osara.config").resolve("kafka", conf)) end })

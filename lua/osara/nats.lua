@@ -6,6 +6,7 @@ local natsio = require "osara.natsio_c"
 local vm_c = require "osara.vm_c"
 local codec = require "osara.codec"
 local dispatch = require "osara.dispatch"
+local sched = require "osara.sched_c"
 local options = require "osara.options"
 
 local M = {}
@@ -55,6 +56,9 @@ local function new(conf)
   end
   -- key: a handler follows its client; a reload that changes the client
   -- restarts the client's handlers on the new connection.
+  if vm_c.mode() ~= "check" then
+    require("osara.health").add("nats " .. client:url(), function() return client:health() end)
+  end
   return setmetatable({ c = client, key = key, checking = vm_c.mode() == "check" }, Client)
 end
 
@@ -394,6 +398,7 @@ function Client:_durable(subject, opts, fn, at)
     end
     local res = { pcall(call, msg, emit) }
     if not res[1] then
+      sched.error()
       local delay = policy:redeliver(msg, tostring(res[2]), max_deliver)
       if delay == nil then return settled(msg, "term") end
       if not first_failures[msg.seq] then

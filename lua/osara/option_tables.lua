@@ -184,7 +184,8 @@ define("nats:add_stream", {
 
 define("osara.http", {
   { "listen", "string", "127.0.0.1:8080", "address to listen on (`--http` and `OSARA_HTTP_LISTEN` override)" },
-  { "healthz", "string|boolean", "/healthz", "path of the health check, or `false`" },
+  { "healthz", "string|boolean", "/healthz", "path of the liveness check (the loop turns), or `false`" },
+  { "readyz", "string|boolean", "/readyz", "path of the readiness check (clients connected, consumers assigned, not stopping), or `false`" },
   { "metrics", "string|boolean", "/metrics", "path of the Prometheus metrics, or `false`" },
   { "max_body", "integer", 1048576, "larger request bodies answer 413" },
   { "max_header", "integer", 16384, "larger request heads answer 431" },

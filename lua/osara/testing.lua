@@ -257,7 +257,7 @@ function App:request(method, target, o)
   local req = { method = method:upper(), target = target, headers = headers, body = body or "",
                 id = request_id, t0 = osara.monotonic() }
   local saved = http._capture({ routes = self.routes,
-                                server = self.server or { healthz = "/healthz", metrics = "/metrics" } })
+                                server = self.server or { healthz = "/healthz", readyz = "/readyz", metrics = "/metrics" } })
   local ok, status, rheaders, raw = in_app(self, http._dispatch, req)
   http._capture(saved)
   if not ok then
