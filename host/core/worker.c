@@ -441,6 +441,44 @@ static void on_stop_grace(uv_timer_t *t)
     finish_stop(w);
 }
 
+/* Spawns osara.lifecycle.<fn>() as a task of vm; done runs when it ends. */
+static void spawn_lifecycle(osara_worker_t *w, const char *fn, osara_co_done_fn done,
+                            const char *what)
+{
+    lua_State *L = w->vm->L;
+    lua_getglobal(L, "require");
+    lua_pushliteral(L, "osara.lifecycle");
+    lua_call(L, 1, 1);
+    lua_getfield(L, -1, fn);
+    lua_remove(L, -2); /* [fn] */
+    osara_sched_spawn(w->vm, 0, 1, done, w, what);
+}
+
+/* The on_start hooks returned: the registrations start (consumers
+ * subscribe, timers run, routes answer). A hook that raised (logged by
+ * the scheduler) stops the host with status 1. */
+static void on_started(struct osara_co_s *co, int ok, void *ud)
+{
+    (void)co;
+    osara_worker_t *w = ud;
+    if (w->stopping) {
+        return;
+    }
+    if (!ok) {
+        OSARA_ERROR("an on_start hook failed: stopping");
+        osara_worker_stop(w, 1);
+    } else if (osara_registry_start_all(&w->vm->reg) != 0) {
+        osara_worker_stop(w, 1);
+    }
+}
+
+static void on_stop_hooks_done(struct osara_co_s *co, int ok, void *ud)
+{
+    (void)co;
+    (void)ok;
+    (void)ud; /* the VM going idle continues the stop */
+}
+
 void osara_worker_stop(osara_worker_t *w, int exit_code)
 {
     if (!w->stopping) {
@@ -455,6 +493,13 @@ void osara_worker_stop(osara_worker_t *w, int exit_code)
         }
         uv_timer_start(&w->stop_timer, on_stop_grace,
                        (uint64_t)(w->opts.grace * 1000), 0);
+    }
+    if (w->stopping == 1 && all_idle(w) && w->vm && !w->stop_hooks_run &&
+        w->opts.mode == OSARA_MODE_RUN) {
+        /* Consumers stopped and the handlers in flight finished: the
+         * on_stop hooks run before the clients close, within the grace. */
+        w->stop_hooks_run = 1;
+        spawn_lifecycle(w, "run_stop", on_stop_hooks_done, "on_stop");
     }
     if (w->stopping == 1 && all_idle(w)) {
         w->stopping = 2;
@@ -513,8 +558,8 @@ int osara_worker_run(osara_worker_t *w)
     }
     if (w->opts.mode == OSARA_MODE_TEST) {
         start_tests(w);
-    } else if (osara_registry_start_all(&vm->reg) != 0) {
-        osara_worker_stop(w, 1);
+    } else {
+        spawn_lifecycle(w, "run_start", on_started, "on_start");
     }
     watch_files(w);
     osara_watchdog_start(&w->watchdog);

@@ -65,6 +65,7 @@ typedef struct osara_worker_s {
     unsigned gen;                /* generation of the newest load */
     osara_shared_t *shared;
     int stopping;
+    int stop_hooks_run;          /* osara.on_stop hooks started */
     int exit_code;
     int signals_seen;
     uv_signal_t sigint, sigterm, sighup;

@@ -151,6 +151,11 @@ function osara.spawn(fn, ...)
   return sched_c.spawn(fn, ...)
 end
 
+-- osara.on_start(fn) / osara.on_stop(fn): start-up and shutdown hooks
+-- (osara.lifecycle says when they run).
+function osara.on_start(fn) require("osara.lifecycle").on_start(fn) end
+function osara.on_stop(fn) require("osara.lifecycle").on_stop(fn) end
+
 -- Logging: osara.log.info("x=%d", x); one C logger for host and scripts.
 local function make_logger(level)
   return function(fmt, ...)
