@@ -209,7 +209,68 @@ static void enqueue(const char *line, size_t n)
     uv_mutex_unlock(&lg.mu);
 }
 
-void osara_log_write(osara_log_level_t level, const char *msg, size_t len)
+/* Room kept at the end of a line for what closes it. */
+#define LINE_TAIL 4
+
+/* Appends `,"key":value` (JSON) to line at n; returns the new length. */
+static size_t json_field(char *line, size_t n, size_t cap, const osara_log_field_t *f)
+{
+    if (n + strlen(f->key) + 8 + LINE_TAIL >= cap) {
+        return n;
+    }
+    line[n++] = ',';
+    line[n++] = '"';
+    n += json_escape(line + n, cap - n - LINE_TAIL, f->key, strlen(f->key));
+    line[n++] = '"';
+    line[n++] = ':';
+    if (f->number) {
+        size_t k = f->len < cap - n - LINE_TAIL ? f->len : cap - n - LINE_TAIL;
+        memcpy(line + n, f->val, k);
+        return n + k;
+    }
+    line[n++] = '"';
+    n += json_escape(line + n, cap - n - LINE_TAIL - 1, f->val, f->len);
+    line[n++] = '"';
+    return n;
+}
+
+/* A text value needs quotes when it is empty or holds a space, a quote,
+ * an equals sign or a control character. */
+static int needs_quotes(const char *s, size_t len)
+{
+    for (size_t i = 0; i < len; i++) {
+        unsigned char c = (unsigned char)s[i];
+        if (c <= ' ' || c == '"' || c == '=') {
+            return 1;
+        }
+    }
+    return len == 0;
+}
+
+/* Appends ` key=value` (text) to line at n; returns the new length. */
+static size_t text_field(char *line, size_t n, size_t cap, const osara_log_field_t *f)
+{
+    size_t klen = strlen(f->key);
+    if (n + klen + 4 + LINE_TAIL >= cap) {
+        return n;
+    }
+    line[n++] = ' ';
+    memcpy(line + n, f->key, klen);
+    n += klen;
+    line[n++] = '=';
+    if (!f->number && needs_quotes(f->val, f->len)) {
+        line[n++] = '"';
+        n += json_escape(line + n, cap - n - LINE_TAIL - 1, f->val, f->len);
+        line[n++] = '"';
+        return n;
+    }
+    size_t k = f->len < cap - n - LINE_TAIL ? f->len : cap - n - LINE_TAIL;
+    memcpy(line + n, f->val, k);
+    return n + k;
+}
+
+void osara_log_fields(osara_log_level_t level, const char *msg, size_t len,
+                      const osara_log_field_t *fields, int nfields)
 {
     if (!osara_log_enabled(level) || level >= OSARA_LOG_OFF) {
         return;
@@ -222,19 +283,31 @@ void osara_log_write(osara_log_level_t level, const char *msg, size_t len)
         n = (size_t)snprintf(line, sizeof(line),
                              "{\"ts\":\"%s\",\"level\":\"%s\",\"msg\":\"", ts,
                              level_lower[level]);
-        n += json_escape(line + n, sizeof(line) - n - 4, msg, len);
-        memcpy(line + n, "\"}\n", 3);
-        n += 3;
+        n += json_escape(line + n, sizeof(line) - n - LINE_TAIL - 1, msg, len);
+        line[n++] = '"';
+        for (int i = 0; i < nfields; i++) {
+            n = json_field(line, n, sizeof(line), &fields[i]);
+        }
+        memcpy(line + n, "}\n", 2);
+        n += 2;
     } else {
         n = (size_t)snprintf(line, sizeof(line), "%s %-5s ", ts,
                              level_names[level]);
-        size_t room = sizeof(line) - n - 2;
+        size_t room = sizeof(line) - n - LINE_TAIL;
         size_t k = len < room ? len : room;
         memcpy(line + n, msg, k);
         n += k;
+        for (int i = 0; i < nfields; i++) {
+            n = fields[i].text ? text_field(line, n, sizeof(line), &fields[i]) : n;
+        }
         line[n++] = '\n';
     }
     enqueue(line, n);
+}
+
+void osara_log_write(osara_log_level_t level, const char *msg, size_t len)
+{
+    osara_log_fields(level, msg, len, NULL, 0);
 }
 
 void osara_log(osara_log_level_t level, const char *fmt, ...)
@@ -258,7 +331,88 @@ void osara_log(osara_log_level_t level, const char *fmt, ...)
 #include <lauxlib.h>
 #include <lua.h>
 
-/* write(level, msg): level is "debug"|"info"|"warn"|"error" */
+#define MAX_FIELDS 32
+
+/* Known fields first, in this order; the others after them by name. */
+static int field_rank(const char *key)
+{
+    static const char *known[] = {"handler", "topic", "partition", "offset", "subject",
+                                  "route", "request_id", "where", "err", NULL};
+    for (int i = 0; known[i]; i++) {
+        if (strcmp(key, known[i]) == 0) {
+            return i;
+        }
+    }
+    return 100;
+}
+
+static int field_cmp(const void *a, const void *b)
+{
+    const osara_log_field_t *x = a, *y = b;
+    int rx = field_rank(x->key), ry = field_rank(y->key);
+    return rx != ry ? rx - ry : strcmp(x->key, y->key);
+}
+
+static int has_field(const osara_log_field_t *f, int n, const char *key)
+{
+    for (int i = 0; i < n; i++) {
+        if (strcmp(f[i].key, key) == 0) {
+            return 1;
+        }
+    }
+    return 0;
+}
+
+/* Adds the string-keyed string, number and boolean fields of the table at
+ * idx (if it is one) to f; a key already there is skipped. Keys and string
+ * values live in the table; numbers are formatted into num[n]. */
+static int collect_fields(lua_State *L, int idx, osara_log_field_t *f, int n, int text,
+                          char (*num)[32])
+{
+    if (!lua_istable(L, idx)) {
+        return n;
+    }
+    lua_pushnil(L);
+    while (n < MAX_FIELDS && lua_next(L, idx) != 0) { /* [k, v] */
+        int t = lua_type(L, -1);
+        const char *key = lua_type(L, -2) == LUA_TSTRING ? lua_tostring(L, -2) : NULL;
+        if (key && !has_field(f, n, key) &&
+            (t == LUA_TSTRING || t == LUA_TNUMBER || t == LUA_TBOOLEAN)) {
+            f[n] = (osara_log_field_t){.key = key, .text = text, .number = t != LUA_TSTRING};
+            if (t == LUA_TBOOLEAN) {
+                f[n].val = lua_toboolean(L, -1) ? "true" : "false";
+                f[n].len = strlen(f[n].val);
+            } else if (t == LUA_TNUMBER) {
+                double v = lua_tonumber(L, -1);
+                int k = snprintf(num[n], sizeof(num[n]), "%.14g", v);
+                f[n].number = v == v && v - v == 0; /* NaN and inf: strings */
+                f[n].val = num[n];
+                f[n].len = (size_t)k;
+            } else {
+                f[n].val = lua_tolstring(L, -1, &f[n].len);
+            }
+            n++;
+        }
+        lua_pop(L, 1);
+    }
+    return n;
+}
+
+/* Adds `key` = the string at idx (if it is one) to f, unless there. */
+static int string_field(lua_State *L, int idx, const char *key, osara_log_field_t *f, int n)
+{
+    if (n < MAX_FIELDS && lua_type(L, idx) == LUA_TSTRING && !has_field(f, n, key)) {
+        f[n] = (osara_log_field_t){.key = key};
+        f[n].val = lua_tolstring(L, idx, &f[n].len);
+        n++;
+    }
+    return n;
+}
+
+/* write(level, msg [, fields [, context [, where [, err]]]]): level is
+ * "debug"|"info"|"warn"|"error"; fields are shown in text and JSON lines;
+ * context (the running handler's topic, offset, route...), where
+ * ("app.lua:12") and err only in JSON lines, where the text has them. */
 static int l_log_write(lua_State *L)
 {
     int level = osara_log_parse_level(luaL_checkstring(L, 1));
@@ -267,7 +421,19 @@ static int l_log_write(lua_State *L)
     }
     size_t len;
     const char *msg = luaL_checklstring(L, 2, &len);
-    osara_log_write((osara_log_level_t)level, msg, len);
+    if (!osara_log_enabled((osara_log_level_t)level)) {
+        return 0;
+    }
+    osara_log_field_t f[MAX_FIELDS];
+    char num[MAX_FIELDS][32];
+    int n = collect_fields(L, 3, f, 0, 1, num);
+    if (lg.format == OSARA_LOG_JSON) {
+        n = string_field(L, 5, "where", f, n);
+        n = string_field(L, 6, "err", f, n);
+        n = collect_fields(L, 4, f, n, 0, num);
+    }
+    qsort(f, (size_t)n, sizeof(f[0]), field_cmp);
+    osara_log_fields((osara_log_level_t)level, msg, len, f, n);
     return 0;
 }
 

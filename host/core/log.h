@@ -43,6 +43,21 @@ int osara_log_enabled(osara_log_level_t level);
 /* Logs one line. `msg` need not be NUL-terminated past len. */
 void osara_log_write(osara_log_level_t level, const char *msg, size_t len);
 
+/* A structured field of a log line: in JSON lines `"key":value` after
+ * msg (value unquoted when `number`: a number or a boolean); in text lines
+ * ` key=value` after the message when `text` is set (quoted when needed). */
+typedef struct {
+    const char *key;
+    const char *val;
+    size_t len;
+    int number;
+    int text;
+} osara_log_field_t;
+
+/* Logs one line with n fields (written in the order given). */
+void osara_log_fields(osara_log_level_t level, const char *msg, size_t len,
+                      const osara_log_field_t *fields, int n);
+
 void osara_log(osara_log_level_t level, const char *fmt, ...)
     __attribute__((format(printf, 2, 3)));
 

@@ -31,6 +31,7 @@ struct osara_co_s {
     int pending_nret;        /* for resume_later */
     int load_task;           /* spawned while the script loaded */
     int failed;              /* its entry failed though it returned (fail()) */
+    int ctx_ref;             /* the entry's log context table (registry) */
     void *user;              /* the entry's owner data (e.g. a Kafka input) */
     struct osara_co_s *next_idle;
     struct osara_co_s *next_all;
@@ -149,6 +150,7 @@ lua_State *osara_sched_acquire(osara_vm_t *vm, int force, osara_co_t **out)
         co = osara_xcalloc(1, sizeof(*co));
         co->vm = vm;
         co->anchor_ref = LUA_NOREF;
+        co->ctx_ref = LUA_NOREF;
         co->next_all = vm->all;
         vm->all = co;
         if (new_thread(co) != 0) {
@@ -173,6 +175,8 @@ static void release(osara_co_t *co, int dead)
     }
     co->load_task = 0;
     co->failed = 0;
+    luaL_unref(vm->L, LUA_REGISTRYINDEX, co->ctx_ref); /* the next entry has its own */
+    co->ctx_ref = LUA_NOREF;
     co->user = NULL;
     co->next_idle = vm->idle;
     vm->idle = co;
@@ -188,7 +192,22 @@ static void log_error(osara_co_t *co)
                                             : "(error object is not a string)";
     }
     count(&m_errors);
-    OSARA_ERROR("error in %s: %s", co->what, msg);
+    char line[4096];
+    int n = snprintf(line, sizeof(line), "error in %s: %s", co->what, msg);
+    /* JSON lines: the entry, where the error was raised ("app.lua:5: ..."), the error */
+    size_t wlen = strcspn(msg, ":");
+    wlen += msg[wlen] == ':' ? 1 + strspn(msg + wlen + 1, "0123456789") : 0;
+    int has_where = wlen > 0 && msg[wlen] == ':' && msg[wlen - 1] != ':';
+    osara_log_field_t f[3] = {
+        {.key = "handler", .val = co->what, .len = strlen(co->what)},
+        {.key = "where", .val = msg, .len = wlen},
+        {.key = "err", .val = msg, .len = strlen(msg)},
+    };
+    if (!has_where) {
+        f[1] = f[2];
+    }
+    osara_log_fields(OSARA_LOG_ERROR, line, n < (int)sizeof(line) ? (size_t)n : sizeof(line) - 1,
+                     f, has_where ? 3 : 2);
     if (osara_log_enabled(OSARA_LOG_DEBUG)) {
         luaL_traceback(co->vm->L, T, msg, 0);
         OSARA_DEBUG("%s", lua_tostring(co->vm->L, -1));
@@ -679,6 +698,30 @@ static int l_sched_error(lua_State *L)
     return 0;
 }
 
+/* set_context(t): the running entry's log context (topic, offset, route,
+ * ...), kept until the entry ends. */
+static int l_sched_set_context(lua_State *L)
+{
+    osara_co_t *co = osara_sched_current(L);
+    if (co != NULL) {
+        lua_settop(L, 1);
+        luaL_unref(L, LUA_REGISTRYINDEX, co->ctx_ref);
+        co->ctx_ref = luaL_ref(L, LUA_REGISTRYINDEX);
+    }
+    return 0;
+}
+
+/* context() -> the running entry's log context table, or nil. */
+static int l_sched_context(lua_State *L)
+{
+    osara_co_t *co = osara_sched_current(L);
+    if (co == NULL || co->ctx_ref == LUA_NOREF) {
+        return 0;
+    }
+    lua_rawgeti(L, LUA_REGISTRYINDEX, co->ctx_ref);
+    return 1;
+}
+
 /* stats() -> {inflight=, idle=} for tests and metrics */
 static int l_sched_stats(lua_State *L)
 {
@@ -699,6 +742,7 @@ int osara_sched_open(lua_State *L)
         {"current", l_sched_current}, {"park", l_sched_park},
         {"wake", l_sched_wake}, {"stats", l_sched_stats},
         {"fail", l_sched_fail}, {"error", l_sched_error},
+        {"set_context", l_sched_set_context}, {"context", l_sched_context},
         {NULL, NULL},
     };
     lua_newtable(L);

@@ -15,6 +15,7 @@
 local codec = require "osara.codec"
 local metrics = require "osara.metrics_c"
 local sched = require "osara.sched_c"
+local util = require "osara.util"
 
 local M = {}
 -- osara.testing sets on_return(...) to see what a handler returned; the
@@ -45,13 +46,14 @@ function M.bad_input(kind, name, reason, what, message, dead_letter, attempts)
   metrics.add("osara_bad_input_total", { kind = kind, name = name, reason = reason },
     "messages that failed to decode, validate or be handled")
   local after = attempts and attempts > 1 and (" after %d attempts"):format(attempts) or ""
+  local at = util.err_where(message)
   if dead_letter then
-    require("osara.log_c").write("warn", ("%s %s: %s failed at %s%s, sent to the dead letter %s: %s"):format(
-      kind, name, reason, what or "?", after, dead_letter, message))
+    util.log("warn", ("%s %s: %s failed at %s%s, sent to the dead letter %s: %s"):format(
+      kind, name, reason, what or "?", after, dead_letter, message), nil, at, message)
     return
   end
-  require("osara.log_c").write("error", ("%s %s: %s failed at %s%s: %s"):format(
-    kind, name, reason, what or "?", after, message))
+  util.log("error", ("%s %s: %s failed at %s%s: %s"):format(
+    kind, name, reason, what or "?", after, message), nil, at, message)
 end
 
 local function call_fn(fn, msg)
@@ -195,6 +197,7 @@ function M.policy(spec)
     origin = spec.origin, where = spec.where, dead_letter = spec.dead_letter,
     before_retry = spec.before_retry,
     labels = { kind = spec.kind, name = spec.name },
+    label = spec.kind .. " " .. spec.name,
   }, Policy)
 end
 
@@ -233,8 +236,8 @@ function Policy:fail(msg, reason, err)
     local ok, cerr = pcall(self.on_failure, msg, err, attempts)
     if not ok then
       sched.error()
-      require("osara.log_c").write("error", ("%s %s: on_failure raised at %s: %s"):format(
-        self.kind, self.name, self.where(msg), tostring(cerr)))
+      util.log("error", ("%s %s: on_failure raised at %s: %s"):format(
+        self.kind, self.name, self.where(msg), tostring(cerr)), nil, util.err_where(cerr), tostring(cerr))
     end
   end
   return false
@@ -243,14 +246,25 @@ end
 -- decode(h, msg) -> true | false (the failure taken: retrying cannot fix it).
 -- A schema failure leaves its list in msg.invalid.
 function Policy:decode(h, msg)
+  self:enter(msg)
   local ok, reason, err, invalid = h:decode(msg)
   if ok then return true end
   msg.invalid = invalid
   return self:fail(msg, reason, err)
 end
 
+-- enter(msg): the log lines of this entry carry its handler, topic,
+-- partition, offset or subject (JSON fields); once per message.
+function Policy:enter(msg)
+  if msg._handler == nil then
+    msg._handler = self.label
+    sched.set_context(msg)
+  end
+end
+
 -- too_large(msg, max_bytes) -> true when msg.raw is over the limit (taken).
 function Policy:too_large(msg, max_bytes)
+  self:enter(msg)
   if #msg.raw <= max_bytes then return false end
   self:fail(msg, "too_large", ("%d bytes over the %d-byte limit (opts.max_bytes)"):format(#msg.raw, max_bytes))
   return true
@@ -264,8 +278,8 @@ function Policy:retryable(err, msg)
   local ok, yes = pcall(on, err, msg)
   if ok then return yes end
   sched.error()
-  require("osara.log_c").write("error", ("%s %s: retry.on raised at %s: %s"):format(
-    self.kind, self.name, self.where(msg), tostring(yes)))
+  util.log("error", ("%s %s: retry.on raised at %s: %s"):format(
+    self.kind, self.name, self.where(msg), tostring(yes)), nil, util.err_where(yes), tostring(yes))
   return false
 end
 
@@ -274,8 +288,8 @@ end
 function Policy:retrying(msg, last, err)
   local wait = self:delay(msg.attempt)
   metrics.add("osara_retries_total", self.labels, "handler calls retried after an error")
-  require("osara.log_c").write("warn", ("%s %s: handler failed at %s (attempt %d of %d, again in %.2f s): %s")
-    :format(self.kind, self.name, self.where(msg), msg.attempt, last, wait, err))
+  util.log("warn", ("%s %s: handler failed at %s (attempt %d of %d, again in %.2f s): %s")
+    :format(self.kind, self.name, self.where(msg), msg.attempt, last, wait, err), nil, util.err_where(err), err)
   return wait
 end
 
@@ -300,6 +314,7 @@ end
 -- call(msg, fn, emit) -> true, fn's results | false (filtered out, or the
 -- failure taken). Runs inside the message's coroutine (the backoff sleeps).
 function Policy:call(msg, fn, emit)
+  self:enter(msg)
   if not self:keep(msg) then return false end
   msg.attempt = msg.attempt or 1
   return self:after(msg, fn, emit, pcall(fn, msg, emit))

@@ -465,6 +465,7 @@ local function handle(req)
     return "-", json_error(404, "not found")
   end
   req.route = route.pattern
+  sched.set_context { route = route.pattern, request_id = req.id } -- JSON log fields
   if route.opts.schema then
     local data, err = req:data()
     if data == nil and err then return route.pattern, json_error(400, "invalid body: " .. tostring(err)) end
@@ -479,8 +480,8 @@ local function handle(req)
   local res = { pcall(route.fn, req, unpack(params)) }
   if not res[1] then
     sched.error()
-    log.write("error", ("http %s %s failed (request id %d, %s): %s"):format(req.method, path,
-      req.id, route.where, tostring(res[2])))
+    util.log("error", ("http %s %s failed (request id %d, %s): %s"):format(req.method, path,
+      req.id, route.where, tostring(res[2])), nil, util.err_where(res[2]) or route.where, tostring(res[2]))
     return route.pattern, json_error(500, "internal error", { request_id = req.id })
   end
   if getmetatable(res[2]) == SSE then

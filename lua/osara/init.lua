@@ -156,20 +156,32 @@ end
 function osara.on_start(fn) require("osara.lifecycle").on_start(fn) end
 function osara.on_stop(fn) require("osara.lifecycle").on_stop(fn) end
 
--- Logging: osara.log.info("x=%d", x); one C logger for host and scripts.
+-- How many arguments a format string takes ("%%" takes none).
+local function format_args(fmt)
+  local _, n = fmt:gsub("%%%%", ""):gsub("%%[-+ #0]*%d*%.?%d*%a", "")
+  return n
+end
+
+-- Logging: osara.log.info("x=%d", x [, fields]); one C logger for host and
+-- scripts. A table after the format's arguments holds fields: text lines
+-- append them as k=v, JSON lines as fields, with where (file:line) and the
+-- running handler's context (topic, offset, route...).
 local function make_logger(level)
   return function(fmt, ...)
     if not log_c.enabled(level) then
       return
     end
-    local msg
-    if select("#", ...) > 0 then
-      local ok, s = pcall(string.format, tostring(fmt), ...)
-      msg = ok and s or (tostring(fmt) .. " (bad log format: " .. s .. ")")
-    else
-      msg = tostring(fmt)
+    fmt = tostring(fmt)
+    local n, fields = select("#", ...), nil
+    if n > 0 and type((select(n, ...))) == "table" and format_args(fmt) < n then
+      fields = select(n, ...)
     end
-    log_c.write(level, msg)
+    local msg = fmt
+    if n > 0 and (n > 1 or not fields) then
+      local ok, s = pcall(string.format, fmt, ...)
+      msg = ok and s or (fmt .. " (bad log format: " .. s .. ")")
+    end
+    log_c.write(level, msg, fields, util.log_context(), where(2))
   end
 end
 

@@ -10,6 +10,32 @@ function M.where(level)
   return ("%s:%d"):format(info.short_src, info.currentline or 0)
 end
 
+-- log(level, msg [, fields [, where [, err]]]): one line through the C
+-- logger. fields show in text and JSON lines; the running entry's context
+-- (handler, topic, partition, offset, subject, route, request_id), where
+-- (file:line) and err only in JSON lines (the text already says them).
+function M.log(level, msg, fields, where, err)
+  local log_c = require "osara.log_c"
+  if not log_c.enabled(level) then return end
+  log_c.write(level, msg, fields, M.log_context(), where, err)
+end
+
+-- The running entry's log context: a handler's message (set by the
+-- failure policy, seen through its place fields) or a table of fields.
+function M.log_context()
+  local ctx = require("osara.sched_c").context()
+  if ctx and ctx._handler then
+    return { handler = ctx._handler, topic = ctx.topic, partition = ctx.partition,
+             offset = ctx.offset, subject = ctx.subject }
+  end
+  return ctx
+end
+
+-- The "file:line" an error message starts with, or nil.
+function M.err_where(err)
+  return type(err) == "string" and err:match("^([^%s:]+:%d+):") or nil
+end
+
 -- A stable text of a table's scalar fields (sorted), to compare
 -- configurations across reloads.
 function M.signature(t)
