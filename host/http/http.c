@@ -506,7 +506,7 @@ static void push_request(lua_State *T, hreq_t *r)
 static void dispatch_next(hconn_t *c)
 {
     hreq_t *r = c->head;
-    if (r == NULL || !r->complete || r->dispatched || c->closing || c->ending) {
+    if (r == NULL || !r->complete || r->dispatched || c->closing || c->ending || c->srv->w == NULL) {
         return;
     }
     if (unsent(c) >= MAX_UNSENT) {
@@ -649,7 +649,7 @@ static int on_headers_complete(http_parser *p)
     if (p->content_length != ULLONG_MAX && p->content_length > c->srv->max_body) {
         return 3; /* an error for http-parser (1 and 2 mean "skip body") */
     }
-    if (has_header(r, "expect", "100-continue")) {
+    if (has_header(r, "expect", "100-continue") && c->srv->w != NULL) {
         conn_write(c, "HTTP/1.1 100 Continue\r\n\r\n", 25, 0);
     }
     return 0;
@@ -731,6 +731,18 @@ static void on_read(uv_stream_t *s, ssize_t nread, const uv_buf_t *b)
     free(b->base);
 }
 
+/* The answer to bytes the parser refused: 431, 413 or 400. */
+static int refusal(hconn_t *c, enum http_errno err)
+{
+    if (c->header_bytes > c->srv->max_header) {
+        return 431;
+    }
+    if (err == HPE_CB_headers_complete || err == HPE_CB_body) {
+        return 413;
+    }
+    return 400;
+}
+
 /* Parses bytes read. When a request congests the connection the parser
  * pauses: the rest of the bytes wait in c->held and reading stops until
  * conn_resume. */
@@ -752,13 +764,10 @@ static void conn_parse(hconn_t *c, const char *p, size_t n)
     if (err == HPE_OK && done == n) {
         return;
     }
-    if (c->header_bytes > c->srv->max_header) {
-        reject(c, 431, "request headers too large");
-    } else if (err == HPE_CB_headers_complete || err == HPE_CB_body) {
-        reject(c, 413, "request body too large");
-    } else {
-        reject(c, 400, "malformed request");
-    }
+    int status = refusal(c, err);
+    reject(c, status, status == 431   ? "request headers too large"
+                      : status == 413 ? "request body too large"
+                                      : "malformed request");
 }
 
 static void on_timeout(uv_timer_t *t)
@@ -894,12 +903,6 @@ static int l_http_listen(lua_State *L)
         m_reclaimed = osara_metrics_counter("osara_http_reclaimed_total",
                                             "connections waiting for a request closed to make room",
                                             NULL);
-        parser_settings = (http_parser_settings){
-            .on_message_begin = on_message_begin, .on_url = on_url,
-            .on_header_field = on_header_field, .on_header_value = on_header_value,
-            .on_headers_complete = on_headers_complete, .on_body = on_body,
-            .on_message_complete = on_message_complete,
-        };
     }
     char key[128];
     snprintf(key, sizeof(key), "http:%s", addr);
@@ -955,6 +958,76 @@ static int l_http_listen(lua_State *L)
     lua_pop(L, 5);
     lua_pushstring(L, srv->addr);
     return 1;
+}
+
+/* Moves the requests parsed by a detached connection into the list at
+ * the top of L (as the router receives them); returns the new count. */
+static int take_parsed(lua_State *L, hconn_t *c, int count)
+{
+    while (c->head) {
+        hreq_t *r = c->head;
+        c->head = r->next;
+        push_request(L, r); /* [list, req] */
+        lua_pushboolean(L, r->keepalive);
+        lua_setfield(L, -2, "keepalive");
+        lua_rawseti(L, -2, ++count);
+        req_free(r);
+    }
+    c->tail = NULL;
+    c->nqueued = 0;
+    return count;
+}
+
+/* parse(bytes [, {max_header=, max_body=}]) -> requests, status|nil, upgrade
+ * Runs the server's parser and limits over bytes without a socket (the
+ * http fuzz target, spec/fuzz): requests as the router receives them (plus
+ * keepalive), the status the server would refuse the rest with (400, 413,
+ * 431) or nil, and whether a WebSocket upgrade request ended them. */
+static int l_http_parse(lua_State *L)
+{
+    size_t n, off = 0;
+    const char *p = luaL_checklstring(L, 1, &n);
+    hserver_t srv = {.settings = parser_settings, .max_header = 16384, .max_body = 1048576};
+    if (lua_istable(L, 2)) {
+        lua_getfield(L, 2, "max_header");
+        lua_getfield(L, 2, "max_body");
+        srv.max_header = (size_t)luaL_optnumber(L, -2, 16384);
+        srv.max_body = (size_t)luaL_optnumber(L, -1, 1048576);
+        lua_pop(L, 2);
+    }
+    hconn_t c = {.srv = &srv}; /* detached: srv.w is NULL, nothing is sent */
+    http_parser_init(&c.parser, HTTP_REQUEST);
+    c.parser.data = &c;
+    lua_newtable(L); /* [requests] */
+    int count = 0, status = 0;
+    for (;;) {
+        off += http_parser_execute(&c.parser, &srv.settings, p + off, n - off);
+        count = take_parsed(L, &c, count);
+        enum http_errno err = HTTP_PARSER_ERRNO(&c.parser);
+        if (err == HPE_PAUSED) { /* MAX_QUEUED requests at once */
+            http_parser_pause(&c.parser, 0);
+            if (off < n) {
+                continue;
+            }
+        } else if (!c.upgrading && (err != HPE_OK || off < n)) {
+            status = refusal(&c, err);
+        }
+        break;
+    }
+    int upgrade = c.upgrading != NULL;
+    if (c.cur) {
+        req_free(c.cur);
+    }
+    if (c.upgrading) {
+        req_free(c.upgrading);
+    }
+    if (status) {
+        lua_pushinteger(L, status);
+    } else {
+        lua_pushnil(L);
+    }
+    lua_pushboolean(L, upgrade);
+    return 3;
 }
 
 /* The request behind the handle at index 1; raises once it was answered
@@ -1064,9 +1137,16 @@ int osara_http_open(lua_State *L)
 {
     static const luaL_Reg fns[] = {
         {"listen", l_http_listen}, {"start", l_http_start}, {"write", l_http_write},
-        {"finish", l_http_finish}, {"alive", l_http_alive}, {NULL, NULL},
+        {"finish", l_http_finish}, {"alive", l_http_alive}, {"parse", l_http_parse},
+        {NULL, NULL},
     };
     osara_registry_kind(&route_kind);
+    parser_settings = (http_parser_settings){
+        .on_message_begin = on_message_begin, .on_url = on_url,
+        .on_header_field = on_header_field, .on_header_value = on_header_value,
+        .on_headers_complete = on_headers_complete, .on_body = on_body,
+        .on_message_complete = on_message_complete,
+    };
     luaL_newmetatable(L, REQ_MT);
     lua_pushcfunction(L, l_req_gc);
     lua_setfield(L, -2, "__gc");

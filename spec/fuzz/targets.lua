@@ -100,4 +100,49 @@ function M.avro_schema(text)
   end
 end
 
+-- The HTTP request path: the server's parser and limits (host/http/http.c,
+-- without a socket), then the router with typed parameters, wildcards,
+-- schemas and formats (lua/osara/http.lua). Any status is fine; a raise, a
+-- status outside 100-599, a body that is not a string or a table's address
+-- in a body is a finding.
+local http = require "osara.http"
+local http_c = require "osara.http_c"
+local LIMITS = { max_header = 2048, max_body = 4096 }
+local http_routes
+local function capture_routes()
+  local prev = http._capture { capturing = true }
+  local Item = osara.schema { name = "string", qty = osara.integer { min = 1 }, tags = osara.optional(osara.array "string") }
+  osara.route("GET", "/users/{id:int}", function(_, id) return { id = id } end)
+  osara.route("GET", "/n/{x:number}/{name}", function(_, x, name) return { x = x, name = name } end)
+  osara.route("GET", "/files/*", function(_, rest) return { rest = rest } end)
+  osara.route("GET", "/raw/**", function(_, rest) return rest end, { format = "text" })
+  osara.route("POST", "/items", function(req) return 201, { name = req.value.name } end, { schema = Item })
+  osara.route("POST", "/echo", function(req) return { data = req:data(), q = req.query } end,
+    { format = { "json", "msgpack", "html" } })
+  osara.route("GET", "/page", function() return "<p>hi</p>" end, { format = "html" })
+  osara.resource("/things/{id}", { get = function(_, id) return { id = id } end,
+                                   delete = function() return 204, "" end })
+  http_routes = http._capture(prev)
+end
+capture_routes()
+
+function M.http(bytes)
+  local reqs, status, upgrade = http_c.parse(bytes, LIMITS)
+  check(type(reqs) == "table", "parse returned no list")
+  check(status == nil or status == 400 or status == 413 or status == 431, "refusal " .. tostring(status))
+  check(type(upgrade) == "boolean", "upgrade flag")
+  local prev = http._capture(http_routes)
+  local ok, err = pcall(function()
+    for _, req in ipairs(reqs) do
+      check(#req.body <= LIMITS.max_body, "a body over max_body was accepted")
+      local code, headers, body = http._dispatch(req)
+      check(type(code) == "number" and code >= 100 and code <= 599, "status " .. tostring(code))
+      check(type(headers) == "table" and type(body) == "string", "response shape")
+      check(not body:find("table: 0x", 1, true), "a table's address in a body")
+    end
+  end)
+  http._capture(prev)
+  if not ok then error(err, 0) end
+end
+
 return M
