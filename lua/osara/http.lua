@@ -333,7 +333,8 @@ end
 local function stream(req, sse)
   local token = req._token
   local opts = sse.opts
-  http_c.start(token, 200, { ["Content-Type"] = "text/event-stream", ["Cache-Control"] = "no-cache" })
+  http_c.start(token, 200, { ["Content-Type"] = "text/event-stream", ["Cache-Control"] = "no-cache",
+                             ["X-Request-Id"] = req.id })
   local queue, ended, waiter = {}, false, nil
   local source = sse.source
   local function wake()
@@ -480,7 +481,7 @@ local function handle(req)
   local res = { pcall(route.fn, req, unpack(params)) }
   if not res[1] then
     sched.error()
-    util.log("error", ("http %s %s failed (request id %d, %s): %s"):format(req.method, path,
+    util.log("error", ("http %s %s failed (request id %s, %s): %s"):format(req.method, path,
       req.id, route.where, tostring(res[2])), nil, util.err_where(res[2]) or route.where, tostring(res[2]))
     return route.pattern, json_error(500, "internal error", { request_id = req.id })
   end
@@ -491,11 +492,28 @@ local function handle(req)
   return route.pattern, render(req, route, res[2], res[3], res[4])
 end
 
+-- Request ids: the client's X-Request-Id when it is a plain token (so a
+-- request is traced across services), else one generated here: a prefix
+-- drawn once per process and the server's request counter, in hex.
+local id_prefix
+local function request_id(req)
+  local given = req.headers["x-request-id"]
+  if given and #given <= 128 and given:match("^[%w%-_.:/+=@]+$") then return given end
+  if not id_prefix then
+    local f = io.open("/dev/urandom", "rb")
+    local bytes = f and f:read(4) or tostring(os.time())
+    if f then f:close() end
+    id_prefix = ("%02x%02x%02x%02x"):format(bytes:byte(1, 4))
+  end
+  return ("%s%08x"):format(id_prefix, req.id % 4294967296)
+end
+
 function M._dispatch(req)
   setmetatable(req, Request)
+  req.id = request_id(req)
   local ok, route_name, status, headers, body = pcall(handle, req)
   if not ok then
-    log.write("error", ("http %s %s failed (request id %d): %s"):format(req.method, req.target, req.id, tostring(route_name)))
+    log.write("error", ("http %s %s failed (request id %s): %s"):format(req.method, req.target, req.id, tostring(route_name)))
     route_name, status, headers, body = "-", json_error(500, "internal error", { request_id = req.id })
   end
   if status == "stream" then

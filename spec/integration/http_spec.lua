@@ -27,6 +27,7 @@ osara.route("GET", "/raw/**", function(req, rest) return { rest = rest, raw_path
 osara.route("GET", "/n/{x:number}", function(req, x) return { x = x } end)
 osara.route("GET", "/neg", function() return { x = 1 } end, { format = { "json", "msgpack", "html" } })
 osara.route("GET", "/htmlonly", function() return { x = 1 } end, { format = "html" })
+osara.route("GET", "/rid", function(req) osara.log.info("handling request %s", req.id) return { id = req.id } end)
 ]]
 
 describe("http", function()
@@ -155,6 +156,24 @@ describe("http", function()
     assert.is_nil(body:find("kaboom"))
     local line = H.expect(p, "http GET /boom failed")
     assert.matches("request id " .. b.request_id .. ", .*app.lua:11%): .*app.lua:11: kaboom", line)
+  end)
+
+  it("gh_14_request_id: takes the client's X-Request-Id or makes one, as req.id and in the answer", function()
+    local status, headers, body = T.curl { "-H", "X-Request-Id: trace-abc.123", url "/rid" }
+    assert.are.equal(200, status)
+    assert.are.equal("trace-abc.123", headers["x-request-id"])
+    assert.are.equal("trace-abc.123", cjson.decode(body).id)
+    H.expect(p, "handling request trace-abc.123")
+    local seen = {}
+    for _, given in ipairs { "", "has space", ("x"):rep(200) } do
+      local _, h, b = T.curl { "-H", "X-Request-Id: " .. given, url "/rid" }
+      local id = cjson.decode(b).id
+      assert.matches("^%x+$", id)
+      assert.are.equal(16, #id)
+      assert.are.equal(id, h["x-request-id"])
+      assert.is_nil(seen[id])
+      seen[id] = true
+    end
   end)
 
   it("runs routes that yield, and serves pipelined requests in order on one connection", function()
