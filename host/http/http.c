@@ -711,7 +711,9 @@ static void hand_over(hconn_t *c, const char *rest, size_t n)
     if (status == 0) {
         conn_close(c);
     } else {
-        reject(c, status, status == 404 ? "no websocket endpoint here" : "bad websocket handshake");
+        reject(c, status, status == 404   ? "no websocket endpoint here"
+                          : status == 503 ? "too many websocket connections"
+                                          : "bad websocket handshake");
     }
 }
 

@@ -87,6 +87,7 @@ void osara__ws_detach(osara_ws_conn_t *c)
     if (c->ep == NULL) {
         return;
     }
+    c->ep->nconns--;
     if (c->prev) {
         c->prev->next = c->next;
     } else {

@@ -116,6 +116,9 @@ int osara_ws_accept(struct osara_worker_s *w, uv_stream_t *stream, const osara_w
     if (ep == NULL) {
         return 404;
     }
+    if (ep->nconns >= ep->max_conns) {
+        return 503; /* each connection costs memory: bounded like HTTP's */
+    }
     char token[32];
     if (!valid_handshake(req) || osara__ws_accept_token(req->key, token) != 0) {
         return 400;
@@ -128,6 +131,7 @@ int osara_ws_accept(struct osara_worker_s *w, uv_stream_t *stream, const osara_w
     }
     osara_metric_gauge_add(osara__ws_m_server_conns, 1);
     c->ep = ep;
+    ep->nconns++;
     c->max_inflight = ep->max_inflight;
     c->next = ep->conns;
     if (ep->conns) {
@@ -167,7 +171,7 @@ static void endpoint_close(void *ptr)
     free(ep);
 }
 
-/* serve(path, {max_message=, max_inflight=}): makes the path an endpoint
+/* serve(path, {max_message=, max_inflight=, max_connections=}): makes the path an endpoint
  * (kept while a VM holding it lives); limits may change on reload. */
 int osara__ws_l_serve(lua_State *L)
 {
@@ -190,8 +194,10 @@ int osara__ws_l_serve(lua_State *L)
     }
     lua_getfield(L, 2, "max_message");
     lua_getfield(L, 2, "max_inflight");
-    ep->max_message = (size_t)luaL_optnumber(L, -2, 1048576);
-    ep->max_inflight = (int)luaL_optinteger(L, -1, 256);
-    lua_pop(L, 2);
+    lua_getfield(L, 2, "max_connections");
+    ep->max_message = (size_t)luaL_optnumber(L, -3, 1048576);
+    ep->max_inflight = (int)luaL_optinteger(L, -2, 256);
+    ep->max_conns = (int)luaL_optinteger(L, -1, 1024);
+    lua_pop(L, 3);
     return 0;
 }

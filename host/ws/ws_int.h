@@ -36,6 +36,7 @@ struct osara_ws_endpoint_s {
     char path[256];
     size_t max_message;
     int max_inflight;
+    int max_conns, nconns;
     osara_ws_conn_t *conns;
     osara_ws_endpoint_t *next;
 };

@@ -349,6 +349,7 @@ define("osara.rpc.serve", {
   { "path", "string", "/rpc", "the WebSocket endpoint's path on the HTTP server" },
   { "max_message", "integer", 1048576, "larger messages close the connection with status 1009" },
   { "max_inflight", "integer", 256, "calls running at once per connection; past it the connection is not read" },
+  { "max_connections", "integer", 1024, "WebSocket connections at once; more are answered 503" },
 })
 
 define("osara.rpc.expose", {

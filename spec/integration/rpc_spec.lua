@@ -182,6 +182,24 @@ describe("rpc when the script or the host goes", function()
     H.stop(p, { timeout = 30 })
   end)
 
+  it("answers 503 past max_connections and accepts again once one closed", function()
+    local dir = H.tmpdir()
+    local app = server_app(dir, "v1"):gsub("max_message = 65536", "max_connections = 1")
+    local p, port = T.app(dir, app)
+    local url = "ws://127.0.0.1:" .. port .. "/rpc"
+    local client = holding(url, { { "slow", { 1, "held" } } })
+    H.expect(p, "slow held started", 15)
+    local upgrade = "GET /rpc HTTP/1.1\r\nHost: x\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n"
+      .. "Sec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\nSec-WebSocket-Version: 13\r\n\r\n"
+    assert.matches("^HTTP/1.1 503", T.raw(port, upgrade))
+    client:kill("TERM")
+    H.finish(client, { status = false })
+    H.eventually(function() return metric(port, 'osara_ws_connections{side="server"}') == 0 end, 10,
+      "the held connection closed")
+    assert.are.equal(3, tool(url, "calls", cjson.encode { { "add", { 1, 2 } } })[1].result)
+    H.stop(p, { timeout = 30 })
+  end)
+
   it("a stopping host answers the calls in flight, then says going away and exits 0", function()
     local dir = H.tmpdir()
     local p, port = T.app(dir, server_app(dir, "v1"))
