@@ -2,10 +2,14 @@
 
 #include "core/mem.h"
 
+#include <errno.h>
+#include <fcntl.h>
+#include <signal.h>
 #include <stdatomic.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
+#include <sys/stat.h>
 #include <sys/time.h>
 #include <time.h>
 #include <unistd.h>
@@ -25,7 +29,15 @@ static struct {
     size_t len, cap;
     size_t dropped;
     int stop;
-} lg = {.level = OSARA_LOG_INFO};
+    /* --log-file: written by the writer thread only (stderr until set) */
+    int fd;
+    char *path;
+    uint64_t max_bytes; /* rotate past this size; 0: never */
+    uint64_t written;   /* bytes in the current file */
+    volatile sig_atomic_t reopen; /* SIGUSR1: logrotate moved the file */
+} lg = {.level = OSARA_LOG_INFO, .fd = STDERR_FILENO};
+
+#define LOG_FILES_KEPT 5 /* path.1 ... path.5 after size rotations */
 
 int osara_log_parse_level(const char *s)
 {
@@ -68,14 +80,88 @@ int osara_log_enabled(osara_log_level_t level)
 
 static void write_all(const char *p, size_t n)
 {
+    lg.written += n;
     while (n > 0) {
-        ssize_t w = write(STDERR_FILENO, p, n);
+        ssize_t w = write(lg.fd, p, n);
         if (w <= 0) {
             return; /* nowhere to report a broken stderr */
         }
         p += w;
         n -= (size_t)w;
     }
+}
+
+static int open_log_file(const char *path)
+{
+    return open(path, O_WRONLY | O_APPEND | O_CREAT | O_CLOEXEC, 0644);
+}
+
+/* Opens path again (after logrotate moved it, or after a size rotation
+ * shifted path -> path.1 -> ... -> path.5). On failure the old descriptor
+ * stays: lines keep going somewhere rather than nowhere. */
+static void reopen_log_file(int shift)
+{
+    if (shift) {
+        char from[4096], to[4096];
+        for (int k = LOG_FILES_KEPT; k >= 1; k--) {
+            snprintf(to, sizeof(to), "%s.%d", lg.path, k);
+            if (k == 1) {
+                snprintf(from, sizeof(from), "%s", lg.path);
+            } else {
+                snprintf(from, sizeof(from), "%s.%d", lg.path, k - 1);
+            }
+            rename(from, to); /* a missing older file is fine */
+        }
+    }
+    int fd = open_log_file(lg.path);
+    if (fd < 0) {
+        return;
+    }
+    close(lg.fd);
+    lg.fd = fd;
+    struct stat st;
+    lg.written = fstat(fd, &st) == 0 ? (uint64_t)st.st_size : 0;
+}
+
+/* Before writing n bytes: honour a SIGUSR1, or rotate by size. */
+static void maybe_rotate(size_t n)
+{
+    if (!lg.path) {
+        return;
+    }
+    if (lg.reopen) {
+        lg.reopen = 0;
+        reopen_log_file(0);
+    }
+    if (lg.max_bytes && lg.written > 0 && lg.written + n > lg.max_bytes) {
+        reopen_log_file(1);
+    }
+}
+
+static void on_sigusr1(int sig)
+{
+    (void)sig;
+    lg.reopen = 1;
+}
+
+int osara_log_set_file(const char *path, uint64_t max_bytes)
+{
+    int fd = open_log_file(path);
+    if (fd < 0) {
+        return -errno;
+    }
+    struct stat st;
+    lg.written = fstat(fd, &st) == 0 ? (uint64_t)st.st_size : 0;
+    lg.fd = fd;
+    lg.path = osara_xstrdup(path);
+    lg.max_bytes = max_bytes;
+    struct sigaction sa;
+    memset(&sa, 0, sizeof(sa));
+    sa.sa_handler = on_sigusr1;
+    sa.sa_flags = SA_RESTART;
+    sigemptyset(&sa.sa_mask);
+    sigaction(SIGUSR1, &sa, NULL);
+    return 0;
 }
 
 static void writer_main(void *arg)
@@ -102,6 +188,7 @@ static void writer_main(void *arg)
         size_t dropped = lg.dropped;
         lg.dropped = 0;
         uv_mutex_unlock(&lg.mu);
+        maybe_rotate(n);
         write_all(out, n);
         if (dropped > 0) {
             char note[96];
@@ -147,6 +234,12 @@ void osara_log_shutdown(void)
     lg.len = lg.cap = 0;
     uv_cond_destroy(&lg.cond);
     uv_mutex_destroy(&lg.mu);
+    if (lg.path) {
+        close(lg.fd);
+        lg.fd = STDERR_FILENO;
+        free(lg.path);
+        lg.path = NULL;
+    }
 }
 
 static size_t format_time(char *dst, size_t cap)
@@ -269,12 +362,21 @@ static size_t text_field(char *line, size_t n, size_t cap, const osara_log_field
     return n + k;
 }
 
+static void format_and_enqueue(osara_log_level_t level, const char *msg, size_t len,
+                               const osara_log_field_t *fields, int nfields);
+
 void osara_log_fields(osara_log_level_t level, const char *msg, size_t len,
                       const osara_log_field_t *fields, int nfields)
 {
     if (!osara_log_enabled(level) || level >= OSARA_LOG_OFF) {
         return;
     }
+    format_and_enqueue(level, msg, len, fields, nfields);
+}
+
+static void format_and_enqueue(osara_log_level_t level, const char *msg, size_t len,
+                               const osara_log_field_t *fields, int nfields)
+{
     char line[8192];
     char ts[40];
     format_time(ts, sizeof(ts));
@@ -421,7 +523,10 @@ static int l_log_write(lua_State *L)
     }
     size_t len;
     const char *msg = luaL_checklstring(L, 2, &len);
-    if (!osara_log_enabled((osara_log_level_t)level)) {
+    /* 7th argument: a named logger whose own level lets this line through
+     * although the process-wide level would not (osara.log.get) */
+    int forced = lua_toboolean(L, 7) && level < OSARA_LOG_OFF;
+    if (!forced && !osara_log_enabled((osara_log_level_t)level)) {
         return 0;
     }
     osara_log_field_t f[MAX_FIELDS];
@@ -433,7 +538,7 @@ static int l_log_write(lua_State *L)
         n = collect_fields(L, 4, f, n, 0, num);
     }
     qsort(f, (size_t)n, sizeof(f[0]), field_cmp);
-    osara_log_fields((osara_log_level_t)level, msg, len, f, n);
+    format_and_enqueue((osara_log_level_t)level, msg, len, f, n);
     return 0;
 }
 

@@ -11,6 +11,7 @@
 
 #include <stdarg.h>
 #include <stddef.h>
+#include <stdint.h>
 
 typedef enum {
     OSARA_LOG_DEBUG = 0,
@@ -30,6 +31,13 @@ void osara_log_init(osara_log_level_t level, osara_log_format_t format);
 
 /* Flushes everything pending and stops the writer thread. */
 void osara_log_shutdown(void);
+
+/* Writes lines to path (appending) instead of stderr. SIGUSR1 makes the
+ * writer open path again before its next line (after logrotate moved the
+ * file); past max_bytes (0: never) the file is rotated to path.1 (older
+ * ones shift up to path.5). Returns 0 or -errno. Call before the first
+ * line is logged from another thread. */
+int osara_log_set_file(const char *path, uint64_t max_bytes);
 
 /* Parses "debug|info|warn|error|off"; returns -1 if unknown. */
 int osara_log_parse_level(const char *s);

@@ -36,6 +36,8 @@ static const option_t options[] = {
     {"--http", "ADDR", "HTTP listen address for routes (default 127.0.0.1:8080)", "r"},
     {"--log-level", "L", "debug|info|warn|error (default info, or OSARA_LOG_LEVEL)", "rct"},
     {"--log-format", "F", "text|json (default text, or OSARA_LOG_FORMAT)", "rct"},
+    {"--log-file", "FILE", "write the log to FILE, reopened on SIGUSR1 (default stderr, or OSARA_LOG_FILE)", "r"},
+    {"--log-max-size", "SIZE", "rotate the log file past SIZE bytes (100M, 1G; default off, or OSARA_LOG_MAX_SIZE)", "r"},
     {"--grace", "SECS", "time in-flight work may take at stop and reload (default 10)", "rt"},
     {"--load-timeout", "SECS", "time a script may take to load (default 5)", "rct"},
     {"--loop-stall-ms", "MS", "warn about a loop turn longer than MS, e.g. 100; 0: off (default, or OSARA_LOOP_STALL_MS)", "r"},
@@ -87,7 +89,8 @@ static void usage(FILE *f)
 
 typedef struct {
     osara_worker_opts_t w;
-    const char *log_level, *log_format;
+    const char *log_level, *log_format, *log_file, *log_max_size;
+    int running; /* osara run: the only command whose log may go to a file */
     int stall_given; /* --loop-stall-ms on the command line */
     const char *paths[256];
     int npaths;
@@ -142,6 +145,10 @@ static int apply_option(cli_t *cli, const option_t *o, const char *val)
         cli->log_level = val;
     } else if (strcmp(n, "--log-format") == 0) {
         cli->log_format = val;
+    } else if (strcmp(n, "--log-file") == 0) {
+        cli->log_file = val;
+    } else if (strcmp(n, "--log-max-size") == 0) {
+        cli->log_max_size = val;
     } else if (strcmp(n, "--output") == 0) {
         cli->w.test_output = val;
     } else if (strcmp(n, "--loop-stall-ms") == 0) {
@@ -225,6 +232,54 @@ static int stall_from_env(cli_t *cli)
     return 0;
 }
 
+/* "100M", "1G", "65536": bytes (K, M, G are powers of 1024); 0 is off. */
+static int parse_size(const char *s, uint64_t *out)
+{
+    char *end;
+    errno = 0;
+    unsigned long long v = strtoull(s, &end, 10);
+    uint64_t unit = 1;
+    if (*end == 'K' || *end == 'k') {
+        unit = 1024, end++;
+    } else if (*end == 'M' || *end == 'm') {
+        unit = 1024 * 1024, end++;
+    } else if (*end == 'G' || *end == 'g') {
+        unit = 1024ull * 1024 * 1024, end++;
+    }
+    if (*s == '\0' || *s == '-' || *end != '\0' || errno || v > UINT64_MAX / unit) {
+        return -1;
+    }
+    *out = v * unit;
+    return 0;
+}
+
+static int setup_log_file(cli_t *cli)
+{
+    if (!cli->running) {
+        return 0;
+    }
+    const char *file = cli->log_file ? cli->log_file : getenv("OSARA_LOG_FILE");
+    const char *size = cli->log_max_size ? cli->log_max_size : getenv("OSARA_LOG_MAX_SIZE");
+    uint64_t max_bytes = 0;
+    if (size && *size && parse_size(size, &max_bytes) != 0) {
+        fprintf(stderr, "osara: --log-max-size expects bytes like 100M or 1G, got '%s'\n", size);
+        return EXIT_USAGE;
+    }
+    if (!file || !*file) {
+        if (max_bytes) {
+            fprintf(stderr, "osara: --log-max-size needs --log-file\n");
+            return EXIT_USAGE;
+        }
+        return 0;
+    }
+    int rc = osara_log_set_file(file, max_bytes);
+    if (rc != 0) {
+        fprintf(stderr, "osara: cannot open log file %s: %s\n", file, strerror(-rc));
+        return EXIT_USAGE;
+    }
+    return 0;
+}
+
 static int setup_logging(cli_t *cli)
 {
     const char *lvl = cli->log_level ? cli->log_level : getenv("OSARA_LOG_LEVEL");
@@ -238,6 +293,10 @@ static int setup_logging(cli_t *cli)
     if (format < 0) {
         fprintf(stderr, "osara: unknown log format '%s' (text|json)\n", fmt);
         return EXIT_USAGE;
+    }
+    int rc = setup_log_file(cli);
+    if (rc != 0) {
+        return rc;
     }
     osara_log_init((osara_log_level_t)level, (osara_log_format_t)format);
     return 0;
@@ -309,6 +368,7 @@ int main(int argc, char **argv)
     }
     cli_t cli = {.w = {.grace = 10, .load_timeout = 5,
                        .loop_stall_ms = OSARA_LOOP_STALL_DEFAULT_MS}};
+    cli.running = commands[ci].letter == 'r';
     int rc = parse_args(&cli, ci, argc, argv);
     if (rc == 0) {
         rc = stall_from_env(&cli);

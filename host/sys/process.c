@@ -488,6 +488,7 @@ static int signal_number(lua_State *L, int idx)
     static const struct { const char *n; int s; } sigs[] = {
         {"TERM", SIGTERM}, {"KILL", SIGKILL}, {"INT", SIGINT},
         {"HUP", SIGHUP},   {"STOP", SIGSTOP}, {"CONT", SIGCONT},
+        {"USR1", SIGUSR1}, {"USR2", SIGUSR2},
     };
     if (strncmp(name, "SIG", 3) == 0) {
         name += 3;

@@ -166,9 +166,18 @@ end
 -- scripts. A table after the format's arguments holds fields: text lines
 -- append them as k=v, JSON lines as fields, with where (file:line) and the
 -- running handler's context (topic, offset, route...).
-local function make_logger(level)
+local LEVEL_RANK = { debug = 1, info = 2, warn = 3, error = 4, off = 5 }
+
+-- A logger's function for one level. name: a named logger's name (a
+-- `logger` field on each line); min: its own level, if it has one.
+local function make_logger(level, name, min)
+  local own_fields = name and { logger = name }
   return function(fmt, ...)
-    if not log_c.enabled(level) then
+    local forced = false
+    if min then
+      if LEVEL_RANK[level] < LEVEL_RANK[min] then return end
+      forced = true
+    elseif not log_c.enabled(level) then
       return
     end
     fmt = tostring(fmt)
@@ -181,17 +190,55 @@ local function make_logger(level)
       local ok, s = pcall(string.format, fmt, ...)
       msg = ok and s or (fmt .. " (bad log format: " .. s .. ")")
     end
-    log_c.write(level, msg, fields, util.log_context(), where(2))
+    if own_fields then
+      if fields then
+        local merged = { logger = name }
+        for k, v in pairs(fields) do merged[k] = v end
+        fields = merged
+      else
+        fields = own_fields
+      end
+    end
+    log_c.write(level, msg, fields, util.log_context(), where(2), nil, forced)
   end
 end
 
-osara.log = {
-  debug = make_logger("debug"),
-  info = make_logger("info"),
-  warn = make_logger("warn"),
-  error = make_logger("error"),
-  level = log_c.level,
-}
+local function new_logger(name, min)
+  return {
+    name = name,
+    debug = make_logger("debug", name, min),
+    info = make_logger("info", name, min),
+    warn = make_logger("warn", name, min),
+    error = make_logger("error", name, min),
+  }
+end
+
+osara.log = new_logger(nil, nil)
+osara.log.level = log_c.level
+
+-- osara.log.get(name [, {level=}]) -> a named logger (panini's get_logger):
+-- its name is a `logger` field on every line (text: logger=name; JSON: a
+-- field). Its level: opts.level, else config.yaml's log.levels.<name>, else
+-- the process-wide --log-level. The same name gives the same logger.
+local named = {}
+function osara.log.get(name, opts)
+  if type(name) ~= "string" or name == "" then
+    options.raise("osara.log.get: expected a logger name")
+  end
+  opts = options.check("osara.log.get", opts)
+  local min = opts.level
+  if min == nil then
+    local cfg = require("osara.config").data()
+    local levels = type(cfg.log) == "table" and cfg.log.levels
+    min = type(levels) == "table" and levels[name] or nil
+    if min ~= nil and not LEVEL_RANK[min] then
+      options.raise(("config: log.levels.%s: unknown level '%s' (debug, info, warn, error, off)"):format(name, tostring(min)))
+    end
+  end
+  local key = name .. "|" .. tostring(min)
+  named[key] = named[key] or new_logger(name, min)
+  return named[key]
+end
 
 -- Metrics kept in C (exposed by the HTTP server's /metrics).
 local function series(kind)

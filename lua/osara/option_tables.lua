@@ -54,6 +54,11 @@ local timer = {
 define("osara.every", timer)
 define("osara.after", timer)
 
+define("osara.log.get", {
+  { "level", "string", nil, "this logger's own level", shown = "config.yaml's `log.levels.<name>`, else `--log-level`",
+    values = set("debug", "info", "warn", "error", "off") },
+})
+
 define("osara.process.spawn", {
   { "argv", "list", nil, "the program and its arguments", required = true },
   { "env", "table", nil, "variables set on top of the host's environment" },
