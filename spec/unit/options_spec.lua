@@ -35,6 +35,7 @@ local function fn() end
 local calls = {
   ["osara.every"] = function(o) osara.every(1, fn, o):cancel() end,
   ["osara.process.spawn"] = function(o) osara.process.spawn(o) end,
+  ["osara.log.get"] = function(o) osara.log.get("options_spec", o) end,
   ["osara.after"] = function(o) osara.after(1, fn, o):cancel() end,
   ["osara.kafka"] = function(o) checking(function() osara.kafka(o) end) end,
   ["osara.kafka.defaults"] = function(o) osara.kafka.defaults(o) end,
