@@ -16,6 +16,7 @@ local osara = { version = "0.1.0" }
 local lazy = {
   kafka = "osara.kafka",
   nats = "osara.nats",
+  amqp = "osara.amqp",
   store = "osara.store",
   http = "osara.http",
   schema = "osara.schema",

@@ -123,6 +123,50 @@ define("topic:send", {
   { "partition", "integer", nil, "explicit partition (default: by key)" },
 })
 
+-- ---- AMQP (RabbitMQ) -----------------------------------------------------------------
+
+define("osara.amqp", {
+  { "url", "string", "amqp://guest:guest@127.0.0.1:5672/", "`amqp://user:password@host:port/vhost` (`OSARA_AMQP_URL` overrides)" },
+  { "service", "string", nil, "this service's name: `amqp:event` publishes to the exchange of that name (micro_framework's `SERVICE_NAME`)" },
+  { "prefetch", "integer", 256, "unacknowledged messages the broker sends each consumer at most (`basic.qos`)" },
+})
+
+define("amqp:handle", {
+  { "exchange", "string", nil, "the exchange to bind to (micro_framework's `source_service`); declared when missing", required = true },
+  { "routing_key", "string", "#", "the binding key (micro_framework's `event_name`); topic wildcards `*` and `#` work" },
+  { "queue", "string", nil, "a named queue is shared by every instance (a work queue); without one each instance gets its own exclusive queue (a broadcast)", shown = "exclusive" },
+  { "durable", "boolean", true, "the exchange and a named queue survive a broker restart" },
+  { "exchange_type", "string", "topic", "the type the exchange is declared with", values = set("topic", "direct", "fanout", "headers") },
+})
+
+local amqp_handler = {
+  { "codec", "codec", "json", "how `msg.raw` is decoded into `msg.value`" },
+  { "schema", "schema", nil, "the decoded value must satisfy it; otherwise bad input ([schemas.md](schemas.md))" },
+  { "max_inflight", "integer", 256, "handler calls running at once (micro_framework's `MAX_WORKERS`); `1` keeps the queue's order" },
+  { "prefetch", "integer", nil, "this consumer's prefetch", shown = "the client's" },
+  { "max_bytes", "integer", 1048576, "larger payloads are bad input" },
+  { "retry", "table|boolean", nil, "a failing handler call is retried later through the broker: the message waits in `<queue>.retry` for the backoff (a per-message TTL), then comes back; `msg.attempt` counts from its `x-death` header. `{ max =, backoff =, max_backoff =, jitter =, on = }` (the [`retry` table](api.md#failure-policy)); `false`: no retry", shown = "3 retries, 0.1 s backoff" },
+  { "dlq", "string|boolean", nil, "a queue (declared durable): failed messages are published there with `osara-error*` headers; `false`: none", shown = "none" },
+  { "on_failure", "function", nil, "`on_failure(msg, err, attempts)`, called once after the last attempt, in the message's coroutine (may publish; micro_framework's `callback_target`)" },
+  { "filter", "function", nil, "`filter(msg) -> keep`, after decoding: a message it drops is acknowledged and counted in `osara_filtered_total` (micro_framework's `payload_filter`)" },
+}
+define("amqp:handle.opts", amqp_handler)
+
+define("amqp:publish", {
+  { "headers", "table", nil, "header name → string, number or boolean" },
+  { "persistent", "boolean", true, "delivery mode 2: a durable queue keeps it across a broker restart" },
+  { "confirm", "boolean", true, "wait (yield) until the broker confirms; inside a handler the input is acknowledged only after every output was confirmed either way" },
+  { "timeout", "number", nil, "seconds to wait for the confirm; then `nil, \"timeout\"`", shown = "none" },
+  { "codec", "codec", "json", "encodes the value" },
+  { "declare", "boolean", true, "declare the exchange (durable, `exchange_type`) before the first publish to it" },
+  { "exchange_type", "string", "topic", "the type a declared exchange gets" },
+  { "expiration", "number", nil, "seconds the message may wait in a queue (per-message TTL)" },
+  { "content_type", "string", nil, "the `content-type` property", shown = "the codec's" },
+  { "correlation_id", "string", nil, "the `correlation-id` property" },
+  { "reply_to", "string", nil, "the `reply-to` property" },
+  { "message_id", "string", nil, "the `message-id` property" },
+})
+
 -- ---- NATS ---------------------------------------------------------------------------
 
 define("osara.nats", {

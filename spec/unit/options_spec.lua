@@ -28,7 +28,7 @@ local function raised(fn)
   return tostring(err)
 end
 
-local kafka, nats, topic, db, app
+local kafka, nats, topic, db, app, amqp
 local function fn() end
 
 -- One way to call each builder with an options table.
@@ -53,6 +53,10 @@ local calls = {
   ["nats:request"] = function(o) nats:request("s", 1, o) end,
   ["nats:jspublish"] = function(o) nats:jspublish("s", 1, o) end,
   ["nats:add_stream"] = function(o) nats:add_stream(o) end,
+  ["osara.amqp"] = function(o) checking(function() osara.amqp(o) end) end,
+  ["amqp:handle"] = function(o) checking(function() amqp:handle(o, fn) end) end,
+  ["amqp:handle.opts"] = function(o) checking(function() amqp:handle({ exchange = "e" }, o, fn) end) end,
+  ["amqp:publish"] = function(o) amqp:publish("e", "k", 1, o) end,
   ["osara.http"] = function(o) osara.http(o) end,
   ["osara.route"] = function(o) osara.route("GET", "/options-spec", fn, o) end,
   ["osara.rpc.serve"] = function(o) osara.rpc.serve(o) end,
@@ -101,6 +105,7 @@ describe("options", function()
     checking(function()
       kafka = osara.kafka { ["group.id"] = "opts" }
       nats = osara.nats {}
+      amqp = osara.amqp {}
       topic = kafka:topic("t")
     end)
     db = osara.store("opts", { memory = true })
