@@ -2,6 +2,7 @@
 -- against a real rabbitmq-server, with pika publishing as another service.
 local H = require "spec.helpers.host"
 local R = require "spec.helpers.rabbitmq"
+local redis = require "spec.helpers.redis"
 
 local TOOL = "spec/tools/amqp_tool.py"
 
@@ -16,10 +17,18 @@ describe("micro_framework example", function()
       { name = "amqp_tool" }), { timeout = 60 })
   end
 
-  it("runs the CallbackRoute with retries and its failure callback, the filtered listener and the class method", function()
-    local p = H.osara({ "run", "--data", H.tmpdir(), "examples/micro_framework/main.lua" },
-      { OSARA_AMQP_URL = server.url, RETRY_INTERVAL = "0.1" },
+  -- The example on a free port for its WebSocket server, its waits short.
+  local function start()
+    local port = redis.free_port()
+    return H.osara({ "run", "--data", H.tmpdir(), "--http", "127.0.0.1:" .. port,
+                     "examples/micro_framework/main.lua" },
+      { OSARA_AMQP_URL = server.url, MICRO_FRAMEWORK_FAST = "1",
+        RPC_URL = ("ws://127.0.0.1:%d/rpc"):format(port) },
       { errors = { "amqp my_exchange/my_routing_key: handler failed at" } })
+  end
+
+  it("runs the CallbackRoute with retries and its failure callback, the filtered listener and the class method", function()
+    local p = start()
     for _, route in ipairs { "my_exchange/my_routing_key", "my_service/event_name", "my_service/event_name" } do
       H.expect(p, "amqp: consuming " .. route, 30)
     end
@@ -42,5 +51,14 @@ describe("micro_framework example", function()
     assert.is_nil(out:find("Called after test function: nil", 1, true), "the filter let {} through")
     local _, retries = out:gsub("handler failed at my_exchange/my_routing_key %(queue my_service.tasks.test%) %(attempt", "")
     assert.equal(5, retries)
+  end)
+
+  it("runs the WebSocket task and its caller on a timer", function()
+    local p = start()
+    H.expect(p, "targets: websocket_task", 20)
+    H.expect(p, "My Docstring", 5)
+    H.expect(p, "Sync Response: argument3 - argument4", 10)
+    H.expect(p, "Async Response result will lock until response: argument1 - argument2", 10)
+    H.stop(p)
   end)
 end)

@@ -12,13 +12,14 @@
 -- AsyncBackOff needs RabbitMQ's delayed-message plugin; osara's retries use
 -- a per-message TTL and a dead-letter exchange (docs/amqp.md). Run with
 -- `osara run examples/micro_framework/main.lua` (OSARA_AMQP_URL overrides
--- the URL; RETRY_INTERVAL the 10 s backoff, for the spec).
+-- the broker's URL, --http the WebSocket address, RPC_URL the caller's
+-- target; MICRO_FRAMEWORK_FAST=1 shortens the waits, for the spec).
 local osara = require "osara"
 local tasks = require "tasks"
 
 local amqp = osara.amqp { url = "amqp://guest:guest@localhost:5672/", service = "my_service" }
 local MAX_WORKERS = 3
-local interval = tonumber(os.getenv("RETRY_INTERVAL") or "10")
+local interval = tasks.fast and 0.1 or 10
 -- AsyncBackOff(max_retries=5, interval=10000): the same wait before every retry
 local backoff = { max = 5, backoff = interval, max_backoff = interval, jitter = 0 }
 
@@ -38,6 +39,13 @@ amqp:handle({ exchange = "my_service", routing_key = "event_name", queue = "my_s
   { max_inflight = MAX_WORKERS, retry = backoff },
   function(msg) return instance:class_method(msg) end)
 
--- The WebSocket routes (websocket_task, and websocket_caller on a
--- TimeEntrypoint(10)) need osara.rpc, which is not in this tree yet
--- (README, "Not done yet").
+-- WEBSOCKET_IP / WEBSOCKET_PORT: the HTTP server, where /rpc is served
+osara.http { listen = "127.0.0.1:8765" }
+
+-- Route('tasks.websocket_task', entrypoint=WebSocketEntrypoint())
+osara.rpc.expose("websocket_task", tasks.websocket_task, { doc = tasks.websocket_task_doc })
+
+-- Route('tasks.websocket_caller', entrypoint=TimeEntrypoint(10),
+--       dependencies={'service_rpc': WebSocketRPCClient('127.0.0.1', 8765)})
+local service_rpc = osara.rpc.client(os.getenv("RPC_URL") or "ws://127.0.0.1:8765/rpc")
+osara.every(tasks.fast and 1 or 10, function() tasks.websocket_caller(service_rpc) end)

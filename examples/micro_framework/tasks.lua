@@ -6,6 +6,9 @@ local osara = require "osara"
 
 local M = {}
 
+-- The spec runs the example fast: 0.1 s retries, 0.3 s tasks, a 1 s timer.
+M.fast = os.getenv("MICRO_FRAMEWORK_FAST") == "1"
+
 function M.test(msg, event)
   -- business logic
   if msg.value.fail then
@@ -40,6 +43,35 @@ function M.Class:class_method(msg)
   -- announces that it ran instead.)
   assert(self.producer("class_method_done", { attempt = msg.attempt }))
   osara.log.info("class_method handled attempt %d", msg.attempt)
+end
+
+-- ---- WebSocket RPC examples ----------------------------------------------
+
+M.websocket_task_doc = [[
+My Docstring
+:param arg1:
+:param arg2:
+:return:]]
+
+-- time.sleep(3) yields here: other calls and messages keep running.
+function M.websocket_task(arg1, arg2)
+  osara.log.info("Websocket Task Called with %s and %s", tostring(arg1), tostring(arg2))
+  osara.sleep(M.fast and 0.3 or 3)
+  return ("%s - %s"):format(tostring(arg1), tostring(arg2))
+end
+
+-- The caller on a timer, with the RPC client as its dependency.
+function M.websocket_caller(service_rpc)
+  local targets = assert(service_rpc:targets())
+  local names = {}
+  for i, t in ipairs(targets) do names[i] = t.target end
+  osara.log.info("targets: %s", table.concat(names, ", "))
+  osara.log.info("%s", tostring(service_rpc.websocket_task.info))
+  local async_response = service_rpc.websocket_task:call_async("argument1", "argument2")
+  osara.log.info("This is an async response future %s", tostring(async_response))
+  local response = service_rpc.websocket_task("argument3", "argument4")
+  osara.log.info("Sync Response: %s", tostring(response))
+  osara.log.info("Async Response result will lock until response: %s", tostring(async_response:result()))
 end
 
 return M

@@ -82,6 +82,7 @@ typedef struct asub_s {
     osara_lane_t lane;
     int refs;               /* the entry's + one per delivery held */
     int stopped;
+    int draining;           /* shutdown "drain": cancelled, still handling */
     struct asub_s *next;
 } asub_t;
 

@@ -335,7 +335,8 @@ static void delivery_event(void *arg, void *arg2)
     aclient_t *c = arg;
     amsg_t *m = arg2;
     asub_t *sub = sub_find(c, m->sub_id);
-    if (sub == NULL || sub->stopped) { /* cancelled meanwhile: back to the queue */
+    if (sub == NULL || sub->stopped || (sub->draining && sub->lane.entry == NULL)) {
+        /* cancelled meanwhile: back to the queue */
         settle_cmd(c, m, CMD_NACK);
         osara__amqp_msg_free(m);
     } else {
@@ -511,6 +512,38 @@ static void kind_adopt(osara_reg_entry_t *e, osara_reg_entry_t *old)
     }
 }
 
+/* The script's osara.shutdown: 1 for "drain", 0 for "finish_running" (or
+ * unset; another value is reported and taken as the default). */
+static int shutdown_drains(lua_State *L)
+{
+    lua_getfield(L, LUA_REGISTRYINDEX, "_LOADED");
+    lua_getfield(L, -1, "osara");
+    lua_getfield(L, -1, "shutdown"); /* [_LOADED, osara, mode] */
+    const char *mode = lua_type(L, -1) == LUA_TSTRING ? lua_tostring(L, -1) : NULL;
+    int drain = mode && strcmp(mode, "drain") == 0;
+    if (mode && !drain && strcmp(mode, "finish_running") != 0) {
+        OSARA_WARN("osara.shutdown = \"%s\": expected \"finish_running\" or \"drain\"; "
+                   "finishing the running handlers only", mode);
+    }
+    lua_pop(L, 3);
+    return drain;
+}
+
+/* Shutdown in "drain" mode: the broker stops delivering (basic.cancel),
+ * but what osara already received - prefetched messages included - is
+ * still handled (the lane may start coroutines in the stopping VM) and
+ * acked; the worker waits for it within its grace period. */
+static void sub_drain(asub_t *sub)
+{
+    sub->draining = 1;
+    sub->lane.force = 1;
+    acmd_t *cmd = osara_xcalloc(1, sizeof(*cmd));
+    cmd->type = CMD_CANCEL;
+    cmd->id = sub->id;
+    osara__amqp_command(sub->c, cmd);
+    OSARA_INFO("amqp: draining %s: handling what was received before stopping", sub->name);
+}
+
 static void kind_stop(osara_reg_entry_t *e)
 {
     asub_t *sub = e->impl;
@@ -518,7 +551,11 @@ static void kind_stop(osara_reg_entry_t *e)
         return;
     }
     e->impl = NULL;
-    sub_stop(sub);
+    if (e->vm->w->stopping && shutdown_drains(e->vm->L)) {
+        sub_drain(sub);
+    } else {
+        sub_stop(sub);
+    }
     sub_unref(sub, 1);
 }
 

@@ -113,8 +113,9 @@ static int open_connection(aclient_t *c, char *err, size_t n)
     return 0;
 }
 
-/* Closes the connection without the close handshake: unacknowledged
- * deliveries go back to their queues on the broker either way. */
+/* Frees the connection (after the close handshake, or without it when
+ * the connection failed): unacknowledged deliveries go back to their
+ * queues on the broker either way. */
 static void drop_connection(aclient_t *c)
 {
     if (c->t.conn) {
@@ -570,6 +571,18 @@ static int restore(aclient_t *c)
     return 0;
 }
 
+/* The client closes: the acks and nacks the loop sent last go out, then
+ * the close handshake, so the broker has processed them before the
+ * connection goes (a plain socket close could lose them). Bounded: 2 s. */
+static void close_gracefully(aclient_t *c)
+{
+    if (run_commands(c) != 0 || c->t.conn == NULL) {
+        return;
+    }
+    amqp_set_rpc_timeout(c->t.conn, &(struct timeval){2, 0});
+    amqp_connection_close(c->t.conn, AMQP_REPLY_SUCCESS);
+}
+
 /* Serves one connection until it fails or the client closes. */
 static void serve(aclient_t *c)
 {
@@ -585,6 +598,7 @@ static void serve(aclient_t *c)
         int buffered = more || amqp_frames_enqueued(c->t.conn) || amqp_data_in_buffer(c->t.conn);
         wait_io(c, amqp_get_sockfd(c->t.conn), buffered ? 0 : 1000);
     }
+    close_gracefully(c);
 }
 
 /* Fails what still waits for a confirm, frees consumers and commands. */

@@ -152,7 +152,7 @@ static int may_start(const osara_lane_t *lane)
 static int start_one(osara_lane_t *lane)
 {
     osara_co_t *co;
-    lua_State *T = osara_sched_acquire(lane->entry->vm, 0, &co);
+    lua_State *T = osara_sched_acquire(lane->entry->vm, lane->force, &co);
     if (T == NULL) {
         return -1;
     }

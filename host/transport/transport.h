@@ -110,6 +110,8 @@ struct osara_lane_s {
     int paused;                       /* the lane asked the broker to pause */
     int hold;                         /* broker's retry backoff: start nothing */
     int stopped;                      /* closing: start nothing more */
+    int force;                        /* start even while the VM takes no new
+                                       * entries (draining at shutdown) */
     int pumping;                      /* pump() is on the stack */
     osara_delivery_t *head, *tail;    /* waiting to start */
     char label[192];                  /* "<tp> handler <name> (<where>)" */

@@ -258,6 +258,46 @@ osara.log.info("version %d loaded")
     assert.not_matches("disconnected", out)
   end)
 
+  -- 40 messages prefetched at once, handled one at a time, SIGTERM after
+  -- the first: returns the handled count and what is left in the queue.
+  local function stop_mid_stream(queue, mode)
+    local p = host(H.tmpdir(), ([[
+local osara = require "osara"
+osara.shutdown = %s
+local amqp = osara.amqp { url = os.getenv("AMQP_URL"), prefetch = 50 }
+amqp:handle({ exchange = "sd", routing_key = "%s", queue = "%s" }, { max_inflight = 1 }, function(msg)
+  osara.sleep(0.05)
+  osara.log.info("handled %%d", msg.value.i)
+end)
+]]):format(mode and ("%q"):format(mode) or "nil", queue, queue), { "sd/" .. queue })
+    tool("pub", server.url, "sd", queue, "40")
+    H.expect(p, "handled 2", 20)
+    H.stop(p)
+    local handled = select(2, p:output():gsub("handled %d+", ""))
+    return handled, p:output()
+  end
+
+  -- The messages ready in queue once the broker requeued what the closed
+  -- connection held (it does so right after the close): want, or fails.
+  local function settles_at(queue, want)
+    H.eventually(function()
+      return tonumber(tool("count", server.url, queue):match("count (%d+)")) == want
+    end, 20, ("%d messages left in %s"):format(want, queue))
+  end
+
+  it("finishes only the running handler on SIGTERM by default; the prefetched rest stays queued", function()
+    local handled = stop_mid_stream("sd_finish", nil)
+    assert.is_true(handled < 40, "handled all " .. handled)
+    settles_at("sd_finish", 40 - handled)
+  end)
+
+  it("with osara.shutdown = \"drain\" handles every prefetched message before exiting", function()
+    local handled, out = stop_mid_stream("sd_drain", "drain")
+    assert.equal(40, handled)
+    assert.matches("amqp: draining sd/sd_drain", out)
+    settles_at("sd_drain", 0)
+  end)
+
   it("reconnects after rabbitmq-server restarts under load and loses no confirmed publish", function()
     local dir = H.tmpdir()
     local p = host(dir, [[
