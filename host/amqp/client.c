@@ -80,7 +80,12 @@ aclient_t *osara__amqp_client_new(osara_worker_t *w, const char *url, int prefet
     struct amqp_connection_info ci;
     char *check = osara_xstrdup(url);
     int bad = amqp_parse_url(check, &ci) != AMQP_STATUS_OK;
+    int tls = !bad && ci.ssl;
     free(check);
+    if (tls) {
+        osara_err_set(OSARA_EINVAL, "amqp: %s: amqps:// (TLS) is not supported yet", url);
+        return NULL;
+    }
     if (bad) {
         osara_err_set(OSARA_EINVAL, "amqp: invalid URL %s (amqp://user:password@host:port/vhost)",
                       url);

@@ -228,6 +228,17 @@ end)
     assert.matches("count 0", tool("count", server.url, "k9_q"))
   end)
 
+  it("refuses an amqps:// or malformed URL at load, naming it", function()
+    local dir = H.tmpdir()
+    for url, why in pairs { ["amqps://guest:guest@127.0.0.1:5671/"] = "amqps:// %(TLS%) is not supported yet",
+                            ["http://nowhere/"] = "invalid URL http://nowhere/" } do
+      H.write(dir .. "/app.lua", ("local amqp = require('osara').amqp { url = %q }"):format(url))
+      local status, out = H.run({ "run", dir .. "/app.lua" }, 20, nil, { errors = { why } })
+      assert.is_true(status ~= 0, "exit status " .. tostring(status))
+      assert.matches("app.lua:1: amqp: .*" .. why, out)
+    end
+  end)
+
   it("keeps the connection and its consumers across a reload", function()
     local dir = H.tmpdir()
     local function app(v)
