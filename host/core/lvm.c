@@ -380,6 +380,15 @@ static void track_file(osara_vm_t *vm, const char *path)
     vm->nfiles++;
 }
 
+unsigned long long osara_vm_files_signature(osara_vm_t *vm)
+{
+    unsigned long long h = 1469598103934665603ULL;
+    for (int i = 0; i < vm->nfiles; i++) {
+        h = (h ^ hash_file(vm->files[i])) * 1099511628211ULL;
+    }
+    return h;
+}
+
 int osara_vm_files_changed(osara_vm_t *vm)
 {
     for (int i = 0; i < vm->nfiles; i++) {

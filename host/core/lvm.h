@@ -94,6 +94,9 @@ const char *osara_vm_where(lua_State *L, int level, char *buf, size_t cap);
 /* Re-hashes the VM's files; returns 1 if any changed since load. */
 int osara_vm_files_changed(osara_vm_t *vm);
 
+/* A hash of the current contents of every file the VM loaded. */
+unsigned long long osara_vm_files_signature(osara_vm_t *vm);
+
 /* Lua binding `osara.vm_c`: mode, script, paths, register, exepath. */
 int osara_vm_open(lua_State *L);
 

@@ -202,6 +202,22 @@ static void rollback(osara_registry_t *old, osara_registry_t *neu)
     }
 }
 
+/* Same signature up to its options part: the running resource is kept. */
+static int same_resource(const char *a, const char *b)
+{
+    size_t n = strcspn(a, OSARA_REG_SIG_OPTIONS);
+    return n == strcspn(b, OSARA_REG_SIG_OPTIONS) && strncmp(a, b, n) == 0;
+}
+
+/* Names an entry in the report: "; added route GET /x". */
+static void note(osara_reg_diff_t *d, const char *how, const osara_reg_entry_t *e)
+{
+    size_t n = strlen(d->what);
+    if (n + 4 < sizeof(d->what)) {
+        snprintf(d->what + n, sizeof(d->what) - n, "; %s %s %s", how, e->kind->name, e->key);
+    }
+}
+
 int osara_registry_apply(osara_registry_t *old, osara_registry_t *neu,
                          osara_reg_diff_t *diff)
 {
@@ -211,9 +227,10 @@ int osara_registry_apply(osara_registry_t *old, osara_registry_t *neu,
     for (osara_reg_entry_t *o = old->head; o; o = o->next) {
         osara_reg_entry_t *n = find(neu, o->kind, o->key);
         o->undo = UNDO_NONE;
-        if (n == NULL || strcmp(n->sig, o->sig) != 0) {
+        if (n == NULL || !same_resource(n->sig, o->sig)) {
             if (o->active) {
                 n ? d.restarted++ : d.stopped++;
+                note(&d, n ? "restarted" : "removed", o);
                 o->undo = UNDO_STOPPED;
             }
             stop(o);
@@ -221,10 +238,15 @@ int osara_registry_apply(osara_registry_t *old, osara_registry_t *neu,
     }
     for (osara_reg_entry_t *n = neu->head; n; n = n->next) {
         osara_reg_entry_t *o = find(old, n->kind, n->key);
-        if (o != NULL && o->active && strcmp(n->sig, o->sig) == 0) {
+        if (o != NULL && o->active && same_resource(n->sig, o->sig)) {
             adopt(n, o);
             n->undo = UNDO_ADOPTED;
-            d.kept++;
+            if (strcmp(n->sig, o->sig) == 0) {
+                d.kept++;
+            } else {
+                d.updated++;
+                note(&d, "updated", n);
+            }
             continue;
         }
         int rc = start(n);
@@ -237,6 +259,7 @@ int osara_registry_apply(osara_registry_t *old, osara_registry_t *neu,
         n->undo = UNDO_STARTED;
         if (o == NULL) {
             d.started++;
+            note(&d, "added", n);
         }
     }
     if (diff) {

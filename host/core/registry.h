@@ -28,7 +28,10 @@ typedef struct osara_reg_kind_s {
 struct osara_reg_entry_s {
     const osara_reg_kind_t *kind;
     char *key;    /* identity across reloads, e.g. "every 1 #1", "orders" */
-    char *sig;    /* configuration; differs => restart instead of adopt */
+    char *sig;    /* configuration; differs => restart instead of adopt.
+                   * A part after OSARA_REG_SIG_OPTIONS is options the new
+                   * handler applies itself: differing there only, the entry
+                   * is adopted (kept running) and reported as updated */
     char *where;  /* "app.lua:12" where it was registered */
     char *detail; /* one line for `osara check` */
     struct osara_vm_s *vm;
@@ -45,8 +48,11 @@ typedef struct {
     int n;
 } osara_registry_t;
 
+#define OSARA_REG_SIG_OPTIONS "\x1f"
+
 typedef struct {
-    int kept, started, stopped, restarted;
+    int kept, started, stopped, restarted, updated;
+    char what[512]; /* "added route GET /x; updated kafka orders ..." */
 } osara_reg_diff_t;
 
 /* Makes a kind known by name (for registrations from Lua). Static storage. */

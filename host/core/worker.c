@@ -20,6 +20,9 @@
 
 /* Debounce for file events: editors write in several steps. */
 #define WATCH_DEBOUNCE_MS 15
+/* A reload that failed on a file change is reported after this long,
+ * unless a later write (the rest of a save made in steps) replaces it. */
+#define FAILURE_REPORT_MS 150
 
 double osara_monotonic(void)
 {
@@ -210,18 +213,23 @@ int osara_worker_init(osara_worker_t *w, const osara_worker_opts_t *opts)
     }
     uv_timer_init(&w->loop, &w->stop_timer);
     uv_timer_init(&w->loop, &w->watch_timer);
-    w->stop_timer.data = w->watch_timer.data = w;
+    uv_timer_init(&w->loop, &w->report_timer);
+    w->stop_timer.data = w->watch_timer.data = w->report_timer.data = w;
     return 0;
 }
 
 /* ---- watching ------------------------------------------------------------- */
 
+/* Reloads when the files' contents differ from the serving version's
+ * and from the contents the last reload failed on (reported once). */
 static void on_watch_debounced(uv_timer_t *t)
 {
     osara_worker_t *w = t->data;
-    if (w->vm && !w->stopping && osara_vm_files_changed(w->vm)) {
+    if (w->vm && !w->stopping && osara_vm_files_changed(w->vm) &&
+        osara_vm_files_signature(w->vm) != w->failed_sig) {
         osara_worker_reload(w, "file changed");
     }
+    w->reload_started = 0;
 }
 
 static void on_fs_event(uv_fs_event_t *h, const char *filename, int events,
@@ -231,9 +239,7 @@ static void on_fs_event(uv_fs_event_t *h, const char *filename, int events,
     (void)events;
     (void)status;
     osara_worker_t *w = h->data;
-    if (w->reload_started == 0) {
-        w->reload_started = osara_monotonic();
-    }
+    w->reload_started = osara_monotonic(); /* timed from the last write */
     uv_timer_start(&w->watch_timer, on_watch_debounced, WATCH_DEBOUNCE_MS, 0);
 }
 
@@ -347,6 +353,46 @@ static osara_vm_t *load_new_vm(osara_worker_t *w)
     return vm;
 }
 
+/* Prints the held "reload failed" line, if any. */
+static void report_failure_now(osara_worker_t *w)
+{
+    uv_timer_stop(&w->report_timer);
+    if (w->pending_failure) {
+        OSARA_ERROR("%s", w->pending_failure);
+        free(w->pending_failure);
+        w->pending_failure = NULL;
+    }
+}
+
+static void on_report_timer(uv_timer_t *t)
+{
+    report_failure_now(t->data);
+}
+
+/* A failed reload: on a file change the line waits FAILURE_REPORT_MS, so
+ * that an editor's save in several steps reports only its end result. */
+static void report_failure(osara_worker_t *w, const char *why)
+{
+    char line[1200];
+    snprintf(line, sizeof(line), "reload failed (%s), still running the previous version: %s",
+             why, osara_err_msg());
+    free(w->pending_failure);
+    w->pending_failure = osara_xstrdup(line);
+    if (strcmp(why, "file changed") != 0) {
+        report_failure_now(w);
+        return;
+    }
+    uv_timer_start(&w->report_timer, on_report_timer, FAILURE_REPORT_MS, 0);
+}
+
+/* A later reload replaces a failure not reported yet. */
+static void drop_pending_failure(osara_worker_t *w)
+{
+    uv_timer_stop(&w->report_timer);
+    free(w->pending_failure);
+    w->pending_failure = NULL;
+}
+
 int osara_worker_reload(osara_worker_t *w, const char *why)
 {
     if (w->stopping || w->opts.mode != OSARA_MODE_RUN) {
@@ -375,11 +421,13 @@ int osara_worker_reload(osara_worker_t *w, const char *why)
         w->reload_failures++;
         osara_metric_add(osara_metrics_counter("osara_reload_failures_total",
                                                "reloads that failed to load", NULL), 1);
-        OSARA_ERROR("reload failed (%s), still running the previous version: %s",
-                    why, osara_err_msg());
+        w->failed_sig = osara_vm_files_signature(w->vm);
+        report_failure(w, why);
         watch_files(w); /* keep watching the files of the serving VM */
         return OSARA_ESCRIPT;
     }
+    drop_pending_failure(w);
+    w->failed_sig = 0;
     /* What the new version stopped naming closes with the old VM. */
     old->next_retiring = w->retiring;
     w->retiring = old;
@@ -388,9 +436,9 @@ int osara_worker_reload(osara_worker_t *w, const char *why)
     osara_metric_add(osara_metrics_counter("osara_reloads_total",
                                            "successful reloads", NULL), 1);
     OSARA_INFO("reloaded %s (%s) in %.1f ms: %d kept, %d added, %d removed, "
-               "%d restarted",
+               "%d restarted, %d updated%s",
                w->script_path, why, (osara_monotonic() - t0) * 1000, diff.kept,
-               diff.started, diff.stopped, diff.restarted);
+               diff.started, diff.stopped, diff.restarted, diff.updated, diff.what);
     watch_files(w);
     return 0;
 }
@@ -421,8 +469,10 @@ static void finish_stop(osara_worker_t *w)
     uv_close((uv_handle_t *)&w->sigint, NULL);
     uv_close((uv_handle_t *)&w->sigterm, NULL);
     uv_close((uv_handle_t *)&w->sighup, NULL);
+    report_failure_now(w);
     uv_close((uv_handle_t *)&w->stop_timer, NULL);
     uv_close((uv_handle_t *)&w->watch_timer, NULL);
+    uv_close((uv_handle_t *)&w->report_timer, NULL);
 }
 
 static int all_idle(osara_worker_t *w)

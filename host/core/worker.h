@@ -75,7 +75,10 @@ typedef struct osara_worker_s {
     uv_fs_event_t *watchers;
     uv_fs_event_t *old_watchers; /* closing; freed on the next reload */
     int nwatchers;
-    double reload_started;
+    double reload_started;       /* the last file event, for the report */
+    unsigned long long failed_sig; /* files' contents a reload failed on */
+    uv_timer_t report_timer;     /* a failed reload's line, held a moment */
+    char *pending_failure;       /* that line: a save in steps replaces it */
     unsigned long long reloads, reload_failures;
 } osara_worker_t;
 

@@ -895,7 +895,8 @@ static int parse_addr(const char *s, struct sockaddr_in *a)
 }
 
 /* listen(addr, {max_header=, max_body=, request_timeout=, idle_timeout=,
- * max_connections=}) -> "host:port" actually bound | raises */
+ * max_connections=}) -> "host:port" actually bound, created (false: the
+ * socket an earlier version opened, reused) | raises */
 static int l_http_listen(lua_State *L)
 {
     const char *addr = luaL_checkstring(L, 1);
@@ -909,7 +910,8 @@ static int l_http_listen(lua_State *L)
     char key[128];
     snprintf(key, sizeof(key), "http:%s", addr);
     hserver_t *srv = w->opts.mode == OSARA_MODE_CHECK ? NULL : osara_worker_shared_get(w, key);
-    if (srv == NULL && w->opts.mode != OSARA_MODE_CHECK) {
+    int created = srv == NULL && w->opts.mode != OSARA_MODE_CHECK;
+    if (created) {
         struct sockaddr_in a;
         if (parse_addr(addr, &a) != 0) {
             return luaL_error(L, "http: %s", osara_err_msg());
@@ -959,7 +961,8 @@ static int l_http_listen(lua_State *L)
     srv->max_conns = (int)luaL_optinteger(L, -1, 1024);
     lua_pop(L, 5);
     lua_pushstring(L, srv->addr);
-    return 1;
+    lua_pushboolean(L, created); /* a reload's listen reuses the socket */
+    return 2;
 }
 
 /* Moves the requests parsed by a detached connection into the list at

@@ -30,14 +30,14 @@ local function start_server(opts)
   local listen = os.getenv("OSARA_HTTP_LISTEN") or opts.listen
   server = { listen = listen, healthz = opts.healthz, readyz = opts.readyz, metrics = opts.metrics }
   if capturing then return server end -- osara.testing: routes without a socket
-  local ok, addr = pcall(http_c.listen, listen, opts)
+  local ok, addr, created = pcall(http_c.listen, listen, opts)
   if not ok then
     local msg = tostring(addr):gsub("^[^:]*:%d+: ", "")
     if os.getenv("OSARA_HTTP_LISTEN") then msg = msg .. " (from --http or OSARA_HTTP_LISTEN)" end
     options.raise(msg)
   end
   server.addr = addr
-  if vm_c.mode() == "run" then log.write("info", "http: listening on http://" .. addr) end
+  if created and vm_c.mode() == "run" then log.write("info", "http: listening on http://" .. addr) end
   return server
 end
 

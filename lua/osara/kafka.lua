@@ -360,12 +360,12 @@ function Client:handle(spec, opts, fn)
   for _, topic in ipairs(topics_of(spec)) do
     self.c:ensure_topic(topic)
     local key = ("%s (group %s)"):format(topic, self.group)
-    -- the client's configuration is part of the signature: a handler whose
-    -- client changed restarts on the new client instead of being adopted by
-    -- one the old version still holds (and frees when it closes)
-    local sig = ("codec=%s schema=%s sink=%s store=%s client=%s"):format(tostring(opts.codec or "json"),
-      tostring(opts.schema ~= nil), tostring(opts.sink ~= nil), tostring(opts.store and opts.store.name),
-      self.key)
+    -- the client's configuration is the signature's restart part: a
+    -- handler whose client changed restarts on the new client instead of
+    -- being adopted by one the old version still holds (and frees when it
+    -- closes). Its options (codec, schema, retry, dlq, sink, store...) live
+    -- in the runner: a change there keeps the consumer and its partitions.
+    local sig = "client=" .. self.key .. util.SIG_OPTIONS .. util.options_signature(opts)
     local detail = ("group %s, codec %s%s"):format(self.group,
       type(opts.codec) == "table" and "custom" or tostring(opts.codec or "json"),
       (opts.schema and ", schema" or "") .. (opts.store and (", exactly-once state in " .. opts.store.name) or ""))

@@ -274,12 +274,14 @@ function Client:handle(subject, opts, fn)
     return self:_durable(subject, opts, fn, at)
   end
   local key = subject .. (opts.queue and (" (queue " .. opts.queue .. ")") or "")
-  local sig = signature { client = self.key,
-                          codec = type(opts.codec) == "table" and "custom" or opts.codec,
-                          schema = opts.schema ~= nil, max_inflight = opts.max_inflight,
+  -- what the subscription uses needs a restart; the rest (codec, schema,
+  -- retry, dlq, sink...) lives in the runner: changed, it is updated in place
+  local SUBSCRIPTION = { max_inflight = true, max_waiting = true, pending_msgs = true,
+                         pending_bytes = true, queue = true }
+  local sig = signature { client = self.key, max_inflight = opts.max_inflight,
                           max_waiting = opts.max_waiting, pending_msgs = opts.pending_msgs,
-                          pending_bytes = opts.pending_bytes, reply_empty = opts.reply_empty,
-                          sink = type(opts.sink) == "table" and table.concat(opts.sink, ",") or opts.sink }
+                          pending_bytes = opts.pending_bytes }
+    .. util.SIG_OPTIONS .. util.options_signature(opts, SUBSCRIPTION)
   local detail = ("%s%scodec %s%s"):format(opts.queue and ("queue " .. opts.queue) or "",
     opts.queue and ", " or "", type(opts.codec) == "table" and "custom" or tostring(opts.codec or "json"),
     opts.schema and ", schema" or "")

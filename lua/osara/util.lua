@@ -10,6 +10,38 @@ function M.where(level)
   return ("%s:%d"):format(info.short_src, info.currentline or 0)
 end
 
+-- A text that changes when a handler's options change (a reload reports
+-- the handler as updated): scalars, and tables to a few levels, with sorted
+-- keys; functions and userdata count by type only (they are new objects
+-- on every load). `skip` names keys left out (those the resource uses).
+function M.options_signature(opts, skip, depth)
+  depth = depth or 0
+  if type(opts) ~= "table" then
+    local t = type(opts)
+    return (t == "function" or t == "userdata" or t == "thread") and t or tostring(opts)
+  end
+  if depth > 3 then return "{...}" end
+  if getmetatable(opts) and type(rawget(opts, "name")) == "string" then
+    return "@" .. rawget(opts, "name") -- a topic, a store: by name
+  end
+  local keys = {}
+  for k in pairs(opts) do
+    if not (skip and skip[k]) then keys[#keys + 1] = tostring(k) end
+  end
+  table.sort(keys)
+  local out = {}
+  for i, k in ipairs(keys) do
+    local v = opts[k]
+    if v == nil then v = opts[tonumber(k)] end
+    out[i] = k .. "=" .. M.options_signature(v, nil, depth + 1)
+  end
+  return "{" .. table.concat(out, ",") .. "}"
+end
+
+-- The separator between the part of a registration's signature that needs
+-- a restart and the options part (registry.h OSARA_REG_SIG_OPTIONS).
+M.SIG_OPTIONS = "\31"
+
 -- log(level, msg [, fields [, where [, err]]]): one line through the C
 -- logger. fields show in text and JSON lines; the running entry's context
 -- (handler, topic, partition, offset, subject, route, request_id), where
