@@ -16,6 +16,7 @@ local codec = require "osara.codec"
 local metrics = require "osara.metrics_c"
 local sched = require "osara.sched_c"
 local util = require "osara.util"
+local middleware = require "osara.middleware"
 
 local M = {}
 -- osara.testing sets on_return(...) to see what a handler returned; the
@@ -195,7 +196,7 @@ function M.policy(spec)
     kind = spec.kind, name = spec.name, retry = retry_of(opts.retry), dlq = dlq,
     on_failure = opts.on_failure, filter = opts.filter,
     origin = spec.origin, where = spec.where, dead_letter = spec.dead_letter,
-    before_retry = spec.before_retry,
+    before_retry = spec.before_retry, client = spec.client,
     labels = { kind = spec.kind, name = spec.name },
     label = spec.kind .. " " .. spec.name,
   }, Policy)
@@ -293,6 +294,13 @@ function Policy:retrying(msg, last, err)
   return wait
 end
 
+-- invoke(fn, msg, emit) -> pcall's results, with osara.middleware around.
+function Policy:invoke(fn, msg, emit)
+  if not middleware.active() then return pcall(fn, msg, emit) end
+  return middleware.call({ kind = self.kind, direction = "in", name = self.name, client = self.client, msg = msg },
+                         fn, msg, emit)
+end
+
 -- after(msg, fn, emit, pcall results...): success passes fn's results on;
 -- a failure is retried while the policy allows, else taken.
 function Policy:after(msg, fn, emit, ok, ...)
@@ -308,7 +316,7 @@ function Policy:after(msg, fn, emit, ok, ...)
   if wait > 0 then require("osara").sleep(wait) end
   msg.attempt = n + 1
   if self.before_retry then self.before_retry(msg) end
-  return self:after(msg, fn, emit, pcall(fn, msg, emit))
+  return self:after(msg, fn, emit, self:invoke(fn, msg, emit))
 end
 
 -- call(msg, fn, emit) -> true, fn's results | false (filtered out, or the
@@ -317,7 +325,7 @@ function Policy:call(msg, fn, emit)
   self:enter(msg)
   if not self:keep(msg) then return false end
   msg.attempt = msg.attempt or 1
-  return self:after(msg, fn, emit, pcall(fn, msg, emit))
+  return self:after(msg, fn, emit, self:invoke(fn, msg, emit))
 end
 
 -- keep(msg) -> false when the filter skipped msg (counted) or raised (the

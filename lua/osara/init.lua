@@ -138,6 +138,9 @@ end
 -- Called while the script loads, the task starts once the script's
 -- handlers are subscribed (on the next loop turn), as a service of that
 -- version of the script.
+-- osara.middleware{ before =, after =, client =, direction = } (lua/osara/middleware.lua)
+osara.middleware = require("osara.middleware").add
+
 function osara.spawn(fn, ...)
   if type(fn) ~= "function" then
     error("osara.spawn: expected a function, got " .. type(fn), 2)

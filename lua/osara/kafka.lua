@@ -280,7 +280,7 @@ local function make_runner(client, topic, opts, fn, at)
     return ("%s[%d]@%d"):format(msg.topic, msg.partition, msg.offset)
   end
   local max_bytes = opts.max_bytes
-  local policy = dispatch.policy { kind = "kafka", name = topic, opts = opts, where = place,
+  local policy = dispatch.policy { kind = "kafka", name = topic, opts = opts, where = place, client = client,
     origin = function(msg) return ("%s/%d/%d"):format(msg.topic, msg.partition, msg.offset) end,
     dead_letter = opts.dlq and function(msg, headers) send_dead_letter(client, opts.dlq, msg, headers) end,
     -- a new attempt starts from a clean transaction (exactly-once state)
@@ -440,5 +440,11 @@ function Client:stream(topic, opts)
   opts = options.check("kafka:stream", opts)
   return dispatch.iterator(function(fn) self:handle(topic, opts, fn) end, "kafka stream")
 end
+
+-- osara.middleware around every outgoing message (handler outputs too)
+local middleware = require "osara.middleware"
+Topic.send = middleware.topic_send("kafka", Topic.send)
+Topic._send_fast = middleware.topic_send("kafka", Topic._send_fast)
+Client.request = middleware.publish("kafka", Client.request)
 
 return M

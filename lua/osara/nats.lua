@@ -226,7 +226,7 @@ local function make_runner(self, subject, opts, fn, at)
   local reply_empty = opts.reply_empty
   local emit, results = make_outputs(self, subject, opts.sink)
   local call = guard_outputs(fn, results)
-  local policy = dispatch.policy { kind = "nats", name = subject, opts = opts,
+  local policy = dispatch.policy { kind = "nats", name = subject, opts = opts, client = self,
     where = subject_of, origin = subject_of,
     dead_letter = opts.dlq and function(msg, headers) self:_dead_letter(opts.dlq, msg, headers) end }
   return function(msg)
@@ -366,7 +366,7 @@ local function js_policy(self, subject, opts)
     end
     opts.retry = { backoff = opts.nak_delay, max_backoff = opts.nak_delay, jitter = 0 }
   end
-  return dispatch.policy { kind = "nats", name = subject, opts = opts,
+  return dispatch.policy { kind = "nats", name = subject, opts = opts, client = self,
     where = js_place, origin = js_place,
     dead_letter = opts.dlq and function(msg, headers) self:_js_dead_letter(opts.dlq, msg, headers) end }
 end
@@ -430,4 +430,9 @@ function Client:flush(timeout)
 end
 
 M.check_subject = check_subject
+-- osara.middleware around every outgoing message (handler outputs too)
+local middleware = require "osara.middleware"
+Client.publish = middleware.publish("nats", Client.publish)
+Client.request = middleware.publish("nats", Client.request)
+
 return M

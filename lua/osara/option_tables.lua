@@ -54,6 +54,14 @@ local timer = {
 define("osara.every", timer)
 define("osara.after", timer)
 
+define("osara.middleware", {
+  { "before", "function", nil, "`before(ctx)` before each handler call / outgoing message; may change `ctx.msg` or `ctx.value`" },
+  { "after", "function", nil, "`after(ctx, ok, err)` after it, in reverse order of registration" },
+  { "client", "any", nil, "only messages of this client (a Kafka, NATS or AMQP client)", shown = "every client" },
+  { "direction", "string", nil, "`\"in\"` (handler calls) or `\"out\"` (sends and publishes)", shown = "both",
+    values = set("in", "out") },
+})
+
 define("osara.log.get", {
   { "level", "string", nil, "this logger's own level", shown = "config.yaml's `log.levels.<name>`, else `--log-level`",
     values = set("debug", "info", "warn", "error", "off") },

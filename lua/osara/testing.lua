@@ -56,6 +56,7 @@ end
 
 -- Runs fn(...) with the app's data folder as the VM's data folder, so a
 -- store opened by the script (at load or later in a handler) lands there.
+-- Runs fn as the app: its data folder and its middleware chain.
 local function in_app(app, fn, ...)
   local real = vm_c.paths
   vm_c.paths = function()
@@ -63,7 +64,10 @@ local function in_app(app, fn, ...)
     p.data_dir = app.data_dir
     return p
   end
+  local middleware = require "osara.middleware"
+  local outer = middleware._capture(app.middleware or {})
   local res = pack(pcall(fn, ...))
+  app.middleware = middleware._capture(outer)
   vm_c.paths = real
   return unpack(res, 1, res.n)
 end

@@ -35,6 +35,14 @@ local function fn() end
 local calls = {
   ["osara.every"] = function(o) osara.every(1, fn, o):cancel() end,
   ["osara.process.spawn"] = function(o) osara.process.spawn(o) end,
+  ["osara.middleware"] = function(o)
+    if o.before == nil and o.after == nil then o.before = function() end end
+    local chain = require "osara.middleware"
+    local saved = chain._capture({}) -- registered into a throwaway chain
+    local ok, err = pcall(osara.middleware, o)
+    chain._capture(saved)
+    if not ok then error(err, 0) end
+  end,
   ["osara.log.get"] = function(o) osara.log.get("options_spec", o) end,
   ["osara.after"] = function(o) osara.after(1, fn, o):cancel() end,
   ["osara.kafka"] = function(o) checking(function() osara.kafka(o) end) end,
