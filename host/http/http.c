@@ -69,6 +69,8 @@ struct hconn_s {
     int parsing;                /* inside http_parser_execute */
     int ending;                 /* last answer sent: closes once written, reads no more */
     int writes;                 /* uv_write requests not completed */
+    int refusing;               /* the status refusing the request being parsed, sent
+                                   once the requests before it are answered */
     int handles;                /* tcp + timer open */
     int busy;                   /* requests held by Lua coroutines */
     hconn_t *prev, *next;       /* the server's connections */
@@ -338,7 +340,7 @@ static void conn_read_stop(hconn_t *c)
  * outer parse goes on by itself then. */
 static void conn_resume(hconn_t *c)
 {
-    if (c->closing || c->ending || c->parsing || congested(c)) {
+    if (c->closing || c->ending || c->refusing || c->parsing || congested(c)) {
         return;
     }
     if (HTTP_PARSER_ERRNO(&c->parser) == HPE_PAUSED) {
@@ -356,6 +358,21 @@ static void conn_resume(hconn_t *c)
     if (!c->reading && uv_read_start((uv_stream_t *)&c->tcp, on_alloc, on_read) == 0) {
         c->reading = 1;
     }
+}
+
+/* Refuses the request being parsed (and closes): at once, or after the
+ * pipelined requests before it are answered, so answers stay in order. */
+static void refuse(hconn_t *c, int status)
+{
+    if (c->head && !c->ending) {
+        c->refusing = status; /* req_done sends it */
+        conn_read_stop(c);
+        return;
+    }
+    reject(c, status, status == 431   ? "request headers too large"
+                      : status == 413 ? "request body too large"
+                      : status == 408 ? "request timeout"
+                                      : "malformed request");
 }
 
 /* Closes the connection once its answers are written (closing at once
@@ -385,6 +402,10 @@ static void req_done(hconn_t *c, hreq_t *r)
     req_free(r);
     if (!keep) {
         conn_end(c);
+        return;
+    }
+    if (c->head == NULL && c->refusing) {
+        refuse(c, c->refusing);
         return;
     }
     if (c->head) {
@@ -766,17 +787,16 @@ static void conn_parse(hconn_t *c, const char *p, size_t n)
     if (err == HPE_OK && done == n) {
         return;
     }
-    int status = refusal(c, err);
-    reject(c, status, status == 431   ? "request headers too large"
-                      : status == 413 ? "request body too large"
-                                      : "malformed request");
+    refuse(c, refusal(c, err));
 }
 
 static void on_timeout(uv_timer_t *t)
 {
     hconn_t *c = t->data;
-    if (c->cur) {
-        reject(c, 408, "request timeout"); /* slow or stalled client */
+    if (c->refusing) {
+        return; /* closes once the requests before are answered */
+    } else if (c->cur) {
+        refuse(c, 408); /* slow or stalled client */
     } else if (c->head == NULL || !c->head->dispatched) {
         /* idle, silent since it connected, or not reading its answers */
         conn_close(c);
@@ -1091,6 +1111,11 @@ static int l_http_write(lua_State *L)
     size_t n;
     const char *p = luaL_checklstring(L, 2, &n);
     if (r->conn->closing) {
+        lua_pushboolean(L, 0);
+        return 1;
+    }
+    if (unsent(r->conn) >= MAX_UNSENT) {
+        conn_close(r->conn); /* a client that does not read its stream */
         lua_pushboolean(L, 0);
         return 1;
     }

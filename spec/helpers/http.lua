@@ -50,6 +50,14 @@ function T.raw(port, chunks, timeout)
   return p:output()
 end
 
+-- The resident memory of process p in KiB (/proc/PID/status).
+function T.rss_kb(p)
+  local f = assert(io.open("/proc/" .. p.pid .. "/status"))
+  local kb = tonumber(f:read("*a"):match("VmRSS:%s*(%d+)"))
+  f:close()
+  return kb
+end
+
 -- Starts an app on a port and waits until it listens. opts as for H.osara
 -- (errors: the ERROR lines the spec expects).
 function T.app(dir, source, extra_args, opts)

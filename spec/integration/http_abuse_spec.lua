@@ -6,13 +6,6 @@ local T = require "spec.helpers.http"
 
 local sanitized = os.getenv("OSARA_SANITIZED") == "1"
 
-local function rss_kb(p)
-  local f = assert(io.open("/proc/" .. p.pid .. "/status"))
-  local kb = tonumber(f:read("*a"):match("VmRSS:%s*(%d+)"))
-  f:close()
-  return kb
-end
-
 local function metric(port, pattern)
   local _, _, text = T.curl { "http://127.0.0.1:" .. port .. "/metrics" }
   return tonumber((text or ""):match(pattern))
@@ -41,12 +34,12 @@ trap '' PIPE
 cat %s/reqs >&3 &
 while [ ! -e %s/go ]; do sleep 0.05; done
 timeout 120 cat <&3 | grep -o 'HTTP/1.1 200' | wc -l]]):format(port, dir, dir) }, { status = false })
-    local before = rss_kb(p)
+    local before = T.rss_kb(p)
     local peak, last, stable_since = before, -1, osara.monotonic()
     local deadline = osara.monotonic() + (sanitized and 120 or 60)
     -- watch the host until it stops answering (or answered everything)
     while osara.monotonic() < deadline do
-      peak = math.max(peak, rss_kb(p))
+      peak = math.max(peak, T.rss_kb(p))
       local done = metric(port, 'osara_http_requests_total{route="/x",status="200"} (%d+)') or 0
       if done ~= last then last, stable_since = done, osara.monotonic() end
       if done >= n or osara.monotonic() - stable_since > 1.5 then break end

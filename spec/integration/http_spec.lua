@@ -185,6 +185,15 @@ describe("http", function()
     assert.is_true(a < b and b < c)
   end)
 
+  it("answers a malformed pipelined request after the requests before it", function()
+    -- before: the 400 went out at once and closed the connection, so the
+    -- slow request before it was never answered
+    local out = T.raw(port, "GET /slow HTTP/1.1\r\nHost: x\r\n\r\nBLAH\r\n\r\n", 3)
+    local a, b = out:find('"slept":true', 1, true), out:find("HTTP/1.1 400", 1, true)
+    assert.is_truthy(a and b, out)
+    assert.is_true(a < b, out)
+  end)
+
   it("answers 413, 431, 408 and 400 and closes cleanly", function()
     local s1 = T.curl { "-d", string.rep("x", 5000), url "/echo" }
     assert.are.equal(413, s1)
@@ -256,6 +265,32 @@ osara.route("GET", "/updates", function() return osara.sse(db:watch(""), { keepa
     H.stop(p)
   end)
 
+  it("gh_13_stream_unread: drops a stream client that does not read, before it grows the host", function()
+    -- before: every event was queued in memory for as long as it stayed
+    local dir = H.tmpdir()
+    local p, port = T.app(dir, [[
+local osara = require "osara"
+local big = string.rep("x", 256 * 1024)
+osara.route("GET", "/s", function()
+  return osara.sse(function() osara.sleep(0.005) return big end, { keepalive = 0.1 })
+end)
+]])
+    local client = H.child({ "bash", "-c", ([[
+exec 3<>/dev/tcp/127.0.0.1/%d
+printf 'GET /s HTTP/1.1\r\nHost: x\r\n\r\n' >&3
+echo sent
+sleep 60]]):format(port) }, { status = false })
+    H.expect(client, "sent")
+    local function inflight()
+      local _, _, body = T.curl { "http://127.0.0.1:" .. port .. "/healthz" }
+      return cjson.decode(body).inflight
+    end
+    H.eventually(function() return inflight() >= 2 end, 10, "the stream to start")
+    H.eventually(function() return inflight() <= 1 end, 30, "the unread stream to be dropped")
+    H.kill9(client)
+    H.stop(p)
+  end)
+
   it("swaps routes on reload without closing keep-alive connections", function()
     local dir = H.tmpdir()
     local function app(v)
@@ -298,25 +333,19 @@ osara.route("POST", "/up", function(req) return { len = #req.body } end)
 ]])
     local body = dir .. "/body"
     H.write(body, string.rep("x", 1536 * 1024))
-    local function rss_kb()
-      local f = assert(io.open("/proc/" .. p.pid .. "/status"))
-      local kb = tonumber(f:read("*a"):match("VmRSS:%s*(%d+)"))
-      f:close()
-      return kb
-    end
     local url = "http://127.0.0.1:" .. port .. "/up"
     local function upload() return (T.curl { "-H", "Expect:", "-H", "Transfer-Encoding: chunked", "--data-binary", "@" .. body, url }) end
     -- the client may see a reset instead of the 413 (the server closes with
     -- the upload unread): count the rejections on the server's side
     upload()
-    local before = rss_kb()
+    local before = T.rss_kb(p)
     for _ = 1, 30 do upload() end
     local _, _, metrics = T.curl { "http://127.0.0.1:" .. port .. "/metrics" }
     assert.are.equal("31", metrics:match('osara_http_rejected_total{status="413"} (%d+)'))
     -- under ASan freed memory sits in quarantine: LeakSanitizer's report at
     -- exit (checked by H.stop) is the measure there
     if os.getenv("OSARA_SANITIZED") ~= "1" then
-      local grown = rss_kb() - before
+      local grown = T.rss_kb(p) - before
       assert.is_true(grown < 10 * 1024, ("RSS grew by %d KiB over 30 rejected uploads"):format(grown))
     end
     H.stop(p)
