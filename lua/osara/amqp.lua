@@ -128,7 +128,7 @@ local function make_runner(self, name, opts, fn, at)
   local h = dispatch.handler { kind = "amqp", name = name, codec = opts.codec,
                                schema = opts.schema, fn = fn, where = at }
   local max_bytes = opts.max_bytes
-  local policy = dispatch.policy { kind = "amqp", name = name, opts = opts,
+  local policy = dispatch.policy { kind = "amqp", name = name, opts = opts, client = self,
     where = where_of, origin = where_of,
     dead_letter = opts.dlq and function(msg, headers) self:_dead_letter(opts.dlq, msg, headers) end }
   local function event(ev, value, o) return self:event(ev, value, o) end
@@ -138,7 +138,7 @@ local function make_runner(self, name, opts, fn, at)
     if policy:too_large(msg, max_bytes) or not policy:decode(h, msg) or not policy:keep(msg) then
       return
     end
-    local res = { pcall(fn, msg, event) }
+    local res = { policy:invoke(fn, msg, event) }
     if not res[1] then
       local delay = policy:redeliver(msg, tostring(res[2]))
       if delay then self:_retry_later(msg, delay) end
@@ -175,6 +175,16 @@ function Client:handle(binding, opts, fn)
       max_inflight = opts.max_inflight, prefetch = opts.prefetch, retry_queue = retry_queue,
       dlq_queue = opts.dlq or nil, codec = opts.codec, fn = fn },
     at, detail)
+end
+
+-- osara.middleware around every outgoing message; ctx.name is
+-- "exchange/routing_key"
+local middleware = require "osara.middleware"
+local publish = Client.publish
+function Client.publish(client, exchange, routing_key, value, opts)
+  if not middleware.active() then return publish(client, exchange, routing_key, value, opts) end
+  return middleware.around_send("amqp", client, tostring(exchange) .. "/" .. tostring(routing_key), value, opts,
+                                function(v, o) return publish(client, exchange, routing_key, v, o) end)
 end
 
 return M

@@ -79,7 +79,7 @@ local sending = setmetatable({}, { __mode = "k" })
 local MAIN = {}
 
 -- Outgoing: runs the chain around one send. name: topic or subject.
-local function around_send(kind, client, name, value, opts, send)
+function M.around_send(kind, client, name, value, opts, send)
   local co = coroutine.running() or MAIN
   if sending[co] then return send(value, opts) end
   local ctx = { kind = kind, direction = "out", name = name, client = client, value = value, opts = opts }
@@ -100,7 +100,7 @@ end
 function M.topic_send(kind, send)
   return function(topic, value, opts)
     if #chain == 0 then return send(topic, value, opts) end
-    return around_send(kind, topic.client, topic.name, value, opts,
+    return M.around_send(kind, topic.client, topic.name, value, opts,
                        function(v, o) return send(topic, v, o) end)
   end
 end
@@ -109,7 +109,7 @@ end
 function M.publish(kind, publish)
   return function(client, subject, value, opts)
     if #chain == 0 then return publish(client, subject, value, opts) end
-    return around_send(kind, client, subject, value, opts,
+    return M.around_send(kind, client, subject, value, opts,
                        function(v, o) return publish(client, subject, v, o) end)
   end
 end

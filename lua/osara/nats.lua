@@ -398,7 +398,7 @@ function Client:_durable(subject, opts, fn, at)
     if not policy:keep(msg) then
       return settled(msg, msg.skipped and "ok" or "term")
     end
-    local res = { pcall(call, msg, emit) }
+    local res = { policy:invoke(call, msg, emit) }
     if not res[1] then
       sched.error()
       local delay = policy:redeliver(msg, tostring(res[2]), max_deliver)

@@ -79,6 +79,24 @@ end)
     }, sent)
   end)
 
+  it("wraps AMQP handlers and publishes too", function()
+    local app = load [[
+local osara = require "osara"
+local amqp = osara.amqp { url = "amqp://guest:guest@127.0.0.1:5672/", service = "billing" }
+osara.middleware { before = function(ctx)
+  if ctx.direction == "in" then ctx.msg.via = ctx.kind .. ":" .. ctx.name
+  else ctx.value = { via = ctx.kind .. ":" .. ctx.name, v = ctx.value } end
+end }
+amqp:handle({ exchange = "orders", routing_key = "created", queue = "billing" }, function(msg, event)
+  event("charged", { via = msg.via })
+end)
+]]
+    local r = app:deliver("amqp", "orders/created (queue billing)", { value = { id = 1 } })
+    assert.is_true(r.ok, r.error)
+    assert.are.equal(1, #r.sent)
+    assert.are.same({ via = "amqp:billing/charged", v = { via = "amqp:orders/created" } }, r.sent[1].value)
+  end)
+
   it("refuses a misspelled option and an empty middleware", function()
     local osara = require "osara"
     assert.has_error(function() osara.middleware { befor = function() end } end)
