@@ -66,11 +66,72 @@ static void on_reconnected(natsConnection *nc, void *closure)
     OSARA_INFO("nats %s: reconnected", c->url);
 }
 
+/* Loop thread: the late first connection was made. */
+static void client_connected(void *arg, void *unused)
+{
+    (void)unused;
+    nclient_t *c = arg;
+    if (!c->closing) {
+        osara__nats_subs_connected(c);
+    }
+    osara__nats_client_unref(c);
+}
+
+/* A first connection made in the background (nats.c's thread). */
 static void on_connected(natsConnection *nc, void *closure)
 {
     (void)nc;
     nclient_t *c = closure;
+    atomic_store(&c->connected, 1);
     OSARA_INFO("nats %s: connected", c->url);
+    osara__nats_client_ref(c); /* the event's */
+    if (osara_inbox_post(&c->w->inbox, client_connected, c, NULL) != 0) {
+        osara__nats_client_unref(c);
+    }
+}
+
+/* ---- a server that is not there yet ------------------------------------------ */
+
+#define LATE_LOG_MS 5000
+
+static void on_late_closed(uv_handle_t *h)
+{
+    nclient_t *c = h->data;
+    free(h);
+    osara__nats_client_unref(c); /* the timer's */
+}
+
+static void late_stop(nclient_t *c)
+{
+    if (c->late) {
+        uv_close((uv_handle_t *)c->late, on_late_closed);
+        c->late = NULL;
+    }
+}
+
+static void on_late_tick(uv_timer_t *t)
+{
+    nclient_t *c = t->data;
+    if (atomic_load(&c->connected) || c->closing) {
+        late_stop(c);
+        return;
+    }
+    OSARA_WARN("nats %s: not connected yet after %llu s; still trying", c->url,
+               (unsigned long long)((uv_now(t->loop) - c->late_since) / 1000));
+}
+
+/* The server is not there yet: nats.c keeps trying in the background
+ * (handlers start when it appears); a warning every few seconds says so. */
+static void late_start(nclient_t *c)
+{
+    OSARA_WARN("nats %s: not reachable yet; trying again in the background (a container "
+               "started before its server?)", c->url);
+    c->late = osara_xcalloc(1, sizeof(*c->late));
+    c->late_since = uv_now(&c->w->loop);
+    uv_timer_init(&c->w->loop, c->late);
+    c->late->data = c;
+    osara__nats_client_ref(c); /* the timer's, until closed */
+    uv_timer_start(c->late, on_late_tick, LATE_LOG_MS, LATE_LOG_MS);
 }
 
 /* The last callback nats.c makes for the connection. */
@@ -198,6 +259,7 @@ void osara__nats_client_close(void *ptr)
 {
     nclient_t *c = ptr;
     c->closing = 1;
+    late_stop(c);
     osara__nats_subs_close(c);
     osara__nats_js_stop(c);
     osara__nats_requests_close(c);
@@ -243,18 +305,21 @@ static natsStatus connect_client(nclient_t *c, lua_State *L, int conf)
     if (s == NATS_OK) s = natsOptions_SetClosedCB(opts, on_closed, c);
     if (s == NATS_OK) s = natsOptions_SetErrorHandler(opts, on_async_error, c);
     if (s == NATS_OK) s = natsOptions_SetTimeout(opts, 2000);
-    /* The embedded server needs a moment to listen: connect in the
-     * background instead of waiting on the loop; what is sent meanwhile is
-     * buffered. A remote server must answer now (a wrong address fails the
-     * load). */
-    if (s == NATS_OK && c->server_pid) {
-        s = natsOptions_SetRetryOnFailedConnect(opts, true, on_connected, c);
-        if (s == NATS_OK) s = natsOptions_SetReconnectWait(opts, 20);
-    }
+    /* A server that is not listening yet (the embedded one needs a
+     * moment; a remote one may start after us, the usual order of a
+     * container start): connect in the background instead of failing or
+     * waiting on the loop; what is sent meanwhile is buffered. */
+    if (s == NATS_OK) s = natsOptions_SetRetryOnFailedConnect(opts, true, on_connected, c);
+    if (s == NATS_OK && c->server_pid) s = natsOptions_SetReconnectWait(opts, 20);
     if (s == NATS_OK) {
         s = natsConnection_Connect(&c->nc, opts);
-        if (s == NATS_NOT_YET_CONNECTED) {
+        if (s == NATS_OK) {
+            atomic_store(&c->connected, 1);
+        } else if (s == NATS_NOT_YET_CONNECTED) {
             s = NATS_OK;
+            if (!c->server_pid) {
+                late_start(c);
+            }
         }
     }
     if (c->nc) {

@@ -58,6 +58,8 @@ typedef struct nsub_s {
     int handing;                /* holds a job on its client: its connection
                                  * closes only after the successor is
                                  * confirmed */
+    int confirmed;              /* the server confirmed the interest */
+    int confirming;             /* a confirmation job runs */
     struct nsub_s *next;
 } nsub_t;
 
@@ -91,6 +93,9 @@ struct nclient_s {
     jsCtx *js;
     struct njs_s *jsubs;
     int jobs;                   /* thread-pool jobs using nc or js now */
+    atomic_int connected;       /* the first connection was made (nats.c sets) */
+    uv_timer_t *late;           /* logs while the first connection is not made */
+    uint64_t late_since;        /* loop time (ms) the wait began */
     volatile int closing;
     int torn_down;              /* the teardown job was queued */
     atomic_int refs;
@@ -160,6 +165,10 @@ void osara__nats_request_open(lua_State *L, int idx);
 void osara__nats_js_stop(nclient_t *c);
 /* Adds stream and jspublish to the method table at idx. */
 void osara__nats_js_open(lua_State *L, int idx);
+
+/* The client connected (a first connection made late): subscriptions not
+ * confirmed yet are confirmed again. Loop thread. */
+void osara__nats_subs_connected(nclient_t *c);
 
 /* lua.c: the client of the userdata at idx; raises in check mode. */
 nclient_t *osara__nats_check_client(lua_State *L, int idx);

@@ -207,9 +207,11 @@ static void flush_after(uv_work_t *work, int status)
     nclient_t *c = f->c;
     natsStatus s = f->status;
     free(f);
+    sub->confirming = 0;
     if (s == NATS_OK) {
+        sub->confirmed = 1;
         OSARA_INFO("nats: subscribed to %s", sub->subject);
-    } else if (!sub->stopped) {
+    } else if (!sub->stopped && atomic_load(&c->connected)) {
         OSARA_WARN("nats: subscribing to %s not confirmed by the server yet: %s", sub->subject,
                    natsStatus_GetText(s));
     }
@@ -228,6 +230,7 @@ static void confirm_subscribed(nsub_t *sub)
 {
     nclient_t *c = sub->client;
     nflush_t *f = osara_xcalloc(1, sizeof(*f));
+    sub->confirming = 1;
     f->sub = sub;
     f->c = c;
     f->nc = c->nc;
@@ -521,6 +524,15 @@ void osara__nats_subs_close(nclient_t *c)
     for (nsub_t *sub = c->subs; sub; sub = sub->next) {
         if (!sub->handed) { /* a successor's: the connection's drain delivers it */
             sub_stop(sub);
+        }
+    }
+}
+
+void osara__nats_subs_connected(nclient_t *c)
+{
+    for (nsub_t *sub = c->subs; sub; sub = sub->next) {
+        if (!sub->stopped && !sub->confirmed && !sub->confirming && sub->sub) {
+            confirm_subscribed(sub);
         }
     }
 }

@@ -233,3 +233,48 @@ end)
     H.stop(server)
   end)
 end)
+
+describe("a broker that is not up yet", function()
+  after_each(H.cleanup)
+
+  it("nats: the host keeps trying, says so every few seconds and handles once the server appears", function()
+    local probe, _, port = N.server()
+    H.stop(probe) -- a port nobody listens on now
+    local url = "nats://127.0.0.1:" .. port
+    local dir = H.tmpdir()
+    H.write(dir .. "/app.lua", [[
+local osara = require "osara"
+local nats = osara.nats { servers = os.getenv("NATS_URL") }
+nats:handle("late.echo", function(msg) return { echo = msg.value.n } end)
+]])
+    local p = H.osara({ "run", dir .. "/app.lua" }, { NATS_URL = url })
+    H.expect(p, "nats " .. url .. ": not reachable yet; trying again in the background", 20)
+    H.expect(p, "nats " .. url .. ": not connected yet after 5 s; still trying", 20)
+    assert.is_falsy(p.exited)
+    local server = N.server(port)
+    H.expect(p, "nats " .. url .. ": connected", 20)
+    N.subscribed(p, { "late.echo" }, 20)
+    local nats = osara.nats { servers = url }
+    local r, err = nats:request("late.echo", { n = 7 }, { timeout = 5 })
+    assert.are.equal(7, r and r.value.echo, err)
+    H.stop(p)
+    H.stop(server)
+  end)
+
+  it("kafka: the host neither exits nor blocks while its bootstrap server is not there", function()
+    local probe, _, port = N.server()
+    H.stop(probe)
+    local dir = H.tmpdir()
+    H.write(dir .. "/app.lua", [[
+local osara = require "osara"
+local kafka = osara.kafka { ["bootstrap.servers"] = os.getenv("KAFKA_BROKERS") }
+kafka:handle("late.in", function(msg) end)
+osara.every(0.2, function() osara.log.info("tick") end)
+]])
+    local p = H.osara({ "run", dir .. "/app.lua" }, { KAFKA_BROKERS = "127.0.0.1:" .. port })
+    H.expect(p, "127.0.0.1:" .. port, 30) -- librdkafka's connection errors are logged
+    for _ = 1, 10 do H.expect(p, "tick", 10) end -- the loop turns
+    assert.is_falsy(p.exited)
+    H.stop(p, { timeout = 30 })
+  end)
+end)
