@@ -84,7 +84,8 @@ struct nclient_s {
     osara_worker_t *w;
     natsConnection *nc;
     char *url;
-    pid_t server_pid;
+    pid_t server_pid;           /* the embedded server's; 0 while it restarts */
+    struct nserver_watch_s *server_watch;
     char inbox[64];             /* "_INBOX.<nuid>." requests reply to inbox+token */
     natsSubscription *resp_sub;
     nreq_t *reqs[REQ_SLOTS];    /* by token % REQ_SLOTS */
@@ -138,7 +139,9 @@ void osara__nats_dispose(osara_inbox_t *inbox, osara_inbox_fn free_fn, void *obj
 /* The Lua result for a call on a closed client: pushes nil, msg; 2. */
 int osara__nats_push_closed(lua_State *L, const char *what);
 
-/* server.c: the nats-server child; start sets c->url and c->server_pid. */
+/* server.c: the nats-server child; start sets c->url and c->server_pid
+ * and watches the child: one that dies is reaped and started again (with
+ * a backoff) until stop. */
 int osara__nats_server_start(nclient_t *c, const char *data_dir);
 void osara__nats_server_stop(nclient_t *c);
 

@@ -278,3 +278,34 @@ osara.every(0.2, function() osara.log.info("tick") end)
     H.stop(p, { timeout = 30 })
   end)
 end)
+
+describe("the embedded nats-server", function()
+  after_each(H.cleanup)
+
+  it("is reaped, restarted and reconnected to when it dies, and handling resumes", function()
+    local dir = H.tmpdir()
+    H.write(dir .. "/app.lua", [[
+local osara = require "osara"
+local nats = osara.nats {}
+nats:handle("emb.echo", function(msg) return { echo = msg.value.n } end)
+]])
+    local p = H.osara { "run", "--data", dir .. "/data", dir .. "/app.lua" }
+    local line = H.expect(p, "embedded server (pid", 20)
+    local pid, url = line:match("pid (%d+).* at (nats://[%d.:]+)")
+    N.subscribed(p, { "emb.echo" }, 20)
+    local nats = osara.nats { servers = url }
+    local r, err = nats:request("emb.echo", { n = 1 }, { timeout = 5 })
+    assert.are.equal(1, r and r.value.echo, err)
+    os.execute("kill -9 " .. pid)
+    H.expect(p, ("the embedded server (pid %s) was killed by signal 9; restarting it in 0.1 s"):format(pid), 20)
+    local restarted = H.expect(p, "embedded server restarted (pid", 20)
+    assert.matches("restart 1%) at " .. url:gsub("%p", "%%%0"), restarted)
+    -- reaped: no zombie left behind
+    assert.are_not.equal(0, os.execute("kill -0 " .. pid .. " 2>/dev/null"))
+    H.eventually(function()
+      local r2 = nats:request("emb.echo", { n = 2 }, { timeout = 1 })
+      return r2 and r2.value.echo == 2
+    end, 30, "a reply from the restarted server")
+    H.stop(p)
+  end)
+end)
