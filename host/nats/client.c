@@ -7,6 +7,7 @@
 #include "core/err.h"
 #include "core/mem.h"
 #include "core/log.h"
+#include "core/lvm.h"
 #include "nats/natsio.h"
 #include "nats/natsio_int.h"
 
@@ -179,6 +180,32 @@ void osara__nats_dispose(osara_inbox_t *inbox, osara_inbox_fn free_fn, void *obj
     if (now || osara_inbox_post(inbox, free_fn, obj, NULL) != 0) {
         free_fn(obj, NULL);
     }
+}
+
+nclient_t *osara__nats_entry_client(osara_reg_entry_t *e)
+{
+    lua_State *L = e->vm->L;
+    lua_rawgeti(L, LUA_REGISTRYINDEX, e->optsref);
+    lua_getfield(L, -1, "client"); /* [opts, client] */
+    client_ud_t *ud = lua_touserdata(L, -1);
+    lua_pop(L, 1);
+    if (ud == NULL || ud->c == NULL || ud->c->closing) {
+        lua_pop(L, 1);
+        osara_err_set(OSARA_EBROKER, "nats: the client of this handler is closed");
+        return NULL;
+    }
+    return ud->c;
+}
+
+void *osara__nats_adopt(osara_reg_entry_t *e, osara_reg_entry_t *old, size_t lane_offset)
+{
+    void *impl = old->impl;
+    old->impl = NULL;
+    e->impl = impl;
+    if (impl) {
+        osara_lane_set_entry((osara_lane_t *)((char *)impl + lane_offset), e);
+    }
+    return impl;
 }
 
 int osara__nats_push_closed(lua_State *L, const char *what)

@@ -1,6 +1,7 @@
 /* jetstream.c - JetStream: streams, durable pull consumers (registry kind
  * "nats-durable") and publish with the stream's ack. */
 #include <lauxlib.h>
+#include <stddef.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
@@ -36,6 +37,7 @@ typedef struct njs_s {
     uv_sem_t go;
     atomic_int stop;
     int joining;                /* the join job was queued */
+    int deferred;               /* a pump waits in the inbox */
     int pending;                /* messages of the current batch not yet settled */
     int refs;                   /* loop thread only */
 } njs_t;
@@ -167,11 +169,36 @@ static void njs_tp_settle(osara_delivery_t *d, osara_settle_t how)
     njs_unref(j, 0);
 }
 
+static void njs_pump_deferred(void *arg, void *unused)
+{
+    (void)unused;
+    njs_t *j = arg;
+    j->deferred = 0;
+    osara_lane_pump(&j->lane);
+    njs_unref(j, 1);
+}
+
+/* The lane used its share of the loop turn: the rest on the next turn. */
+static void njs_tp_defer(osara_lane_t *lane)
+{
+    njs_t *j = lane->owner;
+    if (j->deferred || j->lane.stopped) {
+        return;
+    }
+    j->deferred = 1;
+    j->refs++; /* the event's */
+    if (osara_inbox_post(&j->client->w->inbox, njs_pump_deferred, j, NULL) != 0) {
+        j->deferred = 0;
+        njs_unref(j, 0);
+    }
+}
+
 static const osara_transport_t js_transport = {
     .name = "nats",
     .push_message = njs_tp_push,
     .finished = njs_tp_finished,
     .settle = njs_tp_settle,
+    .defer = njs_tp_defer,
 };
 
 static void njs_deliver(void *arg, void *unused)
@@ -214,9 +241,81 @@ static int njs_post_batch(njs_t *j, natsMsgList *list)
     return 0;
 }
 
+/* Creates the durable explicitly: bound to an existing consumer, the
+ * subscription never deletes it, so a restart resumes where it was. */
+static natsStatus njs_subscribe(njs_t *j, jsErrCode *jerr)
+{
+    nclient_t *c = j->client;
+    natsStatus s = NATS_OK;
+    {
+        jsConsumerConfig cc;
+        jsConsumerConfig_Init(&cc);
+        cc.Durable = j->durable;
+        cc.AckPolicy = js_AckExplicit;
+        cc.FilterSubject = j->subject;
+        /* Unlimited: the failure policy counts the attempts and terms the
+         * last; a message whose dead letter was not stored comes back. */
+        cc.MaxDeliver = -1;
+        /* A message delivered to an instance that died is redelivered after this. */
+        cc.AckWait = (int64_t)(j->ack_wait * 1e9);
+        jsConsumerInfo *ci = NULL;
+        s = js_AddConsumer(&ci, c->js, j->stream, &cc, NULL, jerr);
+        if (ci) {
+            jsConsumerInfo_Destroy(ci);
+            ci = NULL;
+        }
+        if (s != NATS_OK &&
+            js_GetConsumerInfo(&ci, c->js, j->stream, j->durable, NULL, NULL) == NATS_OK) {
+            jsConsumerInfo_Destroy(ci);
+            s = NATS_OK; /* it exists from a previous run */
+        }
+    }
+    if (s == NATS_OK) {
+        jsSubOptions so;
+        jsSubOptions_Init(&so);
+        so.Stream = j->stream;
+        so.Consumer = j->durable;
+        so.ManualAck = true;
+        s = js_PullSubscribe(&j->sub, c->js, j->subject, j->durable, NULL, &so, jerr);
+    }
+    return s;
+}
+
+#define BIND_RETRY_MS 1000
+#define BIND_WARN_EVERY 30
+
+/* Fetch thread: creates the durable and binds its pull subscription (the
+ * JetStream API round trips never run on the loop), trying again every
+ * second while the stream or the server is not there yet (add_stream runs
+ * in the background too), with a warning at the first failure and every
+ * 30 s. Returns 0 when bound, -1 once stopped. */
+static int njs_bind(njs_t *j)
+{
+    for (int tries = 0; !atomic_load(&j->stop); tries++) {
+        jsErrCode jerr = 0;
+        natsStatus s = njs_subscribe(j, &jerr);
+        if (s == NATS_OK) {
+            OSARA_INFO("nats: durable %s bound to stream %s (%s)", j->durable,
+                       j->stream ? j->stream : "?", j->subject);
+            return 0;
+        }
+        if (tries % BIND_WARN_EVERY == 0) {
+            OSARA_WARN("nats: durable %s on %s: %s (JetStream error %d); trying again every "
+                       "second", j->durable, j->subject, natsStatus_GetText(s), (int)jerr);
+        }
+        for (int ms = 0; ms < BIND_RETRY_MS && !atomic_load(&j->stop); ms += 50) {
+            nats_Sleep(50);
+        }
+    }
+    return -1;
+}
+
 static void njs_thread(void *arg)
 {
     njs_t *j = arg;
+    if (njs_bind(j) != 0) {
+        return;
+    }
     while (!atomic_load(&j->stop)) {
         natsMsgList list = {0};
         natsStatus s = natsSubscription_Fetch(&list, j->sub, j->batch, 500, NULL);
@@ -306,64 +405,18 @@ static njs_t *njs_new(nclient_t *c, lua_State *L, int opts)
     return j;
 }
 
-/* Creates the durable explicitly: bound to an existing consumer, the
- * subscription never deletes it, so a restart resumes where it was. */
-static natsStatus njs_subscribe(njs_t *j, jsErrCode *jerr)
-{
-    nclient_t *c = j->client;
-    natsStatus s = ensure_js(c);
-    if (s == NATS_OK) {
-        jsConsumerConfig cc;
-        jsConsumerConfig_Init(&cc);
-        cc.Durable = j->durable;
-        cc.AckPolicy = js_AckExplicit;
-        cc.FilterSubject = j->subject;
-        /* Unlimited: the failure policy counts the attempts and terms the
-         * last; a message whose dead letter was not stored comes back. */
-        cc.MaxDeliver = -1;
-        /* A message delivered to an instance that died is redelivered after this. */
-        cc.AckWait = (int64_t)(j->ack_wait * 1e9);
-        jsConsumerInfo *ci = NULL;
-        s = js_AddConsumer(&ci, c->js, j->stream, &cc, NULL, jerr);
-        if (ci) {
-            jsConsumerInfo_Destroy(ci);
-            ci = NULL;
-        }
-        if (s != NATS_OK &&
-            js_GetConsumerInfo(&ci, c->js, j->stream, j->durable, NULL, NULL) == NATS_OK) {
-            jsConsumerInfo_Destroy(ci);
-            s = NATS_OK; /* it exists from a previous run */
-        }
-    }
-    if (s == NATS_OK) {
-        jsSubOptions so;
-        jsSubOptions_Init(&so);
-        so.Stream = j->stream;
-        so.Consumer = j->durable;
-        so.ManualAck = true;
-        s = js_PullSubscribe(&j->sub, c->js, j->subject, j->durable, NULL, &so, jerr);
-    }
-    return s;
-}
-
 static int js_start(osara_reg_entry_t *e)
 {
-    lua_State *L = e->vm->L;
-    lua_rawgeti(L, LUA_REGISTRYINDEX, e->optsref);
-    lua_getfield(L, -1, "client"); /* [opts, client] */
-    client_ud_t *ud = lua_touserdata(L, -1);
-    lua_pop(L, 1);
-    if (ud == NULL || ud->c == NULL || ud->c->closing) {
-        lua_pop(L, 1);
-        return osara_err_set(OSARA_EBROKER, "nats: the client of this handler is closed");
+    nclient_t *c = osara__nats_entry_client(e); /* [opts] */
+    if (c == NULL) {
+        return OSARA_EBROKER;
     }
-    njs_t *j = njs_new(ud->c, L, lua_gettop(L));
+    lua_State *L = e->vm->L;
+    njs_t *j = njs_new(c, L, lua_gettop(L));
     lua_pop(L, 1);
-    jsErrCode jerr = 0;
-    natsStatus s = njs_subscribe(j, &jerr);
+    natsStatus s = ensure_js(c); /* no I/O: a context */
     if (s != NATS_OK) {
-        osara_err_set(OSARA_EBROKER, "nats: durable %s on %s: %s (JetStream error %d)",
-                      j->durable, j->subject, natsStatus_GetText(s), (int)jerr);
+        osara_err_set(OSARA_EBROKER, "nats: durable %s: %s", j->durable, natsStatus_GetText(s));
         njs_unref(j, 1);
         return OSARA_EBROKER;
     }
@@ -375,8 +428,8 @@ static int js_start(osara_reg_entry_t *e)
         return OSARA_EBROKER;
     }
     j->refs++; /* the thread's, until joined */
-    j->next = ud->c->jsubs;
-    ud->c->jsubs = j;
+    j->next = c->jsubs;
+    c->jsubs = j;
     e->impl = j;
     osara_lane_set_entry(&j->lane, e);
     return 0;
@@ -384,12 +437,7 @@ static int js_start(osara_reg_entry_t *e)
 
 static void js_adopt(osara_reg_entry_t *e, osara_reg_entry_t *old)
 {
-    njs_t *j = old->impl;
-    old->impl = NULL;
-    e->impl = j;
-    if (j) {
-        osara_lane_set_entry(&j->lane, e);
-    }
+    osara__nats_adopt(e, old, offsetof(njs_t, lane));
 }
 
 static void njs_unlink(njs_t *j)
@@ -418,8 +466,175 @@ static const osara_reg_kind_t natsjs_kind = {
     .name = "nats-durable", .start = js_start, .adopt = js_adopt, .stop = js_stop,
 };
 
+/* ---- streams, created off the loop ---------------------------------------- *
+ * add_stream's JetStream round trips run on a thread of their own, which
+ * posts the outcome to the inbox. At load nothing waits: the outcome is
+ * logged, and while the server (or its JetStream) is not there yet the
+ * thread tries again every second (a durable consumer on the stream binds
+ * once it exists). Inside a coroutine the caller waits for one try. */
+
+#define STREAM_RETRY_MS 1000
+#define STREAM_WARN_EVERY 30
+
+typedef struct {
+    nclient_t *c;       /* a client job: the teardown waits for the thread */
+    uv_thread_t thread;
+    char *name;
+    char **subjects;
+    int nsubjects;
+    jsRetentionPolicy retention;
+    jsStorageType storage;
+    int64_t max_age, max_msgs;
+    int retry;          /* at load: try again while the server is not there */
+    natsStatus status;
+    jsErrCode jerr;
+    osara_co_t *co;     /* the waiter; NULL at load or once cancelled */
+    unsigned seq;
+} nstream_t;
+
+static void nstream_free(nstream_t *st)
+{
+    for (int i = 0; i < st->nsubjects; i++) {
+        free(st->subjects[i]);
+    }
+    free(st->subjects);
+    free(st->name);
+    free(st);
+}
+
+/* Thread: one add (or update, when the stream exists) round trip. */
+static natsStatus nstream_try(nstream_t *st, jsErrCode *jerr)
+{
+    jsStreamConfig sc;
+    jsStreamConfig_Init(&sc);
+    sc.Name = st->name;
+    sc.Subjects = (const char **)st->subjects;
+    sc.SubjectsLen = st->nsubjects;
+    sc.Retention = st->retention;
+    sc.Storage = st->storage;
+    sc.MaxAge = st->max_age;
+    sc.MaxMsgs = st->max_msgs;
+    jsStreamInfo *si = NULL;
+    natsStatus s = js_AddStream(&si, st->c->js, &sc, NULL, jerr);
+    if (s != NATS_OK && *jerr == JSStreamNameExistErr) {
+        s = js_UpdateStream(&si, st->c->js, &sc, NULL, jerr);
+    }
+    if (si) {
+        jsStreamInfo_Destroy(si);
+    }
+    return s;
+}
+
+/* The server, or its JetStream, is not there yet. */
+static int transient(natsStatus s)
+{
+    return s == NATS_NOT_YET_CONNECTED || s == NATS_CONNECTION_DISCONNECTED ||
+           s == NATS_TIMEOUT || s == NATS_NO_RESPONDERS;
+}
+
+static int push_stream_result(lua_State *T, nstream_t *st)
+{
+    if (st->status != NATS_OK) {
+        lua_pushnil(T);
+        lua_pushfstring(T, "nats: stream %s: %s (JetStream error %d)", st->name,
+                        natsStatus_GetText(st->status), (int)st->jerr);
+        return 2;
+    }
+    lua_pushboolean(T, 1);
+    return 1;
+}
+
+/* Loop: the thread finished. */
+static void nstream_done(void *arg, void *unused)
+{
+    (void)unused;
+    nstream_t *st = arg;
+    uv_thread_join(&st->thread);
+    if (st->co) {
+        if (osara_co_waiting(st->co) && osara_co_seq(st->co) == st->seq) {
+            osara_sched_resume(st->co, push_stream_result(osara_co_thread(st->co), st));
+        }
+    } else if (st->status == NATS_OK) {
+        OSARA_INFO("nats: stream %s ready", st->name);
+    } else if (!st->c->closing) {
+        OSARA_ERROR("nats: stream %s: %s (JetStream error %d)", st->name,
+                    natsStatus_GetText(st->status), (int)st->jerr);
+    }
+    osara__nats_job_end(st->c);
+    nstream_free(st);
+}
+
+static void nstream_thread(void *arg)
+{
+    nstream_t *st = arg;
+    for (int tries = 0;; tries++) {
+        st->jerr = 0;
+        st->status = nstream_try(st, &st->jerr);
+        if (!st->retry || !transient(st->status) || st->c->closing) {
+            break;
+        }
+        if (tries % STREAM_WARN_EVERY == 0) {
+            OSARA_WARN("nats: stream %s: %s; trying again every second", st->name,
+                       natsStatus_GetText(st->status));
+        }
+        for (int ms = 0; ms < STREAM_RETRY_MS && !st->c->closing; ms += 50) {
+            nats_Sleep(50);
+        }
+    }
+    /* Failing, the inbox is closed: the loop is gone with the process. */
+    osara_inbox_post(&st->c->w->inbox, nstream_done, st, NULL);
+}
+
+static void nstream_cleanup(void *data)
+{
+    ((nstream_t *)data)->co = NULL;
+}
+
+/* Reads the stream's configuration from the table at 2 (raises on misuse). */
+static nstream_t *nstream_new(lua_State *L, nclient_t *c)
+{
+    lua_getfield(L, 2, "name");
+    const char *name = luaL_checkstring(L, -1);
+    lua_getfield(L, 2, "subjects");
+    luaL_checktype(L, -1, LUA_TTABLE);
+    int n = (int)lua_objlen(L, -1);
+    for (int i = 1; i <= n; i++) {
+        lua_rawgeti(L, -1, i);
+        if (lua_type(L, -1) != LUA_TSTRING) {
+            luaL_error(L, "nats: stream %s: subjects[%d] is not a string", name, i);
+        }
+        lua_pop(L, 1);
+    }
+    lua_getfield(L, 2, "retention");
+    lua_getfield(L, 2, "max_age");
+    lua_getfield(L, 2, "max_msgs");
+    lua_getfield(L, 2, "storage"); /* [name, subjects, retention, max_age, max_msgs, storage] */
+    const char *ret = luaL_optstring(L, -4, "limits");
+    nstream_t *st = osara_xcalloc(1, sizeof(*st));
+    st->c = c;
+    st->name = osara_xstrdup(name);
+    st->retention = strcmp(ret, "workqueue") == 0  ? js_WorkQueuePolicy
+                    : strcmp(ret, "interest") == 0 ? js_InterestPolicy
+                                                   : js_LimitsPolicy;
+    st->max_age = (int64_t)(luaL_optnumber(L, -3, 0) * 1e9);
+    st->max_msgs = (int64_t)luaL_optnumber(L, -2, -1);
+    st->storage = strcmp(luaL_optstring(L, -1, "file"), "memory") == 0 ? js_MemoryStorage
+                                                                       : js_FileStorage;
+    st->subjects = osara_xcalloc((size_t)(n ? n : 1), sizeof(*st->subjects));
+    st->nsubjects = n;
+    for (int i = 0; i < n; i++) {
+        lua_rawgeti(L, -5, i + 1);
+        st->subjects[i] = osara_xstrdup(lua_tostring(L, -1));
+        lua_pop(L, 1);
+    }
+    lua_pop(L, 6);
+    return st;
+}
+
 /* client:stream{name=, subjects={...}, retention=, max_age=, max_msgs=,
- * storage=} -> true | raises: creates or updates (idempotent) */
+ * storage=}: creates or updates the stream (idempotent) off the loop.
+ * Inside a coroutine -> true | nil, err once done; at load -> true at once
+ * (the outcome is logged; retried while the server is not there yet). */
 static int l_client_stream(lua_State *L)
 {
     nclient_t *c = osara__nats_check_client(L, 1);
@@ -427,53 +642,25 @@ static int l_client_stream(lua_State *L)
     if (c->closing) {
         return luaL_error(L, "nats: stream: the client is closed");
     }
-    jsStreamConfig sc;
-    jsStreamConfig_Init(&sc);
-    lua_getfield(L, 2, "name");
-    sc.Name = luaL_checkstring(L, -1);
-    lua_getfield(L, 2, "subjects");
-    luaL_checktype(L, -1, LUA_TTABLE);
-    int n = (int)lua_objlen(L, -1);
-    /* A userdata, so a raise below frees it with the rest of the stack. */
-    const char **subjects = lua_newuserdata(L, sizeof(*subjects) * (size_t)(n ? n : 1));
-    for (int i = 0; i < n; i++) {
-        lua_rawgeti(L, -2, i + 1);
-        subjects[i] = lua_type(L, -1) == LUA_TSTRING ? lua_tostring(L, -1) : NULL;
-        if (subjects[i] == NULL) {
-            return luaL_error(L, "nats: stream %s: subjects[%d] is not a string", sc.Name, i + 1);
-        }
-        lua_pop(L, 1); /* the subjects table keeps the string alive */
+    if (ensure_js(c) != NATS_OK) {
+        return luaL_error(L, "nats: JetStream is not available");
     }
-    sc.Subjects = subjects;
-    sc.SubjectsLen = n;
-    lua_getfield(L, 2, "retention");
-    const char *ret = luaL_optstring(L, -1, "limits");
-    sc.Retention = strcmp(ret, "workqueue") == 0 ? js_WorkQueuePolicy
-                 : strcmp(ret, "interest") == 0 ? js_InterestPolicy : js_LimitsPolicy;
-    lua_getfield(L, 2, "max_age");
-    sc.MaxAge = (int64_t)(luaL_optnumber(L, -1, 0) * 1e9);
-    lua_getfield(L, 2, "max_msgs");
-    sc.MaxMsgs = (int64_t)luaL_optnumber(L, -1, -1);
-    lua_getfield(L, 2, "storage");
-    sc.Storage = strcmp(luaL_optstring(L, -1, "file"), "memory") == 0 ? js_MemoryStorage : js_FileStorage;
-    natsStatus s = ensure_js(c);
-    jsErrCode jerr = 0;
-    jsStreamInfo *si = NULL;
-    if (s == NATS_OK) {
-        s = js_AddStream(&si, c->js, &sc, NULL, &jerr);
-        if (s != NATS_OK && jerr == JSStreamNameExistErr) {
-            s = js_UpdateStream(&si, c->js, &sc, NULL, &jerr);
-        }
+    nstream_t *st = nstream_new(L, c);
+    st->co = osara_sched_current(L);
+    st->retry = st->co == NULL;
+    st->seq = st->co ? osara_co_seq(st->co) + 1 : 0;
+    osara__nats_job_begin(c);
+    int rc = uv_thread_create(&st->thread, nstream_thread, st);
+    if (rc != 0) {
+        osara__nats_job_end(c);
+        nstream_free(st);
+        return luaL_error(L, "nats: stream: cannot start a thread: %s", uv_strerror(rc));
     }
-    if (si) {
-        jsStreamInfo_Destroy(si);
+    if (st->co == NULL) {
+        lua_pushboolean(L, 1);
+        return 1;
     }
-    if (s != NATS_OK) {
-        return luaL_error(L, "nats: stream %s: %s (JetStream error %d)", sc.Name,
-                          natsStatus_GetText(s), (int)jerr);
-    }
-    lua_pushboolean(L, 1);
-    return 1;
+    return osara_sched_wait(L, 1, nstream_cleanup, st);
 }
 
 #define JSPUB_MT "osara.nats.jspub"

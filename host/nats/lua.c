@@ -96,18 +96,18 @@ static void flush_wait_cleanup(void *data)
 }
 
 /* client:flush([timeout]) -> true | nil, err: waits until the server
- * processed what was sent (a PING/PONG round trip in the thread pool). At
- * load time, outside any coroutine, it blocks instead. */
+ * processed what was sent (a PING/PONG round trip in the thread pool).
+ * Only inside a coroutine: at load it would block the loop. */
 static int l_client_flush(lua_State *L)
 {
     nclient_t *c = osara__nats_check_client(L, 1);
     int64_t ms = (int64_t)(luaL_optnumber(L, 2, 2) * 1000);
-    if (c->closing) {
-        return osara__nats_push_closed(L, "flush");
-    }
     osara_co_t *co = osara_sched_current(L);
     if (co == NULL) {
-        return push_flush_result(L, natsConnection_FlushTimeout(c->nc, ms));
+        return luaL_error(L, "nats:flush: only inside a handler, timer or task");
+    }
+    if (c->closing) {
+        return osara__nats_push_closed(L, "flush");
     }
     nflush_wait_t *f = osara_xcalloc(1, sizeof(*f));
     f->c = c;

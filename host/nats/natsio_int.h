@@ -48,6 +48,7 @@ typedef struct nsub_s {
     int blocked, released;      /* on_msg waits for room / must not wait */
     int refs;
     int stopped;                /* loop only: deliver nothing more */
+    int deferred;               /* loop only: a pump waits in the inbox */
     /* A reload restarted the handler on another client: the predecessors
      * (a chain, when reloads come faster than a confirmation) stay
      * subscribed, their messages going to this handler, until this
@@ -136,6 +137,13 @@ void osara__nats_job_end(nclient_t *c);
  * inbox, for a caller that still touches obj afterwards (a lane, inside
  * settle); now as well when the inbox is closed (the loop is gone). */
 void osara__nats_dispose(osara_inbox_t *inbox, osara_inbox_fn free_fn, void *obj, int now);
+/* A registry entry's start: the client named by its options. Pushes the
+ * options table and returns the client; NULL (nothing pushed,
+ * osara_err_set) when it is closed. */
+nclient_t *osara__nats_entry_client(osara_reg_entry_t *e);
+/* A registry entry's adopt: moves old's impl to e and points the lane at
+ * lane_offset inside it at e. Returns the impl (NULL: none). */
+void *osara__nats_adopt(osara_reg_entry_t *e, osara_reg_entry_t *old, size_t lane_offset);
 /* The Lua result for a call on a closed client: pushes nil, msg; 2. */
 int osara__nats_push_closed(lua_State *L, const char *what);
 

@@ -5,6 +5,7 @@
  * messages in osara, the delivery thread waits, so messages pile up in
  * nats.c's pending list, whose limits report a slow consumer instead of
  * growing without bound. */
+#include <stddef.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
@@ -157,11 +158,41 @@ static void tp_settle(osara_delivery_t *d, osara_settle_t how)
     sub_unref(sub, 0); /* the lane is still touched after settle */
 }
 
+static void pump_deferred(void *arg, void *unused)
+{
+    (void)unused;
+    nsub_t *sub = arg;
+    sub->deferred = 0;
+    if (!sub->stopped) {
+        osara_lane_pump(&sub->lane);
+    }
+    sub_unref(sub, 1);
+}
+
+/* The lane used its share of the loop turn: pump the rest from the inbox,
+ * on the next turn (as Kafka's lanes do). */
+static void tp_defer(osara_lane_t *lane)
+{
+    nsub_t *sub = lane->owner;
+    if (sub->deferred || sub->stopped) {
+        return;
+    }
+    sub->deferred = 1;
+    uv_mutex_lock(&sub->mu);
+    sub->refs++; /* the event's */
+    uv_mutex_unlock(&sub->mu);
+    if (osara_inbox_post(sub->inbox, pump_deferred, sub, NULL) != 0) {
+        sub->deferred = 0;
+        sub_unref(sub, 0);
+    }
+}
+
 static const osara_transport_t nats_transport = {
     .name = "nats",
     .push_message = tp_push_message,
     .finished = tp_finished,
     .settle = tp_settle,
+    .defer = tp_defer,
 };
 
 static void deliver_msg(void *arg, void *msg)
@@ -437,19 +468,14 @@ static int kind_start(osara_reg_entry_t *e)
 {
     nsub_t *prev = e->impl; /* handed over by kind_stop, or NULL */
     e->impl = NULL;
-    lua_State *L = e->vm->L;
-    lua_rawgeti(L, LUA_REGISTRYINDEX, e->optsref);
-    lua_getfield(L, -1, "client"); /* [opts, client] */
-    client_ud_t *ud = lua_touserdata(L, -1);
-    lua_pop(L, 1);
-    if (ud == NULL || ud->c == NULL || ud->c->closing) {
-        lua_pop(L, 1);
+    nclient_t *c = osara__nats_entry_client(e); /* [opts] */
+    if (c == NULL) {
         if (prev) {
             sub_release(prev);
         }
-        return osara_err_set(OSARA_EBROKER, "nats: the client of this handler is closed");
+        return OSARA_EBROKER;
     }
-    nclient_t *c = ud->c;
+    lua_State *L = e->vm->L;
     nsub_t *sub = sub_new(c, L, lua_gettop(L));
     osara__nats_client_ref(c);
     sub->next = c->subs;
@@ -472,11 +498,8 @@ static int kind_start(osara_reg_entry_t *e)
 
 static void kind_adopt(osara_reg_entry_t *e, osara_reg_entry_t *old)
 {
-    nsub_t *sub = old->impl;
-    old->impl = NULL;
-    e->impl = sub;
+    nsub_t *sub = osara__nats_adopt(e, old, offsetof(nsub_t, lane));
     if (sub) {
-        osara_lane_set_entry(&sub->lane, e);
         prev_set_entry(sub, e);
     }
 }

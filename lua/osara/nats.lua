@@ -294,14 +294,16 @@ end
 
 -- nats:add_stream{name=, subjects={...}, retention="limits"|"workqueue"|"interest",
 --                 max_age=seconds, max_msgs=, storage="file"|"memory"}: creates
--- the JetStream stream, or updates it (idempotent). Call at load.
+-- the JetStream stream, or updates it (idempotent), off the loop. At load
+-- -> true at once (the outcome is logged; retried while the server is not
+-- there yet); inside a handler or task -> true | nil, err once done.
 function Client:add_stream(cfg)
   cfg = options.check("nats:add_stream", cfg)
   for _, s in ipairs(cfg.subjects) do check_subject(s, true, 2) end
   if self.checking then return true end
-  local ok, err = pcall(self.c.stream, self.c, cfg)
-  if not ok then options.raise(tostring(err):gsub("^[^:]*:%d+: ", "")) end
-  return true
+  local ok, res, err = pcall(self.c.stream, self.c, cfg)
+  if not ok then options.raise(tostring(res):gsub("^[^:]*:%d+: ", "")) end
+  return res, err
 end
 
 -- nats:stream(subject, opts) -> iterator for `for msg in s do ... end` in a
@@ -424,7 +426,8 @@ function Client:_durable(subject, opts, fn, at)
     at, ("stream %s, durable %s"):format(tostring(opts.stream), opts.durable))
 end
 
--- For tests: wait until the server processed what was sent.
+-- For tests: wait until the server processed what was sent (inside a
+-- handler, timer or task; at load it raises rather than block the loop).
 function Client:flush(timeout)
   return self.c:flush(timeout)
 end

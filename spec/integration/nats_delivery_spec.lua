@@ -261,6 +261,34 @@ nats:handle("late.echo", function(msg) return { echo = msg.value.n } end)
     H.stop(server)
   end)
 
+  it("gh_12 JetStream: add_stream and the durable consumer wait off the loop for a late server", function()
+    local probe, _, port = N.server()
+    H.stop(probe)
+    local url = "nats://127.0.0.1:" .. port
+    local dir = H.tmpdir()
+    H.write(dir .. "/app.lua", [[
+local osara = require "osara"
+local nats = osara.nats { servers = os.getenv("NATS_URL") }
+nats:add_stream { name = "LATE", subjects = { "late.>" }, storage = "memory" }
+nats:handle("late.>", { durable = "late", stream = "LATE" }, function(msg)
+  osara.log.info("handled %d", msg.value.n)
+end)
+osara.every(0.05, function() end) -- the loop keeps turning
+]])
+    -- a loop turn of 100 ms or more is a "loop stall" line, which fails the spec
+    local p = H.osara({ "run", "--loop-stall-ms", "100", dir .. "/app.lua" }, { NATS_URL = url })
+    H.expect(p, "nats: stream LATE: ", 20)
+    H.expect(p, "nats: durable late on late.>: ", 20)
+    local server = N.server(port, H.tmpdir())
+    H.expect(p, "nats: stream LATE ready", 30)
+    H.expect(p, "nats: durable late bound to stream LATE", 30)
+    local nats = osara.nats { servers = url }
+    assert(nats:jspublish("late.x", { n = 5 }):wait())
+    H.expect(p, "handled 5", 20)
+    H.stop(p)
+    H.stop(server)
+  end)
+
   it("kafka: the host neither exits nor blocks while its bootstrap server is not there", function()
     local probe, _, port = N.server()
     H.stop(probe)
