@@ -544,6 +544,8 @@ static int push_stream_result(lua_State *T, nstream_t *st)
     return 1;
 }
 
+static void jspubs_release(nclient_t *c);
+
 /* Loop: the thread finished. */
 static void nstream_done(void *arg, void *unused)
 {
@@ -560,8 +562,12 @@ static void nstream_done(void *arg, void *unused)
         OSARA_ERROR("nats: stream %s: %s (JetStream error %d)", st->name,
                     natsStatus_GetText(st->status), (int)st->jerr);
     }
-    osara__nats_job_end(st->c);
+    nclient_t *c = st->c;
     nstream_free(st);
+    if (--c->streams_pending == 0) {
+        jspubs_release(c);
+    }
+    osara__nats_job_end(c);
 }
 
 static void nstream_thread(void *arg)
@@ -650,8 +656,10 @@ static int l_client_stream(lua_State *L)
     st->retry = st->co == NULL;
     st->seq = st->co ? osara_co_seq(st->co) + 1 : 0;
     osara__nats_job_begin(c);
+    c->streams_pending++;
     int rc = uv_thread_create(&st->thread, nstream_thread, st);
     if (rc != 0) {
+        c->streams_pending--;
         osara__nats_job_end(c);
         nstream_free(st);
         return luaL_error(L, "nats: stream: cannot start a thread: %s", uv_strerror(rc));
@@ -667,8 +675,9 @@ static int l_client_stream(lua_State *L)
 
 /* A publish waiting for the stream's ack: a future held by the Lua handle
  * and by the thread-pool job. */
-typedef struct {
+typedef struct njspub_s {
     osara_sched_future_t f; /* first: the future's free finds it */
+    struct njspub_s *next;  /* waiting for the client's add_streams */
     uv_work_t work;
     nclient_t *c;
     natsMsg *msg;
@@ -735,6 +744,33 @@ static natsStatus jspub_msg(lua_State *L, natsMsg **msg)
     return s;
 }
 
+static void jspub_queue(jspub_t *p)
+{
+    int rc = uv_queue_work(&p->c->w->loop, &p->work, jspub_work, jspub_after);
+    if (rc != 0) {
+        p->status = NATS_ERR;
+        jspub_after(&p->work, rc);
+    }
+}
+
+/* The client's add_streams are done: the publishes made meanwhile go (so
+ * a publish right after add_stream at load finds its stream). */
+static void jspubs_release(nclient_t *c)
+{
+    jspub_t *p = NULL;
+    while (c->jspubs_waiting) { /* pushed last first: in order again */
+        jspub_t *next = c->jspubs_waiting->next;
+        c->jspubs_waiting->next = p;
+        p = c->jspubs_waiting;
+        c->jspubs_waiting = next;
+    }
+    while (p) {
+        jspub_t *next = p->next;
+        jspub_queue(p);
+        p = next;
+    }
+}
+
 /* client:jspublish(subject, bytes, headers|nil) -> handle with :wait() ->
  * seq | nil, err. Publishes in the thread pool (js_PublishMsg waits for the
  * stream's ack). */
@@ -754,10 +790,11 @@ static int l_client_jspublish(lua_State *L)
         p->work.data = p;
         osara__nats_job_begin(c);
         osara_sched_future_ref(&p->f); /* the job's */
-        int rc = uv_queue_work(&c->w->loop, &p->work, jspub_work, jspub_after);
-        if (rc != 0) {
-            p->status = NATS_ERR;
-            jspub_after(&p->work, rc);
+        if (c->streams_pending > 0) {
+            p->next = c->jspubs_waiting;
+            c->jspubs_waiting = p;
+        } else {
+            jspub_queue(p);
         }
     } else {
         /* :wait() returns nil, "Connection Closed ..." */

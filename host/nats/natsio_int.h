@@ -94,6 +94,8 @@ struct nclient_s {
     nsub_t *subs;
     jsCtx *js;
     struct njs_s *jsubs;
+    int streams_pending;        /* add_stream threads running */
+    struct njspub_s *jspubs_waiting; /* jspublishes waiting for them */
     int jobs;                   /* thread-pool jobs using nc or js now */
     atomic_int connected;       /* the first connection was made (nats.c sets) */
     uv_timer_t *late;           /* logs while the first connection is not made */
