@@ -147,7 +147,9 @@ static int l_client_health(lua_State *L)
     client_ud_t *ud = luaL_checkudata(L, 1, CLIENT_MT);
     nclient_t *c = ud->c;
     natsConnStatus st = c && !c->closing ? natsConnection_Status(c->nc) : NATS_CONN_STATUS_CLOSED;
-    if (st == NATS_CONN_STATUS_CONNECTED) {
+    if (c && c->server_watch && c->server_pid == 0) {
+        lua_pushliteral(L, "the embedded server is restarting");
+    } else if (st == NATS_CONN_STATUS_CONNECTED) {
         lua_pushnil(L);
     } else {
         lua_pushstring(L, st == NATS_CONN_STATUS_RECONNECTING ? "reconnecting"
