@@ -149,6 +149,8 @@ static int l_client_health(lua_State *L)
     natsConnStatus st = c && !c->closing ? natsConnection_Status(c->nc) : NATS_CONN_STATUS_CLOSED;
     if (c && c->server_watch && c->server_pid == 0) {
         lua_pushliteral(L, "the embedded server is restarting");
+    } else if (st == NATS_CONN_STATUS_CONNECTED && c->streams_pending > 0) {
+        lua_pushliteral(L, "creating its JetStream streams");
     } else if (st == NATS_CONN_STATUS_CONNECTED) {
         lua_pushnil(L);
     } else {

@@ -469,7 +469,7 @@ end)
     local done_file = dir .. "/done.txt"
     local env = { NATS_URL = url, DONE_FILE = done_file }
     local p = H.osara({ "run", dir .. "/app.lua" }, env)
-    H.expect(p, "ready")
+    H.expect(p, "nats: stream JOBS ready") -- add_stream runs off the loop
     local nats = osara.nats { servers = url }
     local n = 120
     for i = 1, n do
