@@ -180,7 +180,7 @@ static amqp_table_t headers_from_lua(lua_State *L, int idx, amqp_pool_t *pool, i
     amqp_table_t t = {.num_entries = 0,
                       .entries = amqp_pool_alloc(pool, sizeof(amqp_table_entry_t) * (size_t)(n + extra + 1))};
     for (lua_pushnil(L); lua_next(L, idx); lua_pop(L, 1)) { /* [key, value] */
-        size_t kl, vl;
+        size_t kl = 0, vl = 0; /* clang: luaL_error does not return, it cannot tell */
         const char *k = lua_type(L, -2) == LUA_TSTRING ? lua_tolstring(L, -2, &kl) : NULL;
         if (k == NULL) {
             luaL_error(L, "amqp: header names must be strings");
