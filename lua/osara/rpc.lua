@@ -328,6 +328,15 @@ end }
 
 function Client:info(name)
   local d, err, e = self:call("rpc.info", name)
+  if not d and e and e.code == CODE.METHOD and e.message:find("rpc.info", 1, true) then
+    -- a server with rpc.targets only: pick the entry from the list
+    local list
+    list, err, e = self:targets()
+    for _, t in ipairs(list or {}) do
+      if t.target == name then d = t end
+    end
+    err = err or (not d and "no such method: " .. tostring(name)) or nil
+  end
   if not d then return nil, err, e end
   return setmetatable(d, Info)
 end

@@ -255,6 +255,37 @@ osara.spawn(function()
 end)
 ]]
 
+  it("calls a server that is not osara (Python's websockets) speaking the same protocol", function()
+    local dir = H.tmpdir()
+    local port = tonumber(io.popen([[/usr/bin/python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1", 0)); print(s.getsockname()[1])']]):read("*l"))
+    local server = H.child({ PYTHON, "spec/tools/ws_rpc_server.py", tostring(port) },
+      { name = "ws_rpc_server", status = false })
+    H.expect(server, "listening", 15)
+    H.write(dir .. "/app.lua", [=[
+local osara = require "osara"
+local cjson = require "cjson"
+local py = osara.rpc.client(os.getenv("RPC_URL"), { timeout = 5 })
+osara.spawn(function()
+  local slow, fast = py.sleep_echo:call_async(0.4, "slow"), py.sleep_echo:call_async(0.01, "fast")
+  local order = {}
+  osara.spawn(function() local v = slow:result() order[#order + 1] = v end)
+  osara.spawn(function() local v = fast:result() order[#order + 1] = v end)
+  local _, err, e = py.fail()
+  osara.log.info("RESULT %s", cjson.encode({ py.concat("a", "b"), err, e.code, #py:targets(), tostring(py.sleep_echo.info) }))
+  while #order < 2 do osara.sleep(0.02) end
+  osara.log.info("ORDER %s", table.concat(order, ","))
+end)
+]=])
+    local b = H.osara({ "run", "--http", "127.0.0.1:0", dir .. "/app.lua" },
+      { RPC_URL = "ws://127.0.0.1:" .. port .. "/" })
+    local line = H.expect(b, "RESULT ", 30)
+    assert.are.same({ "ab", "python says no", 7, 3, "RPC target sleep_echo(seconds, v)\nv after some seconds" },
+      cjson.decode(line:match("RESULT (.*)$")))
+    assert.matches("ORDER fast,slow", H.expect(b, "ORDER ", 30))
+    H.stop(b, { timeout = 30 })
+    H.stop(server, { timeout = 10 })
+  end)
+
   it("calls another osara host: sync, call_async out of order, targets, info, errors, reconnects", function()
     local dir = H.tmpdir()
     local a_dir, b_dir = dir .. "/a", dir .. "/b"
