@@ -128,7 +128,7 @@ typedef struct {
     char *data;
 } ws_write_t;
 
-static void ws_flush(osara_ws_conn_t *c);
+
 
 static void on_written(uv_write_t *req, int status)
 {
@@ -143,7 +143,7 @@ static void on_written(uv_write_t *req, int status)
     } else if (c->close_written && c->writes == 0) {
         osara__ws_conn_close(c, "closed");
     } else if (!c->closing) {
-        ws_flush(c); /* wslay may hold messages back while writes were pending */
+        osara__ws_flush(c); /* wslay may hold messages back while writes were pending */
         osara__ws_update_reading(c);
     }
     osara__ws_conn_unref(c);
@@ -174,7 +174,7 @@ void osara__ws_write_out(osara_ws_conn_t *c)
 
 /* Lets wslay send what it queued (replies, pongs, close frames), then
  * closes the socket once both directions are done. */
-static void ws_flush(osara_ws_conn_t *c)
+void osara__ws_flush(osara_ws_conn_t *c)
 {
     if (c->closing || c->ctx == NULL || c->feeding) {
         return;
@@ -248,7 +248,7 @@ void osara__ws_feed(osara_ws_conn_t *c, const char *p, size_t n)
         osara__ws_conn_close(c, "receive failed");
         return;
     }
-    ws_flush(c);
+    osara__ws_flush(c);
 }
 
 static void on_alloc(uv_handle_t *h, size_t suggested, uv_buf_t *b)
@@ -267,6 +267,8 @@ static void on_read(uv_stream_t *s, ssize_t nread, const uv_buf_t *b)
         osara__ws_conn_close(c, nread == UV_EOF ? "closed by the peer" : uv_strerror((int)nread));
         return;
     }
+    c->last_seen = uv_now(c->tcp.loop); /* a pong, or anything: the peer is there */
+    c->ping_sent = 0;
     if (c->client && !c->open) {
         osara__ws_client_handshake_read(c, b->base, (size_t)nread);
     } else {
@@ -303,7 +305,7 @@ int osara__ws_queue_text(osara_ws_conn_t *c, const char *p, size_t n)
     if (wslay_event_queue_msg(c->ctx, &msg) != 0) {
         return -1;
     }
-    ws_flush(c);
+    osara__ws_flush(c);
     return 0;
 }
 
@@ -313,7 +315,7 @@ void osara__ws_queue_close(osara_ws_conn_t *c, uint16_t code, const char *reason
         return;
     }
     wslay_event_queue_close(c->ctx, code, (const uint8_t *)reason, strlen(reason));
-    ws_flush(c);
+    osara__ws_flush(c);
 }
 
 osara_ws_conn_t *osara__ws_conn_new(struct osara_worker_s *w, int client)
@@ -322,6 +324,7 @@ osara_ws_conn_t *osara__ws_conn_new(struct osara_worker_s *w, int client)
     c->w = w;
     c->client = client;
     c->cbref = LUA_NOREF;
+    c->last_seen = uv_now(&w->loop);
     uv_tcp_init(&w->loop, &c->tcp);
     c->tcp.data = c;
     c->refs = 1; /* the handle */

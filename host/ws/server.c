@@ -152,6 +152,38 @@ int osara_ws_accept(struct osara_worker_s *w, uv_stream_t *stream, const osara_w
     return 0;
 }
 
+/* Every ping_ms: a connection read from since the last sweep is left
+ * alone; an idle one gets a ping; one that stayed silent after its ping
+ * (a peer gone without a FIN) is closed. Connections the server stopped
+ * reading (max_inflight, a slow reader) are not idle by their fault. */
+static void on_ping_tick(uv_timer_t *t)
+{
+    osara_ws_endpoint_t *ep = t->data;
+    uint64_t now = uv_now(t->loop);
+    osara_ws_conn_t *next;
+    for (osara_ws_conn_t *c = ep->conns; c; c = next) {
+        next = c->next;
+        if (!c->reading || now - c->last_seen < ep->ping_ms) {
+            continue;
+        }
+        if (c->ping_sent) {
+            osara__ws_conn_close(c, NULL);
+            continue;
+        }
+        struct wslay_event_msg ping = {WSLAY_PING, NULL, 0};
+        if (wslay_event_queue_msg(c->ctx, &ping) == 0) {
+            c->ping_sent = 1;
+            c->last_seen = now;
+            osara__ws_flush(c);
+        }
+    }
+}
+
+static void endpoint_free(uv_handle_t *h)
+{
+    free(h->data);
+}
+
 /* The endpoint's shared-resource close (shutdown, or no script version
  * serves the path any longer): its clients are told to go away. */
 static void endpoint_close(void *ptr)
@@ -168,10 +200,11 @@ static void endpoint_close(void *ptr)
         osara__ws_detach(c);
         osara__ws_queue_close(c, WSLAY_CODE_GOING_AWAY, "going away");
     }
-    free(ep);
+    uv_close((uv_handle_t *)&ep->ping_timer, endpoint_free);
 }
 
-/* serve(path, {max_message=, max_inflight=, max_connections=}): makes the path an endpoint
+/* serve(path, {max_message=, max_inflight=, max_connections=,
+ * ping_interval=}): makes the path an endpoint
  * (kept while a VM holding it lives); limits may change on reload. */
 int osara__ws_l_serve(lua_State *L)
 {
@@ -188,6 +221,9 @@ int osara__ws_l_serve(lua_State *L)
         ep = osara_xcalloc(1, sizeof(*ep));
         ep->w = w;
         snprintf(ep->path, sizeof(ep->path), "%s", path);
+        uv_timer_init(&w->loop, &ep->ping_timer);
+        uv_unref((uv_handle_t *)&ep->ping_timer); /* never keeps the loop alive */
+        ep->ping_timer.data = ep;
         ep->next = endpoints;
         endpoints = ep;
         osara_worker_shared_put(w, key, ep, endpoint_close);
@@ -195,9 +231,15 @@ int osara__ws_l_serve(lua_State *L)
     lua_getfield(L, 2, "max_message");
     lua_getfield(L, 2, "max_inflight");
     lua_getfield(L, 2, "max_connections");
-    ep->max_message = (size_t)luaL_optnumber(L, -3, 1048576);
-    ep->max_inflight = (int)luaL_optinteger(L, -2, 256);
-    ep->max_conns = (int)luaL_optinteger(L, -1, 1024);
-    lua_pop(L, 3);
+    lua_getfield(L, 2, "ping_interval");
+    ep->max_message = (size_t)luaL_optnumber(L, -4, 1048576);
+    ep->max_inflight = (int)luaL_optinteger(L, -3, 256);
+    ep->max_conns = (int)luaL_optinteger(L, -2, 1024);
+    ep->ping_ms = (uint64_t)(luaL_optnumber(L, -1, 30) * 1000);
+    lua_pop(L, 4);
+    uv_timer_stop(&ep->ping_timer);
+    if (ep->ping_ms > 0) {
+        uv_timer_start(&ep->ping_timer, on_ping_tick, ep->ping_ms, ep->ping_ms);
+    }
     return 0;
 }

@@ -37,6 +37,8 @@ struct osara_ws_endpoint_s {
     size_t max_message;
     int max_inflight;
     int max_conns, nconns;
+    uint64_t ping_ms;          /* idle time before a ping; 0: never */
+    uv_timer_t ping_timer;     /* sweeps the connections every ping_ms */
     osara_ws_conn_t *conns;
     osara_ws_endpoint_t *next;
 };
@@ -64,6 +66,8 @@ struct osara_ws_conn_s {
     /* server */
     osara_ws_endpoint_t *ep;
     int inflight, max_inflight;
+    uint64_t last_seen;  /* loop time of the last bytes read (or ping sent) */
+    int ping_sent;       /* nothing read since: the next idle sweep closes */
     osara_ws_conn_t *prev, *next;
     /* client */
     osara_vm_t *vm;
@@ -101,6 +105,9 @@ void osara__ws_detach(osara_ws_conn_t *c);
 int osara__ws_start_framing(osara_ws_conn_t *c, size_t max_message);
 /* Feeds n bytes read from the peer to wslay, then flushes. */
 void osara__ws_feed(osara_ws_conn_t *c, const char *p, size_t n);
+/* Lets wslay send what it queued (replies, pings, close frames), then
+ * closes the socket once both directions are done. */
+void osara__ws_flush(osara_ws_conn_t *c);
 /* Writes what c->out holds (the handshake, frames) in one uv_write. */
 void osara__ws_write_out(osara_ws_conn_t *c);
 /* Reads while the connection has room (calls in flight, pending writes). */

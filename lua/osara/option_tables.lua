@@ -407,6 +407,7 @@ define("osara.rpc.serve", {
   { "max_message", "integer", 1048576, "larger messages close the connection with status 1009" },
   { "max_inflight", "integer", 256, "calls running at once per connection; past it the connection is not read" },
   { "max_connections", "integer", 1024, "WebSocket connections at once; more are answered 503" },
+  { "ping_interval", "number", 30, "seconds a connection may stay silent before a ping; silent one more interval, it is closed (`0`: never)" },
 })
 
 define("osara.rpc.expose", {

@@ -200,6 +200,22 @@ describe("rpc when the script or the host goes", function()
     H.stop(p, { timeout = 30 })
   end)
 
+  it("pings a silent connection and closes it when it stays silent; a live client stays", function()
+    local dir = H.tmpdir()
+    local app = server_app(dir, "v1"):gsub("max_message = 65536", "ping_interval = 0.3")
+    local p, port = T.app(dir, app)
+    local url = "ws://127.0.0.1:" .. port .. "/rpc"
+    -- websockets answers pings itself: a 2 s call outlives several intervals
+    local live = holding(url, { { "slow", { 2, "still here" } } })
+    local r = tool(url, "silent", "10")
+    assert.are.equal(101, r.status)
+    assert.are.same({ 9 }, r.opcodes) -- one ping, then the socket closed
+    assert.is_true(r.closed)
+    assert.is_true(r.seconds < 5)
+    assert.are.equal("still here", held(live).replies[1].result)
+    H.stop(p, { timeout = 30 })
+  end)
+
   it("a stopping host answers the calls in flight, then says going away and exits 0", function()
     local dir = H.tmpdir()
     local p, port = T.app(dir, server_app(dir, "v1"))

@@ -105,10 +105,9 @@ async def disconnect_mid_call(url, seconds):
     return {"sent": True}
 
 
-def raw_frame(url, frame_hex):
-    """Opens the WebSocket by hand and sends one frame given in hex (an
-    unmasked or otherwise malformed frame); returns the close code the
-    server answers with, if any."""
+def raw_open(url):
+    """Opens the WebSocket by hand: the socket and the bytes after the
+    server's 101 response (None if refused)."""
     hostport, path = url[len("ws://"):].split("/", 1)
     host, port = hostport.split(":")
     s = socket.create_connection((host, int(port)), timeout=10)
@@ -120,10 +119,42 @@ def raw_frame(url, frame_hex):
     while b"\r\n\r\n" not in data:
         chunk = s.recv(4096)
         if not chunk:
-            return {"handshake": False}
+            return s, None, 0
         data += chunk
     head, rest = data.split(b"\r\n\r\n", 1)
-    status = int(head.split(b" ")[1])
+    return s, rest, int(head.split(b" ")[1])
+
+
+def silent(url, seconds):
+    """Opens the WebSocket and never answers: the opcodes the server sent
+    and whether it closed the socket within `seconds`."""
+    s, rest, status = raw_open(url)
+    s.settimeout(seconds)
+    opcodes, closed, start = [], False, time.monotonic()
+    data = rest or b""
+    try:
+        while True:
+            chunk = s.recv(4096)
+            if not chunk:
+                closed = True
+                break
+            data += chunk
+    except (ConnectionResetError, socket.timeout):
+        closed = not isinstance(sys.exc_info()[1], socket.timeout)
+    while len(data) >= 2:
+        opcodes.append(data[0] & 0x0F)
+        data = data[2 + (data[1] & 0x7F):]
+    return {"status": status, "opcodes": opcodes, "closed": closed,
+            "seconds": round(time.monotonic() - start, 2)}
+
+
+def raw_frame(url, frame_hex):
+    """Opens the WebSocket by hand and sends one frame given in hex (an
+    unmasked or otherwise malformed frame); returns the close code the
+    server answers with, if any."""
+    s, rest, status = raw_open(url)
+    if rest is None:
+        return {"handshake": False}
     s.sendall(bytes.fromhex(frame_hex))
     while True:
         try:
@@ -153,6 +184,8 @@ def main():
         out = asyncio.run(oversized(url, int(args[0])))
     elif scenario == "disconnect":
         out = asyncio.run(disconnect_mid_call(url, float(args[0])))
+    elif scenario == "silent":
+        out = silent(url, float(args[0]))
     elif scenario == "raw_frame":
         out = raw_frame(url, args[0])
     else:
