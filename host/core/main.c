@@ -52,7 +52,7 @@ static const struct {
     {"run", "osara run SCRIPT [options]", "load SCRIPT and serve until stopped", 'r'},
     {"check", "osara check SCRIPT [options]", "load SCRIPT without connecting anything and print what it registers", 'c'},
     {"test", "osara test [PATH...] [options]", "run busted specs inside the host (default: spec/)", 't'},
-    {"broker", "osara broker [--brokers N] [--partitions N] [--topic NAME...]", "run the embedded Kafka cluster standalone (development and tests)", 'b'},
+    {"broker", "osara broker [--brokers N] [--partitions N] [--port N] [--topic NAME...]", "run the embedded Kafka cluster standalone (development and tests)", 'b'},
     {"store", "osara store DATA_DIR dump NAME [PREFIX] | get NAME KEY", "read a store while the host runs (debugging)", 's'},
     {"sql", "osara sql migrate SCRIPT_OR_URL DIR", "apply a folder of numbered SQL migrations (docs/sql.md)", 'q'},
     {"version", "osara version", "print the version", 'v'},

@@ -288,6 +288,7 @@ static void client_free(kclient_t *c)
     }
     free(c->conf);
     free(c->group);
+    free(c->member_file);
     free(c->bootstrap);
     free(c->key);
     free(c);
@@ -314,6 +315,7 @@ static void close_work(uv_work_t *req)
         }
         osara__kafka_free_parts(c);
         rd_kafka_consumer_close(c->consumer); /* commits what was stored */
+        osara__kafka_member_left(c);
         rd_kafka_queue_destroy(c->cq);
         rd_kafka_destroy(c->consumer);
     }
@@ -457,6 +459,7 @@ int osara__kafka_start_consumer(kclient_t *c)
         return osara_err_set(OSARA_EBROKER, "kafka: %s", rd_kafka_err2str(err));
     }
     c->cq = rd_kafka_queue_get_consumer(c->consumer);
+    osara__kafka_member_join(c);
     return watch_queue(c, c->cq, &c->cfd, &c->cpoll, osara__kafka_on_consumer_ready);
 }
 

@@ -7,6 +7,7 @@
  *   rebalance.c  subscriptions, handlers, assignments and revokes
  *   lua.c        the Lua binding `osara.kafka_c` and the registry kind
  *   broker.c     `osara broker`, the standalone mock cluster
+ *   member.c     a group member's trace in the data folder (restarts)
  *
  * Everything runs on the worker's loop thread; librdkafka's threads reach
  * it only through the queues' wake-up fds (rd_kafka_queue_io_event_enable)
@@ -129,12 +130,20 @@ struct kclient_s {
      * broker reported down since, the consumer's assignment received. */
     int brokers_up, stats_seen, all_down, assigned;
     char last_error_text[200];
+    char *member_file;             /* this consumer's trace (member.c) */
 };
 
 
 extern struct osara__kafka_metrics_s {
     osara_metric_t *consumed, *handled, *failed, *produced, *delivery_errors, *paused, *stuck;
 } osara__kafka_metrics;
+
+/* A group consumer started: logs once why the group waits if an earlier
+ * run's member did not leave (killed), then leaves a trace of this one. */
+void osara__kafka_member_join(kclient_t *c);
+
+/* The consumer closed (it left the group): removes its trace. */
+void osara__kafka_member_left(kclient_t *c);
 
 /* Registers the metrics (once per process). */
 void osara__kafka_metrics_init(void);
