@@ -388,6 +388,22 @@ static int l_client_mock_push_errors(lua_State *L)
     return 0;
 }
 
+/* client:mock_broker(id, up): takes a broker of the embedded cluster down
+ * (its connections close, new ones are refused) or brings it back up. */
+static int l_client_mock_broker(lua_State *L)
+{
+    kclient_t *c = live_client(L, 1);
+    if (c->mock == NULL) {
+        return luaL_error(L, "kafka: mock_broker needs the embedded cluster");
+    }
+    int32_t id = (int32_t)luaL_checkinteger(L, 2);
+    luaL_argcheck(L, id >= 1 && id <= c->embedded, 2, "no such broker");
+    rd_kafka_resp_err_t err = lua_toboolean(L, 3) ? rd_kafka_mock_broker_set_up(c->mock, id)
+                                                  : rd_kafka_mock_broker_set_down(c->mock, id);
+    lua_pushboolean(L, err == RD_KAFKA_RESP_ERR_NO_ERROR);
+    return 1;
+}
+
 int osara_kafka_open(lua_State *L)
 {
     static const luaL_Reg client_methods[] = {
@@ -395,6 +411,7 @@ int osara_kafka_open(lua_State *L)
         {"produce", l_client_produce},     {"stats", l_client_stats},
         {"health", l_client_health},
         {"position", l_client_position},   {"mock_push_errors", l_client_mock_push_errors},
+        {"mock_broker", l_client_mock_broker},
         {NULL, NULL},
     };
     static const luaL_Reg fns[] = {{"client", l_kafka_client}, {NULL, NULL}};

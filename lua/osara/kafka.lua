@@ -137,6 +137,12 @@ function Client:mock_push_errors(api, n, err)
   return self.c:mock_push_errors(api, n, err)
 end
 
+-- Embedded cluster only, for tests: broker id (1..osara.brokers) down
+-- (up = false) or up again.
+function Client:mock_broker(id, up)
+  return self.c:mock_broker(id, up)
+end
+
 -- client:topic(name, {codec=, schema=}) -> topic handle for sending.
 function Client:topic(name, opts)
   if type(name) ~= "string" or name == "" then
