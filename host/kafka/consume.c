@@ -446,6 +446,9 @@ static void accept_message(kclient_t *c, rd_kafka_message_t *rkm)
     kin->rkm = rkm;
     kin->part = p;
     osara_offsets_push(&p->track, &kin->d.in);
+    if (p->track.committable >= 0) { /* a handler that never returns: the lag grows */
+        update_lag(p, p->track.committable - 1);
+    }
     c->inflight++;
     osara_metric_add(osara__kafka_metrics.consumed, 1);
     if (c->inflight >= c->max_inflight) {
