@@ -79,9 +79,7 @@ describe("fault suite", function()
     H.stop(p)
     H.stop(broker)
 
-    local seen, distinct, dup = F.tally(outs)
-    local lost = 0
-    for id = 1, N do if not seen[id] then lost = lost + 1 end end
+    local _, distinct, dup, lost = F.check(outs, N)
     local line = F.report("hang", N, distinct, lost, dup,
       ("partition %d held behind id %d: lag %d then %d while partition %d stayed at 0; "
         .. "%d outputs before the restart, the rest after it"):format(stuck_part, STUCK,

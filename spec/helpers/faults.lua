@@ -37,6 +37,40 @@ function F.produce(boot, topic, from, to, headers)
   H.finish(p, { timeout = 120 })
 end
 
+-- Produces {"id":i} for i = from..to at rate inputs a second from a
+-- task, through one kcat; returns a table whose `sent` is the last id
+-- written so far and `done` is true once kcat closed its input.
+function F.produce_at_rate(boot, topic, from, to, rate)
+  local kcat = H.child({ "kcat", "-b", boot, "-t", topic, "-P", "-K", "\t" }, { name = "kcat -P " .. topic })
+  local state = { sent = from - 1, done = false }
+  osara.spawn(function()
+    while state.sent < to do
+      local chunk = {}
+      for i = state.sent + 1, math.min(to, state.sent + math.ceil(rate / 10)) do
+        chunk[#chunk + 1] = ("k%d\t{\"id\":%d}\n"):format(i, i)
+      end
+      kcat:write(table.concat(chunk))
+      state.sent = state.sent + #chunk
+      osara.sleep(0.1)
+    end
+    kcat:close_stdin()
+    H.finish(kcat, { timeout = 60 })
+    state.done = true
+  end)
+  return state
+end
+
+-- Checks ids 1..n against a list from F.read: the set of ids seen, how
+-- many distinct, how many repeats, how many missing.
+function F.check(list, n)
+  local seen, distinct, dup = F.tally(list)
+  local lost = 0
+  for id = 1, n do
+    if not seen[id] then lost = lost + 1 end
+  end
+  return seen, distinct, dup, lost
+end
+
 -- ids of a topic's messages: a list of {id=, headers=} in topic order.
 function F.read(boot, topic)
   local out = {}
