@@ -55,7 +55,7 @@ describe("fault suite", function()
   it("broker: brokers down and up and pushed request errors lose nothing", function()
     local dir = H.tmpdir()
     H.write(dir .. "/app.lua", APP)
-    local p = H.osara({ "run", "--data", dir .. "/data", dir .. "/app.lua" }, { STEPS = tostring(STEPS) })
+    local p = H.osara({ "run", "--log-level", "debug", "--data", dir .. "/data", dir .. "/app.lua" }, { STEPS = tostring(STEPS) })
     local boot = H.expect(p, "embedded broker", 20):match("at (%S+)$")
     local load = F.produce_at_rate(boot, "b.in", 1, N, RATE)
     H.eventually(function() return load.done end, 2 * N / RATE + 60, "the producer done")
@@ -67,6 +67,14 @@ describe("fault suite", function()
     local injected = select(2, log:gsub("INFO  fault %d+:", ""))
     local assigned = select(2, log:gsub("kafka: assigned", ""))
     local warnings = select(2, log:gsub("WARN  kafka", ""))
+    -- The group client goes first, by a reload, while the cluster it talks
+    -- to still lives: at a stop the embedded client may close first, taking
+    -- the cluster with it, and the group client's close then waits for a
+    -- coordinator that is gone (librdkafka's consumer close does not give up).
+    -- (The new version keeps the embedded client: the same configuration.)
+    H.write(dir .. "/app.lua", APP:match("^(.-)local kafka ="))
+    p:kill("HUP")
+    H.expect(p, "kafka: client " .. boot .. " closed", 60)
     H.stop(p)
 
     local _, distinct, dup, lost = F.check(outs, N)
