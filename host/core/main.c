@@ -32,16 +32,18 @@ typedef struct {
 static const option_t options[] = {
     {"--watch", NULL, "reload when the script or a module it required changes", "r"},
     {"--data", "DIR", "data folder (default: .osara-data beside the script)", "r"},
-    {"--config", "FILE", "config file (default: config.yaml beside the script, or OSARA_CONFIG)", "rc"},
+    {"--config", "FILE", "config file (default: config.yaml beside the script, or OSARA_CONFIG)", "rcd"},
     {"--http", "ADDR", "HTTP listen address for routes (default 127.0.0.1:8080)", "r"},
-    {"--log-level", "L", "debug|info|warn|error (default info, or OSARA_LOG_LEVEL)", "rct"},
-    {"--log-format", "F", "text|json (default text, or OSARA_LOG_FORMAT)", "rct"},
+    {"--log-level", "L", "debug|info|warn|error (default info, or OSARA_LOG_LEVEL)", "rctd"},
+    {"--log-format", "F", "text|json (default text, or OSARA_LOG_FORMAT)", "rctd"},
     {"--log-file", "FILE", "write the log to FILE, reopened on SIGUSR1 (default stderr, or OSARA_LOG_FILE)", "r"},
     {"--log-max-size", "SIZE", "rotate the log file past SIZE bytes (100M, 1G; default off, or OSARA_LOG_MAX_SIZE)", "r"},
     {"--grace", "SECS", "time in-flight work may take at stop and reload (default 10)", "rt"},
-    {"--load-timeout", "SECS", "time a script may take to load (default 5)", "rct"},
+    {"--load-timeout", "SECS", "time a script may take to load (default 5)", "rctd"},
     {"--loop-stall-ms", "MS", "warn about a loop turn longer than MS, e.g. 100; 0: off (default, or OSARA_LOOP_STALL_MS)", "r"},
     {"--output", "NAME", "busted output handler (default utfTerminal on a tty, else plainTerminal)", "t"},
+    {"--asyncapi", NULL, "the AsyncAPI 3.0 document of the Kafka topics and NATS subjects (the default)", "d"},
+    {"--openapi", NULL, "the OpenAPI 3.1 document of the HTTP routes", "d"},
     {NULL, NULL, NULL, NULL},
 };
 
@@ -52,6 +54,7 @@ static const struct {
     {"run", "osara run SCRIPT [options]", "load SCRIPT and serve until stopped", 'r'},
     {"check", "osara check SCRIPT [options]", "load SCRIPT without connecting anything and print what it registers", 'c'},
     {"test", "osara test [PATH...] [options]", "run busted specs inside the host (default: spec/)", 't'},
+    {"docs", "osara docs SCRIPT [--asyncapi | --openapi]", "load SCRIPT as check does and print its AsyncAPI or OpenAPI document (JSON)", 'd'},
     {"broker", "osara broker [--brokers N] [--partitions N] [--port N] [--topic NAME...]", "run the embedded Kafka cluster standalone (development and tests)", 'b'},
     {"store", "osara store DATA_DIR dump NAME [PREFIX] | get NAME KEY", "read a store while the host runs (debugging)", 's'},
     {"sql", "osara sql migrate SCRIPT_OR_URL DIR", "apply a folder of numbered SQL migrations (docs/sql.md)", 'q'},
@@ -149,6 +152,8 @@ static int apply_option(cli_t *cli, const option_t *o, const char *val)
         cli->log_file = val;
     } else if (strcmp(n, "--log-max-size") == 0) {
         cli->log_max_size = val;
+    } else if (strcmp(n, "--asyncapi") == 0 || strcmp(n, "--openapi") == 0) {
+        setenv("OSARA_DOCS", n + 2, 1); /* read by lua/osara/boot.lua */
     } else if (strcmp(n, "--output") == 0) {
         cli->w.test_output = val;
     } else if (strcmp(n, "--loop-stall-ms") == 0) {
@@ -380,6 +385,12 @@ int main(int argc, char **argv)
         return rc;
     }
     char letter = commands[ci].letter;
+    if (letter == 'd') {
+        setenv("OSARA_DOCS", getenv("OSARA_DOCS") ? getenv("OSARA_DOCS") : "asyncapi", 0);
+        letter = 'c'; /* loaded as osara check loads it */
+    } else {
+        unsetenv("OSARA_DOCS");
+    }
     if (letter == 'r' || letter == 'c') {
         if (cli.npaths != 1) {
             fprintf(stderr, "osara %s: expects exactly one SCRIPT (see --help)\n",

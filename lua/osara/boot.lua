@@ -100,7 +100,11 @@ function M.load_script(path)
     strict_globals()
   end
   chunk()
-  if mode == "check" then
+  local docs = mode == "check" and os.getenv("OSARA_DOCS") -- osara docs SCRIPT --asyncapi
+  if docs then
+    io.stdout:write(require("osara.docs").encode(docs), "\n")
+    io.stdout:flush()
+  elseif mode == "check" then
     M.report(path)
   end
 end

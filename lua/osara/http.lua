@@ -28,7 +28,8 @@ local METHODS = { GET = true, POST = true, PUT = true, PATCH = true, DELETE = tr
 local function start_server(opts)
   opts = options.check("osara.http", opts)
   local listen = os.getenv("OSARA_HTTP_LISTEN") or opts.listen
-  server = { listen = listen, healthz = opts.healthz, readyz = opts.readyz, metrics = opts.metrics }
+  server = { listen = listen, healthz = opts.healthz, readyz = opts.readyz, metrics = opts.metrics,
+             docs = opts.docs }
   if capturing then return server end -- osara.testing: routes without a socket
   local ok, addr, created = pcall(http_c.listen, listen, opts)
   if not ok then
@@ -43,6 +44,11 @@ end
 
 function M.address()
   return server and server.addr
+end
+
+-- This version's routes, in registration order (osara.docs reads them).
+function M._routes()
+  return routes
 end
 
 -- Starts the server with its defaults unless one runs (osara.rpc needs it).
@@ -93,11 +99,11 @@ local function compile(pattern)
     if seg == "**" then
       segs[#segs + 1] = { rest = true, raw = true }
     elseif seg == "*" or seg:match("^{[%w_]*%*}$") then
-      segs[#segs + 1] = { rest = true }
+      segs[#segs + 1] = { rest = true, param = seg:match("^{([%w_]+)%*}$") }
     elseif name then
       typ = typ ~= "" and typ or "str"
       if not TYPES[typ] then options.raise(("route: unknown parameter type '%s' (int, number, str)"):format(typ)) end
-      segs[#segs + 1] = { param = name, conv = TYPES[typ] }
+      segs[#segs + 1] = { param = name, conv = TYPES[typ], typ = typ }
     else
       segs[#segs + 1] = { lit = seg }
     end
@@ -410,6 +416,10 @@ local function builtin(req, path)
     end
     if #waiting > 0 then body.not_ready = waiting end
     return ready and 200 or 503, { ["Content-Type"] = "application/json" }, cjson.encode(body)
+  end
+  if server and server.docs and (path == "/asyncapi.json" or path == "/openapi.json") then
+    local kind = path == "/openapi.json" and "openapi" or "asyncapi"
+    return 200, { ["Content-Type"] = "application/json" }, require("osara.docs").encode(kind)
   end
   if server and server.metrics and path == server.metrics then
     return 200, { ["Content-Type"] = "text/plain; version=0.0.4" }, metrics.render()

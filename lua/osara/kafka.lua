@@ -152,6 +152,9 @@ function Client:topic(name, opts)
   local t = setmetatable({ client = self, name = name, codec = codec.get(opts.codec),
                            schema = opts.schema }, Topic)
   self.c:ensure_topic(name)
+  require("osara.docs").note { transport = "kafka", server = self.c:bootstrap(), address = name,
+                               action = "send", schema = opts.schema, codec = opts.codec,
+                               where = options.user_where() }
   return t
 end
 
@@ -365,6 +368,12 @@ function Client:handle(spec, opts, fn)
   if opts.dlq then self.c:ensure_topic(opts.dlq) end
   for _, topic in ipairs(topics_of(spec)) do
     self.c:ensure_topic(topic)
+    require("osara.docs").note { transport = "kafka", server = self.c:bootstrap(), address = topic,
+                                 action = "receive", schema = opts.schema, codec = opts.codec, where = at }
+    if opts.dlq then
+      require("osara.docs").note { transport = "kafka", server = self.c:bootstrap(), address = opts.dlq,
+                                   action = "send", codec = "raw", where = at }
+    end
     local key = ("%s (group %s)"):format(topic, self.group)
     -- the client's configuration is the signature's restart part: a
     -- handler whose client changed restarts on the new client instead of

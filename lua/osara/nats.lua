@@ -270,6 +270,13 @@ function Client:handle(subject, opts, fn)
   if type(fn) ~= "function" then options.raise("nats:handle: expected a handler function") end
   local at = options.user_where()
   if opts.dlq then check_subject(opts.dlq, false, 2) end
+  local docs = require "osara.docs"
+  docs.note { transport = "nats", server = self.c:url(), address = subject, action = "receive",
+              schema = opts.schema, codec = opts.codec, where = at }
+  for _, to in ipairs(type(opts.sink) == "string" and { opts.sink } or opts.sink or {}) do
+    docs.note { transport = "nats", server = self.c:url(), address = to, action = "send",
+                codec = opts.codec, where = at }
+  end
   if opts.durable then
     return self:_durable(subject, opts, fn, at)
   end

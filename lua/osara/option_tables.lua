@@ -244,6 +244,7 @@ define("osara.http", {
   { "healthz", "string|boolean", "/healthz", "path of the liveness check (the loop turns), or `false`" },
   { "readyz", "string|boolean", "/readyz", "path of the readiness check (clients connected, consumers assigned, not stopping), or `false`" },
   { "metrics", "string|boolean", "/metrics", "path of the Prometheus metrics, or `false`" },
+  { "docs", "boolean", false, "serve `/asyncapi.json` and `/openapi.json` (as `osara docs` prints them)" },
   { "max_body", "integer", 1048576, "larger request bodies answer 413" },
   { "max_header", "integer", 16384, "larger request heads answer 431" },
   { "request_timeout", "number", 10, "seconds to receive a whole request (a new connection's first byte included)" },
