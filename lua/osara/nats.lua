@@ -400,6 +400,7 @@ function Client:_durable(subject, opts, fn, at)
   end
   local runner = function(msg)
     setmetatable(msg, Msg)
+    msg.reply = nil -- JetStream's ack subject: C acks; results go to the sinks
     msg.first_failure = first_failures[msg.seq]
     if policy:too_large(msg, max_bytes) or not policy:decode(h, msg) then
       return settled(msg, "term")

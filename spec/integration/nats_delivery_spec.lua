@@ -102,6 +102,27 @@ osara.after(0, function() osara.log.info("ready") end)
     H.stop(server)
   end)
 
+  it("publishes a durable handler's return values to its sink", function()
+    local server, url = N.server(nil, H.tmpdir())
+    local dir = H.tmpdir()
+    H.write(dir .. "/app.lua", [[
+local osara = require "osara"
+local nats = osara.nats { servers = os.getenv("NATS_URL") }
+nats:add_stream { name = "S", subjects = { "s.in" }, storage = "memory" }
+nats:handle("s.in", { durable = "s", stream = "S", sink = "s.out" }, function(msg)
+  return { doubled = msg.value.n * 2 }
+end)
+nats:handle("s.out", function(msg) osara.log.info("out %d", msg.value.doubled) end)
+]])
+    local p = H.osara({ "run", dir .. "/app.lua" }, { NATS_URL = url })
+    logged(p, { "nats: stream S ready", "nats: subscribed to s.out" }, 20)
+    local nats = osara.nats { servers = url }
+    assert(nats:jspublish("s.in", { n = 21 }):wait())
+    H.expect(p, "out 42", 20)
+    H.stop(p)
+    H.stop(server)
+  end)
+
   it("keeps a message whose dead letter is not stored and redelivers it", function()
     local server, url = N.server(nil, H.tmpdir())
     local dir = H.tmpdir()
