@@ -311,21 +311,30 @@ osara.every(0.05, function() end) -- the loop keeps turning
     H.stop(server)
   end)
 
-  it("kafka: the host neither exits nor blocks while its bootstrap server is not there", function()
+  it("kafka: the host neither exits nor blocks while its bootstrap server is not there, then handles", function()
+    local K = require "spec.helpers.kafka"
     local probe, _, port = N.server()
-    H.stop(probe)
+    H.stop(probe) -- a port nobody listens on now
     local dir = H.tmpdir()
     H.write(dir .. "/app.lua", [[
 local osara = require "osara"
-local kafka = osara.kafka { ["bootstrap.servers"] = os.getenv("KAFKA_BROKERS") }
-kafka:handle("late.in", function(msg) end)
+local kafka = osara.kafka { ["bootstrap.servers"] = os.getenv("KAFKA_BROKERS"), ["group.id"] = "late" }
+kafka:handle("late.in", { codec = "raw" }, function(msg) osara.log.info("got %s", msg.raw) end)
 osara.every(0.2, function() osara.log.info("tick") end)
 ]])
-    local p = H.osara({ "run", dir .. "/app.lua" }, { KAFKA_BROKERS = "127.0.0.1:" .. port })
-    H.expect(p, "127.0.0.1:" .. port, 30) -- librdkafka's connection errors are logged
+    local boot = "127.0.0.1:" .. port
+    local p = H.osara({ "run", dir .. "/app.lua" }, { KAFKA_BROKERS = boot })
+    H.expect(p, boot, 30) -- librdkafka's connection errors are logged
     for _ = 1, 10 do H.expect(p, "tick", 10) end -- the loop turns
     assert.is_falsy(p.exited)
+    local broker = K.broker { "--port", tostring(port) }
+    H.eventually(function()
+      K.produce(boot, "late.in", { "hello" })
+      p:line(0.5)
+      return p:output():find("got hello", 1, true)
+    end, 60, "the handler runs once the broker is up")
     H.stop(p, { timeout = 30 })
+    H.stop(broker)
   end)
 end)
 
