@@ -118,7 +118,8 @@ local function capture_routes()
   osara.route("GET", "/raw/**", function(_, rest) return rest end, { format = "text" })
   osara.route("POST", "/items", function(req) return 201, { name = req.value.name } end, { schema = Item })
   osara.route("POST", "/echo", function(req) return { data = req:data(), q = req.query } end,
-    { format = { "json", "msgpack", "html" } })
+    { format = { "json", "msgpack" } })
+  osara.route("GET", "/neg", function() return { x = 1 } end, { format = { "json", "msgpack", "html" } })
   osara.route("GET", "/page", function() return "<p>hi</p>" end, { format = "html" })
   osara.resource("/things/{id}", { get = function(_, id) return { id = id } end,
                                    delete = function() return 204, "" end })
@@ -138,7 +139,8 @@ function M.http(bytes)
       local code, headers, body = http._dispatch(req)
       check(type(code) == "number" and code >= 100 and code <= 599, "status " .. tostring(code))
       check(type(headers) == "table" and type(body) == "string", "response shape")
-      check(not body:find("table: 0x", 1, true), "a table's address in a body")
+      -- /echo sends the request's own bytes back: they may say anything
+      check(req.path == "/echo" or not body:find("table: 0x", 1, true), "a table's address in a body")
     end
   end)
   http._capture(prev)
