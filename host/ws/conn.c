@@ -16,7 +16,6 @@
 osara_metric_t *osara__ws_m_server_conns, *osara__ws_m_client_conns;
 osara_metric_t *osara__ws_m_calls_ok, *osara__ws_m_calls_error;
 
-
 void osara__ws_wbuf_add(osara_ws_buf_t *b, const void *p, size_t n)
 {
     if (b->len + n > b->cap) {
@@ -61,7 +60,6 @@ void osara__ws_metrics_init(void)
 }
 
 /* ---- connection lifetime --------------------------------------------------- */
-
 
 void osara__ws_conn_unref(osara_ws_conn_t *c)
 {
@@ -127,8 +125,6 @@ typedef struct {
     size_t len;
     char *data;
 } ws_write_t;
-
-
 
 static void on_written(uv_write_t *req, int status)
 {
@@ -258,7 +254,6 @@ static void on_alloc(uv_handle_t *h, size_t suggested, uv_buf_t *b)
     b->len = suggested;
 }
 
-
 static void on_read(uv_stream_t *s, ssize_t nread, const uv_buf_t *b)
 {
     osara_ws_conn_t *c = s->data;
@@ -363,7 +358,6 @@ static void on_wslay_msg(wslay_event_context_ptr ctx, const struct wslay_event_o
     }
     (void)ctx;
 }
-
 
 /* Starts framing after the handshake: wslay's context, then reading. */
 int osara__ws_start_framing(osara_ws_conn_t *c, size_t max_message)

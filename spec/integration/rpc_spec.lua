@@ -48,6 +48,19 @@ local function server_app(dir, version)
   return (SERVER:gsub("VERSION", ("%q"):format(version)))
 end
 
+-- Starts the server app with other osara.rpc.serve options; p, port, url.
+local function serving(dir, serve_opts)
+  local p, port = T.app(dir, (server_app(dir, "v1"):gsub("max_message = 65536", serve_opts)))
+  return p, port, "ws://127.0.0.1:" .. port .. "/rpc"
+end
+
+-- A raw WebSocket upgrade request for path (key from RFC 6455's example).
+local function upgrade(path, key)
+  return "GET " .. path .. " HTTP/1.1\r\nHost: x\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n"
+    .. (key and "Sec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\n" or "")
+    .. "Sec-WebSocket-Version: 13\r\n\r\n"
+end
+
 describe("rpc over WebSocket, called by an independent client", function()
   local dir, p, port, url
   setup(function()
@@ -121,13 +134,8 @@ describe("rpc over WebSocket, called by an independent client", function()
   end)
 
   it("answers 404 to a WebSocket upgrade on a path that serves none", function()
-    local out = T.raw(port, "GET /elsewhere HTTP/1.1\r\nHost: x\r\nUpgrade: websocket\r\n"
-      .. "Connection: Upgrade\r\nSec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\n"
-      .. "Sec-WebSocket-Version: 13\r\n\r\n")
-    assert.matches("^HTTP/1.1 404", out)
-    local bad = T.raw(port, "GET /rpc HTTP/1.1\r\nHost: x\r\nUpgrade: websocket\r\n"
-      .. "Connection: Upgrade\r\nSec-WebSocket-Version: 13\r\n\r\n")
-    assert.matches("^HTTP/1.1 400", bad)
+    assert.matches("^HTTP/1.1 404", T.raw(port, upgrade("/elsewhere", true)))
+    assert.matches("^HTTP/1.1 400", T.raw(port, upgrade("/rpc", false))) -- no key
   end)
 end)
 
@@ -183,15 +191,10 @@ describe("rpc when the script or the host goes", function()
   end)
 
   it("answers 503 past max_connections and accepts again once one closed", function()
-    local dir = H.tmpdir()
-    local app = server_app(dir, "v1"):gsub("max_message = 65536", "max_connections = 1")
-    local p, port = T.app(dir, app)
-    local url = "ws://127.0.0.1:" .. port .. "/rpc"
+    local p, port, url = serving(H.tmpdir(), "max_connections = 1")
     local client = holding(url, { { "slow", { 1, "held" } } })
     H.expect(p, "slow held started", 15)
-    local upgrade = "GET /rpc HTTP/1.1\r\nHost: x\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n"
-      .. "Sec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\nSec-WebSocket-Version: 13\r\n\r\n"
-    assert.matches("^HTTP/1.1 503", T.raw(port, upgrade))
+    assert.matches("^HTTP/1.1 503", T.raw(port, upgrade("/rpc", true)))
     client:kill("TERM")
     H.finish(client, { status = false })
     H.eventually(function() return metric(port, 'osara_ws_connections{side="server"}') == 0 end, 10,
@@ -201,10 +204,7 @@ describe("rpc when the script or the host goes", function()
   end)
 
   it("pings a silent connection and closes it when it stays silent; a live client stays", function()
-    local dir = H.tmpdir()
-    local app = server_app(dir, "v1"):gsub("max_message = 65536", "ping_interval = 0.3")
-    local p, port = T.app(dir, app)
-    local url = "ws://127.0.0.1:" .. port .. "/rpc"
+    local p, _, url = serving(H.tmpdir(), "ping_interval = 0.3")
     -- websockets answers pings itself: a 2 s call outlives several intervals
     local live = holding(url, { { "slow", { 2, "still here" } } })
     local r = tool(url, "silent", "10")
