@@ -19,7 +19,7 @@ local function printed(p, n, timeout)
       if not line:match("^%d%d%d%d%-%d%d%-%d%dT") then lines[#lines + 1] = line end
     end
     return #lines >= n
-  end, timeout or 20, n .. " printed lines")
+  end, timeout or 60, n .. " printed lines")
   return lines
 end
 

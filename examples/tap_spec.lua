@@ -16,20 +16,20 @@ describe("osara Tap examples", function()
 
   it("handler.lua prints Got <msg> for each message of topic_x", function()
     local p = start "handler.lua"
-    for i = 1, 3 do H.expect(p, "Got hello " .. i, 20) end
+    for i = 1, 3 do H.expect(p, "Got hello " .. i, 60) end
     H.stop(p)
   end)
 
   it("schema.lua prints the model's field and reports the message that does not fit", function()
     local p = start("schema.lua", nil, { errors = { "schema failed" } })
-    H.expect(p, "Got hello", 20)
+    H.expect(p, "Got hello", 60)
     assert.matches("topic_x%[%d+%]@%d+: /msg: expected string, got integer", H.expect(p, "schema failed", 10))
     H.stop(p)
   end)
 
   it("map_reduce.lua reads back what it produced and stops at hello", function()
     local p = start "map_reduce.lua"
-    assert.matches("^topic_x/%d+@%d+ hello$", H.expect(p, "topic_x/", 20))
+    assert.matches("^topic_x/%d+@%d+ hello$", H.expect(p, "topic_x/", 60))
     H.expect(p, "map_reduce done", 10)
     H.stop(p)
   end)
@@ -44,7 +44,7 @@ describe("osara Tap examples", function()
     H.eventually(function()
       rows = cjson.decode((select(3, T.curl { base .. "/rows" })))
       return #rows == 2
-    end, 20, "a row from Kafka and one from the web")
+    end, 60, "a row from Kafka and one from the web")
     local from = {}
     for _, r in ipairs(rows) do
       assert.matches("^%x+%-%x+%-4%x+%-[89ab]%x+%-%x+ from %a+$", r.txt)
