@@ -54,7 +54,7 @@ describe("slipstream examples", function()
 
   it("timer.lua prints the time every second", function()
     local p = start "timer.lua"
-    local lines = printed(p, 2, 10)
+    local lines = printed(p, 2, 30)
     assert.matches("^%d%d:%d%d:%d%d$", lines[1])
     assert.matches("^%d%d:%d%d:%d%d$", lines[2])
     H.stop(p)
