@@ -378,6 +378,7 @@ void osara__kafka_client_close(void *ptr)
     }
     unwatch_queue(c->cq, &c->cfd, &c->cpoll);
     unwatch_queue(c->pq, &c->pfd, &c->ppoll);
+    osara__kafka_wake_room_waiters(c, 0); /* their sends fail: nil, err */
     if (c->dr_event) { /* reports served halfway: serve the rest now */
         const rd_kafka_message_t *rkm;
         while ((rkm = rd_kafka_event_message_next(c->dr_event)) != NULL) {

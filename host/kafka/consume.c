@@ -290,6 +290,11 @@ static void push_message(lua_State *T, osara_delivery_t *d)
         lua_pushinteger(T, d->attempt);
         lua_setfield(T, -2, "attempt");
     }
+    if (d->output_error) { /* the last attempt's output was not delivered */
+        lua_pushstring(T, d->output_error);
+        lua_setfield(T, -2, "output_error");
+        d->output_error = NULL;
+    }
     rd_kafka_timestamp_type_t tstype;
     int64_t ts = rd_kafka_message_timestamp(m, &tstype);
     if (ts >= 0) {

@@ -110,6 +110,8 @@ struct kclient_s {
     int cfd, pfd;
     uv_poll_t *cpoll, *ppoll;
     rd_kafka_event_t *dr_event;    /* delivery reports being served */
+    struct kroom_wait_s *room_waiters; /* coroutines waiting for room in
+                                        * the producer's queue */
     khandler_t *handlers;
     int subscription_dirty;
     uv_timer_t *resub_timer;
@@ -210,9 +212,17 @@ void osara__kafka_on_consumer_ready(uv_poll_t *h, int status, int events);
 /* ---- produce.c ---- */
 
 /* Enqueues m for d's input (or none): the output, holding the delivery
- * report's reference of its future, or NULL with *err. */
+ * report's reference of its future, or NULL with *err. An error other than
+ * a full queue (RD_KAFKA_RESP_ERR__QUEUE_FULL: the caller may wait for
+ * room) fails d, as a failed delivery would. */
 kout_t *osara__kafka_produce(kclient_t *c, const kafka_msg_t *m, osara_delivery_t *d,
                              rd_kafka_resp_err_t *err);
+/* Parks the coroutine running on L until delivery reports free room in
+ * c's producer queue; it resumes with true, or false when c closes. Use as
+ * `return osara__kafka_wait_room(L, c)`; raises outside a coroutine. */
+int osara__kafka_wait_room(lua_State *L, kclient_t *c);
+/* Resumes every coroutine waiting for room with `room` (0: c closes). */
+void osara__kafka_wake_room_waiters(kclient_t *c, int room);
 /* librdkafka's delivery report callback (served on the loop). */
 void osara__kafka_on_delivery(rd_kafka_t *rk, const rd_kafka_message_t *rkm, void *opaque);
 /* The producer queue's wake-up: serves delivery reports. */

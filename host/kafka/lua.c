@@ -262,8 +262,9 @@ static rd_kafka_headers_t *read_headers(lua_State *L, int idx)
 }
 
 /* client:produce(topic, payload, key|nil, headers|nil, partition|nil, want)
- * -> receipt | true, or nil, err. Enqueues without waiting; the output
- * counts against the input being handled by the calling coroutine, if any. */
+ * -> receipt | true, or nil, err[, "queue full"]. Enqueues without waiting;
+ * the output counts against the input being handled by the calling
+ * coroutine, if any, and any refusal but a full queue fails that input. */
 static int l_client_produce(lua_State *L)
 {
     kclient_t *c = live_client(L, 1);
@@ -278,7 +279,11 @@ static int l_client_produce(lua_State *L)
     if (o == NULL) {
         lua_pushnil(L);
         lua_pushfstring(L, "kafka: cannot produce to %s: %s", m.topic, rd_kafka_err2str(err));
-        return 2;
+        if (err != RD_KAFKA_RESP_ERR__QUEUE_FULL) {
+            return 2;
+        }
+        lua_pushliteral(L, "queue full");
+        return 3;
     }
     if (!want) {
         lua_pushboolean(L, 1);
@@ -290,6 +295,13 @@ static int l_client_produce(lua_State *L)
     luaL_getmetatable(L, RECEIPT_MT);
     lua_setmetatable(L, -2);
     return 1;
+}
+
+/* client:wait_room() -> true, or false when the client closes: yields
+ * until delivery reports free room in the producer's queue. */
+static int l_client_wait_room(lua_State *L)
+{
+    return osara__kafka_wait_room(L, live_client(L, 1));
 }
 
 /* receipt:wait([timeout]) -> true | nil, err: yields until the delivery
@@ -410,6 +422,7 @@ int osara_kafka_open(lua_State *L)
         {"bootstrap", l_client_bootstrap}, {"ensure_topic", l_client_ensure_topic},
         {"produce", l_client_produce},     {"stats", l_client_stats},
         {"health", l_client_health},
+        {"wait_room", l_client_wait_room},
         {"position", l_client_position},   {"mock_push_errors", l_client_mock_push_errors},
         {"mock_broker", l_client_mock_broker},
         {NULL, NULL},

@@ -1,5 +1,7 @@
 /* produce.c - outputs, delivery reports, receipts. */
 
+#include <lauxlib.h>
+
 #include "core/log.h"
 #include "kafka/kafka_int.h"
 
@@ -25,6 +27,18 @@ static kout_t *out_get(kclient_t *c)
     osara_sched_future_init(&o->f, out_free); /* the delivery report's reference */
     o->c = c;
     return o;
+}
+
+/* An output that cannot be enqueued (too large, unknown partition): it
+ * fails the input it was sent for like a failed delivery, so the input is
+ * handled again or takes the failure policy instead of being committed. */
+static void fail_input(osara_delivery_t *d, const kafka_msg_t *m, rd_kafka_resp_err_t err)
+{
+    OSARA_ERROR("kafka: cannot produce to %s: %s (its input fails)", m->topic,
+                rd_kafka_err2str(err));
+    d->output_error = rd_kafka_err2str(err);
+    osara_delivery_output_begin(d);
+    osara_delivery_output_end(d, 0);
 }
 
 kout_t *osara__kafka_produce(kclient_t *c, const kafka_msg_t *m, osara_delivery_t *d,
@@ -62,7 +76,12 @@ kout_t *osara__kafka_produce(kclient_t *c, const kafka_msg_t *m, osara_delivery_
             rd_kafka_headers_destroy(m->hdrs);
         }
         osara_sched_future_unref(&o->f);
-        osara_metric_add(osara__kafka_metrics.delivery_errors, 1);
+        if (*err != RD_KAFKA_RESP_ERR__QUEUE_FULL) { /* a full queue: the caller waits */
+            osara_metric_add(osara__kafka_metrics.delivery_errors, 1);
+            if (d) {
+                fail_input(d, m, *err);
+            }
+        }
         return NULL;
     }
     osara_metric_add(osara__kafka_metrics.produced, 1);
@@ -71,6 +90,58 @@ kout_t *osara__kafka_produce(kclient_t *c, const kafka_msg_t *m, osara_delivery_
         osara_delivery_output_begin(d);
     }
     return o;
+}
+
+/* ---- waiting for room in the producer's queue ---------------------------- */
+
+/* A coroutine waiting for delivery reports to free room in the queue. */
+typedef struct kroom_wait_s {
+    osara_sched_waiter_t wt;
+    kclient_t *c;
+    struct kroom_wait_s *next;
+} kroom_wait_t;
+
+/* The wait's cleanup (the coroutine was cancelled): forget it. */
+static void room_wait_cancel(void *data)
+{
+    kroom_wait_t *rw = data;
+    for (kroom_wait_t **pp = &rw->c->room_waiters; *pp; pp = &(*pp)->next) {
+        if (*pp == rw) {
+            *pp = rw->next;
+            break;
+        }
+    }
+    free(rw);
+}
+
+int osara__kafka_wait_room(lua_State *L, kclient_t *c)
+{
+    kroom_wait_t *rw = osara_xcalloc(1, sizeof(*rw));
+    rw->c = c;
+    if (osara_sched_waiter_set(&rw->wt, L) != 0) {
+        free(rw);
+        return luaL_error(L, "kafka: cannot wait for room in the producer's queue here "
+                             "(only inside a handler, timer or task)");
+    }
+    rw->next = c->room_waiters;
+    c->room_waiters = rw;
+    return osara_sched_wait(L, 0, room_wait_cancel, rw);
+}
+
+void osara__kafka_wake_room_waiters(kclient_t *c, int room)
+{
+    kroom_wait_t *rw = c->room_waiters;
+    c->room_waiters = NULL;
+    while (rw) {
+        kroom_wait_t *next = rw->next;
+        osara_co_t *co = osara_sched_waiter_current(&rw->wt);
+        if (co) { /* resumed from the inbox: the wait's cleanup no longer runs */
+            lua_pushboolean(osara_co_thread(co), room);
+            osara_sched_resume_later(co, 1);
+        }
+        free(rw);
+        rw = next;
+    }
 }
 
 /* The receipt's results: true, or nil and librdkafka's reason. */
@@ -101,6 +172,9 @@ void osara__kafka_on_delivery(rd_kafka_t *rk, const rd_kafka_message_t *rkm, voi
                     (int)rkm->partition, rd_kafka_err2str(rkm->err));
     }
     if (o->d && !c->inputs_freed) { /* a lost output fails its input: handled again */
+        if (rkm->err) {
+            o->d->output_error = rd_kafka_err2str(rkm->err);
+        }
         osara_delivery_output_end(o->d, rkm->err == RD_KAFKA_RESP_ERR_NO_ERROR);
         o->d = NULL;
     }
@@ -152,12 +226,19 @@ void osara__kafka_on_producer_ready(uv_poll_t *h, int status, int events)
     (void)events;
     kclient_t *c = h->data;
     osara__kafka_wakeup_clear(c->pfd);
-    for (int i = 0; i < REPORTS_PER_TURN; i++) {
+    int served = 0;
+    while (served < REPORTS_PER_TURN) {
         const rd_kafka_message_t *rkm = c->closing ? NULL : next_report(c);
         if (rkm == NULL) {
-            return;
+            break;
         }
         osara__kafka_on_delivery(c->producer, rkm, c);
+        served++;
     }
-    osara__kafka_wakeup_set(c->pfd);
+    if (served > 0 && c->room_waiters) { /* served reports made room */
+        osara__kafka_wake_room_waiters(c, 1);
+    }
+    if (served == REPORTS_PER_TURN) {
+        osara__kafka_wakeup_set(c->pfd);
+    }
 }

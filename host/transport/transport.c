@@ -70,6 +70,7 @@ void osara_lane_push(osara_lane_t *lane, osara_delivery_t *d)
 {
     d->lane = lane;
     d->attempt = 1;
+    d->output_error = NULL;
     reset_attempt(d);
     enqueue_tail(lane, d);
     count_held(lane);

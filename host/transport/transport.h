@@ -94,6 +94,8 @@ struct osara_delivery_s {
     int taken;              /* returned, but the failure policy took a
                              * failure (counted failed, settled as done) */
     int attempt;            /* 1-based */
+    const char *output_error; /* why an output failed (static text), kept
+                               * for the next attempt; the broker clears it */
     osara_delivery_t *next; /* lane's run queue */
 };
 

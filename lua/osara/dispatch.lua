@@ -319,6 +319,23 @@ function Policy:after(msg, fn, emit, ok, ...)
   return self:after(msg, fn, emit, self:invoke(fn, msg, emit))
 end
 
+-- output_failed(msg) -> true when the failure was taken: an output of the
+-- previous attempt was not delivered (msg.output_error, set by the
+-- transport, which handles the input again). Retried like a handler error
+-- while the policy allows; then the "output" failure is taken.
+function Policy:output_failed(msg)
+  local err = "output not delivered: " .. msg.output_error
+  local tried = (msg.attempt or 2) - 1
+  msg.first_failure = msg.first_failure or now()
+  if tried <= self.retry.max and self:retryable(err, msg) then
+    metrics.add("osara_retries_total", self.labels, "handler calls retried after an error")
+    return false
+  end
+  msg.attempt = tried
+  self:fail(msg, "output", err)
+  return true
+end
+
 -- call(msg, fn, emit) -> true, fn's results | false (filtered out, or the
 -- failure taken). Runs inside the message's coroutine (the backoff sleeps).
 function Policy:call(msg, fn, emit)

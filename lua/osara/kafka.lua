@@ -95,6 +95,18 @@ end
 local Topic = {}
 Topic.__index = Topic
 
+-- Every send goes through here. librdkafka's local queue
+-- (queue.buffering.max.messages) full is backpressure, never loss: inside
+-- a coroutine the send waits until delivery reports make room, then
+-- enqueues; elsewhere (at load) it returns nil, err.
+local function produce(client, topic, bytes, key, headers, partition, want)
+  while true do
+    local r, err, full = client.c:produce(topic, bytes, key, headers, partition, want)
+    if r or not full or not sched.current() then return r, err end
+    if not client.c:wait_room() then return nil, err end -- the client closed
+  end
+end
+
 -- osara.kafka(conf) -> client. conf: librdkafka properties, unchanged.
 -- Unknown osara.* settings raise here; librdkafka checks its own
 -- properties, and its message names the property.
@@ -177,7 +189,7 @@ function Topic:send(value, opts)
   if self.client.checking then
     return capture(self.name, value, opts)
   end
-  local r, perr = self.client.c:produce(self.name, bytes, opts.key, opts.headers, opts.partition, true)
+  local r, perr = produce(self.client, self.name, bytes, opts.key, opts.headers, opts.partition, true)
   if r == nil then
     return nil, perr
   end
@@ -195,15 +207,15 @@ function Topic:_send_fast(value, opts)
     error(("kafka %s: cannot encode output: %s"):format(self.name, err), 3)
   end
   if opts then
-    return self.client.c:produce(self.name, bytes, opts.key, opts.headers, opts.partition, false)
+    return produce(self.client, self.name, bytes, opts.key, opts.headers, opts.partition, false)
   end
-  return self.client.c:produce(self.name, bytes, nil, nil, nil, false)
+  return produce(self.client, self.name, bytes, nil, nil, nil, false)
 end
 
 -- Sends bytes as they are (for replies and forwarding).
 function Topic:send_raw(bytes, opts)
   opts = opts or {}
-  return self.client.c:produce(self.name, bytes, opts.key, opts.headers, opts.partition, false)
+  return produce(self.client, self.name, bytes, opts.key, opts.headers, opts.partition, false)
 end
 
 local REPLY_TO, CORRELATION = "osara-reply-to", "osara-correlation-id"
@@ -218,7 +230,8 @@ local function send_reply(client, h, msg, value)
     dispatch.bad_input("kafka", msg.topic, "encode", ("%s[%d]@%d"):format(msg.topic, msg.partition, msg.offset), err)
     return
   end
-  client.c:produce(to, bytes, msg.key, { [CORRELATION] = msg.headers[CORRELATION] }, nil, false)
+  -- a reply that cannot be enqueued fails its input (C): handled again
+  produce(client, to, bytes, msg.key, { [CORRELATION] = msg.headers[CORRELATION] }, nil, false)
 end
 
 -- The dead letter of a failed input: its payload, key and headers plus the
@@ -229,7 +242,7 @@ local function send_dead_letter(client, dlq, msg, headers)
     capture(dlq, msg.raw, { key = msg.key, headers = headers, dead_letter = true })
     return
   end
-  local r, err = client.c:produce(dlq, msg.raw, msg.key, headers, nil, true)
+  local r, err = produce(client, dlq, msg.raw, msg.key, headers, nil, true)
   local ok = false
   if r then ok, err = r:wait() end
   if not ok then
@@ -299,16 +312,12 @@ local function make_runner(client, topic, opts, fn, at)
     end }
 
   -- The handler's results, without packing them into a table per message.
-  -- A result the client refuses is not dropped silently: logged with its input.
-  local function outputs(msg, key_opts, ...)
+  -- A result the client refuses is not dropped silently: C logs it and
+  -- fails the input, which is handled again or takes the failure policy.
+  local function outputs(key_opts, ...)
     for i = 1, select("#", ...) do
       local v = select(i, ...)
-      if v ~= nil then
-        local ok, err = send_to_sinks(v, key_opts)
-        if not ok then
-          require("osara.log_c").write("error", ("kafka %s: output of %s not sent: %s"):format(topic, place(msg), tostring(err)))
-        end
-      end
+      if v ~= nil then send_to_sinks(v, key_opts) end
     end
   end
   local function finish(msg, ok, first, ...)
@@ -322,7 +331,7 @@ local function make_runner(client, topic, opts, fn, at)
       send_reply(client, h, msg, first)
     elseif sinks then
       -- Outputs keep the input's key, so partitioning follows it.
-      outputs(msg, msg.key and { key = msg.key } or nil, first, ...)
+      outputs(msg.key and { key = msg.key } or nil, first, ...)
     end
     return true
   end
@@ -330,6 +339,11 @@ local function make_runner(client, topic, opts, fn, at)
   return function(msg)
     if eo and eo.applied(msg) then
       msg.skipped = "already applied" -- its state was committed before a restart
+      return
+    end
+    -- an output of the last attempt was not delivered: retried as a
+    -- handler error is, or the failure is taken (dead letter...)
+    if msg.output_error and policy:output_failed(msg) then
       return
     end
     if policy:too_large(msg, max_bytes) or not policy:decode(h, msg) then
@@ -430,7 +444,7 @@ function Client:request(topic, value, opts)
   self.pending[id] = { token, s }
   local headers = { [REPLY_TO] = reply_topic, [CORRELATION] = id }
   if opts.headers then for k, v in pairs(opts.headers) do headers[k] = v end end
-  local ok, perr = self.c:produce(topic, bytes, opts.key, headers, nil, false)
+  local ok, perr = produce(self, topic, bytes, opts.key, headers, nil, false)
   if not ok then
     self.pending[id] = nil
     return nil, perr
