@@ -1,6 +1,7 @@
 /* client.c - a Kafka client: configuration, create, close. */
 
 #include <errno.h>
+#include <fcntl.h>
 #include <sys/eventfd.h>
 #include <unistd.h>
 
@@ -289,6 +290,7 @@ static void client_free(kclient_t *c)
     free(c->conf);
     free(c->group);
     free(c->member_file);
+    free(c->cluster_id);
     free(c->bootstrap);
     free(c->key);
     free(c);
@@ -425,6 +427,77 @@ void osara__kafka_job_done(kclient_t *c)
     }
 }
 
+/* The embedded cluster's identity: random per start (its logs are new),
+ * so what was saved against an earlier one is recognised as stale. */
+static void embedded_identity(kclient_t *c)
+{
+    uint64_t r[2] = {0, 0};
+    int fd = open("/dev/urandom", O_RDONLY | O_CLOEXEC);
+    if (fd < 0 || read(fd, r, sizeof(r)) != (ssize_t)sizeof(r)) {
+        r[0] = uv_hrtime(); /* unique enough for one machine's restarts */
+        r[1] = (uint64_t)getpid();
+    }
+    if (fd >= 0) {
+        close(fd);
+    }
+    char id[64];
+    snprintf(id, sizeof(id), "embedded-%016llx%016llx", (unsigned long long)r[0],
+             (unsigned long long)r[1]);
+    c->cluster_id = osara_xstrdup(id);
+}
+
+typedef struct {
+    uv_work_t req;
+    kclient_t *c;
+    char *id; /* rd_kafka_mem_free'd */
+} cluster_job_t;
+
+static void cluster_work(uv_work_t *req)
+{
+    cluster_job_t *job = req->data;
+    job->id = rd_kafka_clusterid(job->c->producer, 10000);
+}
+
+static void cluster_after(uv_work_t *req, int status)
+{
+    (void)status;
+    cluster_job_t *job = req->data;
+    kclient_t *c = job->c;
+    if (job->id && c->cluster_id == NULL) {
+        c->cluster_id = osara_xstrdup(job->id);
+    }
+    if (job->id) {
+        rd_kafka_mem_free(c->producer, job->id);
+    }
+    free(job);
+    c->cluster_job = 0;
+    osara__kafka_job_done(c);
+}
+
+const char *osara__kafka_cluster_id(kclient_t *c)
+{
+    if (c->cluster_id || c->closing) {
+        return c->cluster_id;
+    }
+    /* known without waiting once either handle has fetched metadata */
+    rd_kafka_t *rks[2] = {c->consumer, c->producer};
+    for (int i = 0; i < 2 && c->cluster_id == NULL; i++) {
+        char *id = rks[i] ? rd_kafka_clusterid(rks[i], 0) : NULL;
+        if (id) {
+            c->cluster_id = osara_xstrdup(id);
+            rd_kafka_mem_free(rks[i], id);
+        }
+    }
+    if (c->cluster_id == NULL && !c->cluster_job) {
+        c->cluster_job = 1;
+        cluster_job_t *job = osara_xcalloc(1, sizeof(*job));
+        job->c = c;
+        job->req.data = job;
+        osara__kafka_job_queue(c, &job->req, cluster_work, cluster_after);
+    }
+    return c->cluster_id;
+}
+
 int osara__kafka_start_producer(kclient_t *c, char *errstr, size_t cap)
 {
     rd_kafka_conf_t *conf = build_conf(c, 0, errstr, cap);
@@ -439,6 +512,7 @@ int osara__kafka_start_producer(kclient_t *c, char *errstr, size_t cap)
         c->mock = rd_kafka_handle_mock_cluster(c->producer);
         free(c->bootstrap);
         c->bootstrap = osara_xstrdup(rd_kafka_mock_cluster_bootstraps(c->mock));
+        embedded_identity(c);
     }
     c->pq = rd_kafka_queue_get_main(c->producer);
     return watch_queue(c, c->pq, &c->pfd, &c->ppoll, osara__kafka_on_producer_ready);

@@ -127,6 +127,9 @@ struct kclient_s {
     uv_timer_t *pump_timer;        /* pumps deferred partitions next turn */
     int inputs_freed;              /* closing: delivery reports find no input */
     unsigned assign_gen;           /* the newest embedded assignment */
+    char *cluster_id;              /* the cluster's identity once known: a
+                                    * fresh one per embedded cluster */
+    int cluster_job;               /* fetching it on the pool */
     rd_kafka_resp_err_t last_error;
     /* Readiness (/readyz): brokers seen up in the last statistics, every
      * broker reported down since, the consumer's assignment received. */
@@ -173,6 +176,11 @@ void osara__kafka_ensure_topic(kclient_t *c, const char *topic);
 void osara__kafka_job_queue(kclient_t *c, uv_work_t *req, uv_work_cb work,
                             uv_after_work_cb after);
 void osara__kafka_job_done(kclient_t *c);
+/* The identity of c's cluster (rd_kafka_clusterid; a fresh random one for
+ * the embedded cluster, whose logs start empty at every start), or NULL
+ * while not yet known: then it is fetched on the pool, without blocking
+ * the loop, and a later call has it. */
+const char *osara__kafka_cluster_id(kclient_t *c);
 /* librdkafka's log callback: errors at ERROR, the rest at DEBUG. */
 void osara__kafka_on_log(const rd_kafka_t *rk, int level, const char *fac, const char *buf);
 /* Sets / resets a queue's wake-up eventfd: set wakes the loop for that

@@ -304,6 +304,18 @@ static int l_client_wait_room(lua_State *L)
     return osara__kafka_wait_room(L, live_client(L, 1));
 }
 
+/* client:cluster_id() -> the cluster's identity, or nil while it is not
+ * known yet (fetched in the background: ask again a moment later). */
+static int l_client_cluster_id(lua_State *L)
+{
+    const char *id = osara__kafka_cluster_id(live_client(L, 1));
+    if (id == NULL) {
+        return 0;
+    }
+    lua_pushstring(L, id);
+    return 1;
+}
+
 /* receipt:wait([timeout]) -> true | nil, err: yields until the delivery
  * report (or nil, "timeout"). The receipt stays alive while waited on. */
 static int l_receipt_wait(lua_State *L)
@@ -422,7 +434,7 @@ int osara_kafka_open(lua_State *L)
         {"bootstrap", l_client_bootstrap}, {"ensure_topic", l_client_ensure_topic},
         {"produce", l_client_produce},     {"stats", l_client_stats},
         {"health", l_client_health},
-        {"wait_room", l_client_wait_room},
+        {"wait_room", l_client_wait_room}, {"cluster_id", l_client_cluster_id},
         {"position", l_client_position},   {"mock_push_errors", l_client_mock_push_errors},
         {"mock_broker", l_client_mock_broker},
         {NULL, NULL},

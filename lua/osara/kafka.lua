@@ -256,14 +256,43 @@ end
 local function make_store_step(client, opts)
   local db = opts.store
   if db.memory then options.raise("kafka:handle: opts.store must be a durable store (not memory)") end
-  local store_c = require "osara.store_c"
-  local offsets = store_c.open(db.dir, "__osara_offsets")
+  -- the store's backend: LMDB, or memory under osara check and osara.testing
+  local offsets = require("osara.store")("__osara_offsets", { dir = db.dir, codec = "raw" }).b
   local function key(msg) return client.group .. "|" .. msg.topic .. "|" .. msg.partition end
   local step = {}
+  local same_cluster = false
+  -- The saved positions belong to the cluster they came from: the embedded
+  -- one starts empty with a new identity at every start, so positions saved
+  -- against another cluster are discarded (one warning), never used to skip.
+  local function check_cluster()
+    if client.checking then same_cluster = true return end -- nothing connected
+    local id = client.c:cluster_id()
+    while not id do -- fetched in the background; known once metadata came
+      require("osara.timer_c").sleep(0.02)
+      id = client.c:cluster_id()
+    end
+    if same_cluster then return end -- another partition checked meanwhile
+    local ck = "cluster:" .. client.group
+    local was = offsets:get(ck)
+    local ops = { { ck, id, 0 } }
+    if was and was ~= id then
+      local saved = offsets:range(client.group .. "|", nil, 1000000, true)
+      for i = 1, #saved, 2 do ops[#ops + 1] = { saved[i], false, 0 } end
+      require("osara.log_c").write("warn", ("kafka: store %s: discarded the exactly-once positions of group %s "
+        .. "saved against another cluster (%s, now %s): its messages are applied again"):format(
+        db.name, client.group, was, id))
+    end
+    if was ~= id then
+      local ok, err = offsets:commit(ops)
+      if not ok then error("store commit failed: " .. tostring(err), 0) end
+    end
+    same_cluster = true
+  end
   -- Read every time (an LMDB read is about a microsecond): after a
   -- rebalance another instance may have moved the partition on.
   function step.applied(msg)
-    return msg.offset < tonumber(store_c.get(offsets, key(msg)) or "-1")
+    if not same_cluster then check_cluster() end
+    return msg.offset < tonumber(offsets:get(key(msg)) or "-1")
   end
   function step.commit(msg, tx, receipts)
     for _, r in ipairs(receipts) do
@@ -312,12 +341,17 @@ local function make_runner(client, topic, opts, fn, at)
     end }
 
   -- The handler's results, without packing them into a table per message.
-  -- A result the client refuses is not dropped silently: C logs it and
-  -- fails the input, which is handled again or takes the failure policy.
-  local function outputs(key_opts, ...)
+  -- A result the client refuses is not dropped silently: logged with its
+  -- input, which C fails: handled again, or it takes the failure policy.
+  local function outputs(msg, key_opts, ...)
     for i = 1, select("#", ...) do
       local v = select(i, ...)
-      if v ~= nil then send_to_sinks(v, key_opts) end
+      if v ~= nil then
+        local ok, err = send_to_sinks(v, key_opts)
+        if not ok then
+          require("osara.log_c").write("error", ("kafka %s: output of %s not sent: %s"):format(topic, place(msg), tostring(err)))
+        end
+      end
     end
   end
   local function finish(msg, ok, first, ...)
@@ -331,7 +365,7 @@ local function make_runner(client, topic, opts, fn, at)
       send_reply(client, h, msg, first)
     elseif sinks then
       -- Outputs keep the input's key, so partitioning follows it.
-      outputs(msg.key and { key = msg.key } or nil, first, ...)
+      outputs(msg, msg.key and { key = msg.key } or nil, first, ...)
     end
     return true
   end

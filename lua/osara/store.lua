@@ -41,7 +41,8 @@ function Memory:get(key)
   return nil
 end
 
-function Memory:commit(ops)
+function Memory:commit(ops, db2, ops2)
+  if db2 and ops2 then db2:commit(ops2) end -- another memory store (check mode's offsets)
   for _, op in ipairs(ops) do
     if op[2] then
       if not self.data[op[1]] then self.sorted = nil end

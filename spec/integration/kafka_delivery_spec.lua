@@ -13,6 +13,42 @@ local function produce_ids(boot, topic, n)
   H.finish(p, { timeout = 120 })
 end
 
+-- Per-key values of the "counts" store in data (`osara store dump`).
+local function counts_in(data)
+  local _, out = H.run { "store", data, "dump", "counts" }
+  local per = {}
+  for k, v in out:gmatch("(k%d+)\t(%d+)") do per[k] = tonumber(v) end
+  return per
+end
+
+-- docs/store.md's example, with a timer sending 20 clicks on 4 keys.
+local COUNTS_APP = [[
+local osara = require "osara"
+local kafka = osara.kafka { ["bootstrap.servers"] = os.getenv("BOOT") or "embedded",
+                            ["osara.partitions"] = 2, ["enable.auto.commit"] = os.getenv("AUTO_COMMIT") or "true",
+                            -- a killed member leaves the group after this
+                            ["session.timeout.ms"] = "6000", ["heartbeat.interval.ms"] = "500" }
+local counts = osara.store("counts", { codec = "json" })
+local clicks = kafka:topic("clicks")
+local applied = 0
+kafka:handle("clicks", { store = counts }, function(msg)
+  msg.tx:set(msg.key, (msg.tx:get(msg.key) or 0) + 1)
+  applied = applied + 1
+end)
+osara.after(0, function()
+  if os.getenv("SEND") then
+    for i = 1, 20 do clicks:send({ n = i }, { key = "k" .. (i % 4) }) end
+  end
+  local function position()
+    local sum = 0
+    for p = 0, 1 do sum = sum + math.max(kafka:position("clicks", p), 0) end
+    return sum
+  end
+  while position() < 20 do osara.sleep(0.02) end
+  osara.log.info("all 20 settled, applied=%d", applied)
+end)
+]]
+
 describe("kafka delivery", function()
   after_each(H.cleanup)
 
@@ -139,5 +175,71 @@ osara.after(0, function() input:send({ id = 1 }) end)
     assert.is_nil(out:find("call id=1 attempt=3", 1, true))
     assert.is_nil(out:find("out id=1", 1, true))
     H.stop(p)
+  end)
+
+  it("gh_13_cluster_identity applies the embedded broker's messages again after a restart", function()
+    local dir, data = H.tmpdir(), H.tmpdir()
+    H.write(dir .. "/counts.lua", COUNTS_APP)
+    for run = 1, 2 do
+      -- each run's embedded broker starts empty: the app sends the 20 clicks
+      local p = H.osara({ "run", "--data", data, dir .. "/counts.lua" }, { SEND = "1" })
+      H.expect(p, "all 20 settled, applied=20", 30)
+      local _, discarded = p:output():gsub("discarded the exactly%-once positions", "")
+      assert.are.equal(run == 1 and 0 or 1, discarded)
+      H.stop(p)
+      assert.are.same({ k0 = 5 * run, k1 = 5 * run, k2 = 5 * run, k3 = 5 * run }, counts_in(data))
+    end
+  end)
+
+  it("gh_13_cluster_identity keeps a real cluster's positions across a restart", function()
+    local broker, boot = K.broker { "--partitions", "2", "--topic", "clicks" }
+    local dir, data = H.tmpdir(), H.tmpdir()
+    H.write(dir .. "/counts.lua", COUNTS_APP)
+    -- Kafka's own commit is off and the first run is killed: the second
+    -- replays all 20, and the store's saved positions skip them
+    local env = { BOOT = boot, AUTO_COMMIT = "false", SEND = "1" }
+    local p = H.osara({ "run", "--data", data, dir .. "/counts.lua" }, env)
+    H.expect(p, "all 20 settled, applied=20", 30)
+    H.kill9(p)
+    env.SEND = nil
+    p = H.osara({ "run", "--data", data, dir .. "/counts.lua" }, env)
+    H.expect(p, "all 20 settled, applied=0", 60)
+    assert.is_nil(p:output():find("discarded", 1, true))
+    H.stop(p)
+    assert.are.same({ k0 = 5, k1 = 5, k2 = 5, k3 = 5 }, counts_in(data))
+    H.stop(broker)
+  end)
+
+  it("gh_13_commit_failure a failed state commit holds its partition until the message is committed", function()
+    local dir, data = H.tmpdir(), H.tmpdir()
+    H.write(dir .. "/app.lua", [[
+local osara = require "osara"
+local kafka = osara.kafka { ["osara.partitions"] = 1 }
+local counts = osara.store("counts", { codec = "json" })
+local commit, n = counts.commit_grouped, 0
+counts.commit_grouped = function(self, ...) -- the 5th state commit fails once (a disk error)
+  n = n + 1
+  if n == 5 then return nil, "injected failure" end
+  return commit(self, ...)
+end
+local input = kafka:topic("cf.in")
+kafka:handle("cf.in", { store = counts }, function(msg)
+  msg.tx:set("k0", (msg.tx:get("k0") or 0) + 1)
+  osara.log.info("handled offset=%d attempt=%d", msg.offset, msg.attempt)
+end)
+osara.after(0, function()
+  for i = 1, 10 do input:send({ id = i }, { key = "k" }) end
+  while kafka:position("cf.in", 0) < 10 do osara.sleep(0.01) end
+  osara.log.info("done count=%s", tostring(counts:get("k0")))
+end)
+]])
+    local p = H.osara({ "run", "--data", data, dir .. "/app.lua" }, nil,
+      { errors = { "store commit failed: injected failure" } })
+    H.expect(p, "done count=10", 30)
+    local order = {}
+    for o, a in p:output():gmatch("handled offset=(%d+) attempt=(%d+)") do order[#order + 1] = o .. "/" .. a end
+    assert.are.equal("0/1 1/1 2/1 3/1 4/1 4/2 5/1 6/1 7/1 8/1 9/1", table.concat(order, " "))
+    H.stop(p)
+    assert.are.same({ k0 = 10 }, counts_in(data))
   end)
 end)
