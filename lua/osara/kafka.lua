@@ -250,6 +250,11 @@ local function send_dead_letter(client, dlq, msg, headers)
   end
 end
 
+local CONFLICT = require("osara.store").CONFLICT
+-- Runs of one message's transaction before its input fails: each conflict
+-- waits for the commit it lost to, so it takes one run per competitor.
+local MAX_TX_RUNS = 100
+
 -- Exactly-once state: the handler's store writes and the input's offset are
 -- committed in one LMDB transaction once its outputs were delivered; a
 -- replayed input whose state was committed is skipped.
@@ -301,7 +306,9 @@ local function make_store_step(client, opts)
     end
     local k = key(msg)
     local ok, err = db:commit_grouped(tx, offsets, { { k, tostring(msg.offset + 1), 0 } })
+    if err == CONFLICT then return false end -- another partition's commit changed what it read
     if not ok then error("store commit failed: " .. tostring(err), 0) end
+    return true
   end
   return step
 end
@@ -384,17 +391,21 @@ local function make_runner(client, topic, opts, fn, at)
       return
     end
     msg.reply = msg.headers[REPLY_TO] -- where the return value goes, as on NATS
-    local receipts
-    if eo then
+    if not eo then
+      finish(msg, policy:call(msg, fn, emit))
+      return
+    end
+    -- A transaction that read a key another partition's transaction then
+    -- changed runs again from the start (outputs stay at-least-once).
+    for _ = 1, MAX_TX_RUNS do
       msg.tx = opts.store:begin()
-      receipts = {}
-      outputs_of[coroutine.running()] = receipts
-    end
-    if finish(msg, policy:call(msg, fn, emit)) and eo then
-      receipts = outputs_of[coroutine.running()] -- a retry started a new list
+      outputs_of[coroutine.running()] = {}
+      if not finish(msg, policy:call(msg, fn, emit)) then return end
+      local receipts = outputs_of[coroutine.running()] -- a retry started a new list
       outputs_of[coroutine.running()] = nil
-      eo.commit(msg, msg.tx, receipts) -- raises: the input stays uncommitted
+      if eo.commit(msg, msg.tx, receipts) then return end -- raises: the input stays uncommitted
     end
+    error(("state commit conflicted %d times in a row"):format(MAX_TX_RUNS), 0)
   end
 end
 

@@ -261,7 +261,9 @@ function Tx:get(key)
     if w.deleted then return nil end
     return w.value
   end
-  return self.store:get(key)
+  local bytes = self.store.b:get(key)
+  if self.reads[key] == nil then self.reads[key] = bytes or false end -- what the commit checks
+  return self.store:_decode(bytes)
 end
 
 function Tx:has(key) return self:get(key) ~= nil end
@@ -316,10 +318,44 @@ end
 -- db:commit(tx [, other_store, other_ops]) (the Kafka exactly-once path
 -- commits the input's offset in the same LMDB transaction).
 function Store:begin()
-  return setmetatable({ store = self, writes = {}, order = {} }, Tx)
+  return setmetatable({ store = self, writes = {}, order = {}, reads = {} }, Tx)
+end
+
+-- What a commit returns for a transaction that read a key another one
+-- changed since: nothing of it was written; run it again from the start.
+M.CONFLICT = "store: conflict: a key this transaction read was changed by another"
+
+-- Optimistic isolation: a transaction commits only if every key it read
+-- still holds what it read, in the store and in the commits queued ahead
+-- of it (pending). Otherwise it would overwrite what it never saw.
+function Store:_conflict(tx, pending)
+  for k, bytes in pairs(tx.reads) do
+    if (pending and pending[k]) or (self.b:get(k) or false) ~= bytes then
+      metrics.add("osara_store_tx_retries_total", { store = self.name },
+        "transactions run again because a key they read was changed by another")
+      return true
+    end
+  end
+  return false
+end
+
+-- nil when tx may commit now; else M.CONFLICT, once the commits queued
+-- ahead of it are durable (its next run reads them, instead of conflicting
+-- again with the same pending writes).
+function Store:_check(tx)
+  local g = self.group
+  if not self:_conflict(tx, g and g.keys) then return nil end
+  local token, seq = sched.current()
+  if g and token then
+    g.waiters[#g.waiters + 1] = { token, seq }
+    sched.park()
+  end
+  return M.CONFLICT
 end
 
 function Store:commit(tx, db2, ops2)
+  local conflict = self:_check(tx)
+  if conflict then return nil, conflict end
   local ops, changes = tx:_ops()
   if #ops == 0 and not ops2 then return true end
   return self:_commit(ops, changes, db2, ops2)
@@ -328,16 +364,18 @@ end
 -- db:commit_grouped(tx, other_store, other_ops) -> true | nil, err: like
 -- commit, but the commits queued during one loop turn share one LMDB write
 -- transaction - one fsync - and each caller is parked until it is durable.
--- Each caller's reads saw what was committed before it (the same isolation
--- as commit); the Kafka exactly-once path uses it, one message per
--- partition per group.
+-- A transaction that read a key changed since (committed, or queued in the
+-- group) is not written: nil, M.CONFLICT, and the caller runs it again (the
+-- Kafka exactly-once path does, counted in osara_store_tx_retries_total).
 function Store:commit_grouped(tx, db2, ops2)
   local token, seq = sched.current()
   if not token then return self:commit(tx, db2, ops2) end
   local g = self.group
   if g and g.db2 ~= db2 then return self:commit(tx, db2, ops2) end
+  local conflict = self:_check(tx)
+  if conflict then return nil, conflict end
   if not g then
-    g = { ops = {}, changes = {}, ops2 = {}, db2 = db2, waiters = {} }
+    g = { ops = {}, changes = {}, ops2 = {}, db2 = db2, waiters = {}, keys = {} }
     -- A task, not a timer: it also runs in a script version that is
     -- retiring after a reload, whose in-flight handlers wait for it.
     local started = sched.spawn(function()
@@ -350,7 +388,10 @@ function Store:commit_grouped(tx, db2, ops2)
     self.group = g
   end
   local ops, changes = tx:_ops()
-  for _, op in ipairs(ops) do g.ops[#g.ops + 1] = op end
+  for _, op in ipairs(ops) do
+    g.ops[#g.ops + 1] = op
+    g.keys[op[1]] = true
+  end
   for _, c in ipairs(changes) do g.changes[#g.changes + 1] = c end
   for _, op in ipairs(ops2 or {}) do g.ops2[#g.ops2 + 1] = op end
   g.waiters[#g.waiters + 1] = { token, seq }
@@ -368,7 +409,7 @@ function Store:transaction(key, fn)
     check_key(key)
     self:_lock(key)
   end
-  local tx = setmetatable({ store = self, writes = {}, order = {} }, Tx)
+  local tx = setmetatable({ store = self, writes = {}, order = {}, reads = {} }, Tx)
   local res = { pcall(fn, tx) }
   local ok, err = res[1], res[2]
   if ok then

@@ -113,6 +113,20 @@ for _, kind in ipairs { "lmdb", "memory" } do
       assert.are.equal(20, db:get("counter"))
     end)
 
+    it("gh_13_tx_isolation refuses a transaction that read a key another one changed since", function()
+      local db = mk("isolated")
+      db:set("k", 1)
+      local a, b, blind = db:begin(), db:begin(), db:begin()
+      a:set("k", a:get("k") + 1)
+      b:set("k", b:get("k") + 10)
+      blind:set("k", 100) -- wrote without reading: nothing to check
+      assert.is_true(db:commit(a))
+      assert.are.same({ nil, require("osara.store").CONFLICT }, { db:commit(b) })
+      assert.are.equal(2, db:get("k"))
+      assert.is_true(db:commit(blind))
+      assert.are.equal(100, db:get("k"))
+    end)
+
     it("feeds committed changes to watchers, not rolled-back ones", function()
       local db = mk("watch")
       local seen = {}
