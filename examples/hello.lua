@@ -20,9 +20,20 @@ kafka:handle("orders", { sink = enriched }, function(msg)
            at = osara.now() }
 end)
 
+local last = {} -- the last enriched order of each user (this version's memory)
 kafka:handle("orders.enriched", function(msg)
   local e = msg.value
+  last[e.user] = e
   osara.log.info("order %d from %s: %d%s", e.id, e.user, e.amount, e.vip and " (vip)" or "")
 end)
 
+-- An HTTP route, and the generated AsyncAPI/OpenAPI documents beside it.
+osara.http { docs = true }
+osara.route("GET", "/users/{user}/last", function(req, user)
+  return last[user] or osara.response { status = 404, body = { error = "no order from " .. user .. " yet" } }
+end)
+
+local http = osara.http.address()
 osara.log.info("hello from osara %s: kafka at %s", osara.version, kafka:bootstrap())
+osara.log.info("try: curl http://%s/users/user1/last (or /metrics, /readyz, /asyncapi.json); "
+  .. "osara docs examples/hello.lua --asyncapi; edit this file under --watch", http)

@@ -216,6 +216,12 @@ void osara_log_init(osara_log_level_t level, osara_log_format_t format)
     if (uv_thread_create(&lg.thread, writer_main, NULL) == 0) {
         lg.running = 1;
     }
+    static int at_exit;
+    if (!at_exit) {
+        /* os.exit() in a script: the lines written before it still go out */
+        atexit(osara_log_shutdown);
+        at_exit = 1;
+    }
 }
 
 void osara_log_shutdown(void)

@@ -145,13 +145,29 @@ static char *dir_of(const char *path)
     return copy;
 }
 
+/* Creates path and its missing parents, as mkdir -p does. */
 static int ensure_dir(const char *path)
 {
-    if (mkdir(path, 0755) == 0 || errno == EEXIST) {
-        return 0;
+    char buf[PATH_MAX];
+    if (snprintf(buf, sizeof(buf), "%s", path) >= (int)sizeof(buf)) {
+        return osara_err_set(-ENAMETOOLONG, "cannot create data folder %s: %s", path,
+                             strerror(ENAMETOOLONG));
     }
-    return osara_err_set(-errno, "cannot create data folder %s: %s", path,
-                         strerror(errno));
+    for (char *p = buf + 1; ; p++) {
+        if (*p != '/' && *p != '\0') {
+            continue;
+        }
+        char c = *p;
+        *p = '\0';
+        if (mkdir(buf, 0755) != 0 && errno != EEXIST) {
+            return osara_err_set(-errno, "cannot create data folder %s: %s", buf,
+                                 strerror(errno));
+        }
+        *p = c;
+        if (c == '\0') {
+            return 0;
+        }
+    }
 }
 
 /* ---- signals ------------------------------------------------------------- */
@@ -519,6 +535,9 @@ static void on_started(struct osara_co_s *co, int ok, void *ud)
         osara_worker_stop(w, 1);
     } else if (osara_registry_start_all(&w->vm->reg) != 0) {
         osara_worker_stop(w, 1);
+    } else {
+        OSARA_INFO("running %s (pid %d): Ctrl-C or SIGTERM stops it, SIGHUP reloads it%s",
+                   w->script_path, (int)getpid(), w->opts.watch ? ", and so does saving it" : "");
     }
 }
 
@@ -619,6 +638,9 @@ int osara_worker_run(osara_worker_t *w)
     free(w->watchers);
     free(w->old_watchers);
     w->watchers = w->old_watchers = NULL;
+    if (w->opts.mode == OSARA_MODE_RUN) {
+        OSARA_INFO("stopped %s (exit status %d)", w->script_path, w->exit_code);
+    }
     return w->exit_code;
 }
 

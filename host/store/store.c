@@ -142,6 +142,10 @@ static int l_store_open(lua_State *L)
         rc = mdb_dbi_open(txn, name, MDB_CREATE, &dbi);
         rc = rc == 0 ? mdb_txn_commit(txn) : (mdb_txn_abort(txn), rc);
     }
+    if (rc == MDB_DBS_FULL) {
+        return luaL_error(L, "store: cannot open '%s' in %s: a data folder holds at most 128 "
+                          "stores (osara's own included)", name, dir);
+    }
     if (rc != 0) {
         return luaL_error(L, "store: cannot open '%s' in %s: %s", name, dir, mdb_strerror(rc));
     }

@@ -307,6 +307,8 @@ static int l_process_spawn(lua_State *L)
         .cwd = cwd, .stdio_count = 3, .stdio = stdio,
     };
     int rc = uv_spawn(loop, &p->proc, &opts);
+    char what[256];
+    snprintf(what, sizeof(what), "%s", argv[0]); /* for the error below */
     free(argv);
     for (int i = 0; i < nenv; i++) {
         free(env[i]);
@@ -317,8 +319,7 @@ static int l_process_spawn(lua_State *L)
         p->exited = 1;
         close_handles(p);
         lua_pushnil(L);
-        lua_pushfstring(L, "cannot start %s: %s", lua_tostring(L, -4) ? "process" : "process",
-                        uv_strerror(rc));
+        lua_pushfstring(L, "cannot start %s: %s", what, uv_strerror(rc));
         return 2;
     }
     p->pid = p->proc.pid;

@@ -20,9 +20,16 @@ local function expiry(opts)
   return (timer_c.now() + ttl) * 1000
 end
 
+-- LMDB's key limit (MDB_MAXKEYSIZE in Debian's liblmdb): checked here, so
+-- a write names the size instead of failing at commit with MDB_BAD_VALSIZE.
+local MAX_KEY = 511
+
 local function check_key(key)
   if type(key) ~= "string" or key == "" then
     options.raise("store: keys are non-empty strings, got " .. type(key))
+  end
+  if #key > MAX_KEY then
+    options.raise(("store: key of %d bytes (keys are 1 to %d bytes)"):format(#key, MAX_KEY))
   end
 end
 
