@@ -159,6 +159,8 @@ function Client:handle(binding, opts, fn)
   if type(fn) ~= "function" then options.raise("amqp:handle: expected a handler function") end
   local at = options.user_where()
   local name = binding.exchange .. "/" .. binding.routing_key
+  require("osara.docs").note { transport = "amqp", server = self:url(), address = binding.exchange,
+                               action = "receive", schema = opts.schema, codec = opts.codec, where = at }
   local key = name .. (binding.queue and (" (queue " .. binding.queue .. ")") or " (exclusive)")
   local retry_queue = retries(opts)
   local sig = signature { client = self.key, queue = binding.queue, durable = binding.durable,

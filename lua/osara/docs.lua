@@ -1,9 +1,9 @@
 -- osara.docs: the AsyncAPI 3.0 document of a script's channels (the Kafka
--- topics and NATS subjects it handles or sends to, with message schemas
+-- topics, NATS subjects and AMQP exchanges it handles or sends to, with message schemas
 -- from osara.schema) and the OpenAPI 3.1 document of its HTTP routes.
 -- `osara docs app.lua --asyncapi|--openapi` prints them; a server started
 -- with osara.http{ docs = true } serves /asyncapi.json and /openapi.json.
--- Kafka and NATS note their channels here as the script registers them.
+-- Kafka, NATS and AMQP note their channels here as the script registers them.
 local cjson = require "cjson"
 
 local M = {}
@@ -108,13 +108,15 @@ local function message_of(doc, c)
   return name
 end
 
+local KINDS = { kafka = "Kafka topic", nats = "NATS subject", amqp = "AMQP exchange" }
+
 local function add_channel(doc, c)
   local cid = id_of(c.transport .. "." .. c.address)
   local server = server_of(doc, c)
   local channel = doc.channels[cid]
   if not channel then
     channel = { address = c.address, messages = {}, servers = { { ["$ref"] = "#/servers/" .. server } },
-                description = ("%s %s"):format(c.transport == "kafka" and "Kafka topic" or "NATS subject", c.address) }
+                description = ("%s %s"):format(KINDS[c.transport] or c.transport, c.address) }
     doc.channels[cid] = channel
   end
   local mid = message_of(doc, c)

@@ -1,5 +1,5 @@
 -- Issue 14 item 7: generated documents. `osara docs app.lua --asyncapi`
--- (AsyncAPI 3.0 of the Kafka topics and NATS subjects handled or sent to,
+-- (AsyncAPI 3.0 of the Kafka topics, NATS subjects and AMQP exchanges handled or sent to,
 -- payloads from osara.schema) and `--openapi` (OpenAPI 3.1 of the routes),
 -- both validated against the official JSON schemas (spec/tools, installed
 -- by scripts/setup); served at /asyncapi.json and /openapi.json with
@@ -18,6 +18,11 @@ local Order = osara.schema({ id = "integer", user = osara.string { min_len = 1 }
   { name = "Order" })
 local enriched = kafka:topic("orders.enriched", { schema = Order })
 kafka:handle("orders", { schema = Order, dlq = "orders.dlq" }, function(msg) enriched:send(msg.value) end)
+if AMQP then -- osara docs connects nothing: no broker needed
+  local amqp = osara.amqp { url = "amqp://guest:guest@127.0.0.1:5672/" }
+  amqp:handle({ exchange = "billing", routing_key = "invoice.*", queue = "invoices" }, { schema = Order },
+    function(msg) end)
+end
 local nats = osara.nats { servers = NATS }
 nats:handle("price.*", { sink = "prices" }, function(msg) return { price = 42 } end)
 osara.route("GET", "/totals/{user}", function(req, user) return { total = 1 } end)
@@ -27,7 +32,8 @@ osara.route("POST", "/orders", function(req) return 201, { id = req.value.id } e
 ]]
 
 local function app(docs, nats)
-  return (APP:gsub("DOCS", tostring(docs)):gsub("NATS", nats and ("%q"):format(nats) or "nil"))
+  return (APP:gsub("DOCS", tostring(docs)):gsub("NATS", nats and ("%q"):format(nats) or "nil")
+    :gsub("AMQP", tostring(nats == nil)))
 end
 
 -- Validates a document with the official schema; returns it decoded.
@@ -54,7 +60,8 @@ describe("osara docs", function()
     local addresses = {}
     for _, c in pairs(doc.channels) do addresses[c.address] = true end
     assert.are.same({ orders = true, ["orders.enriched"] = true, ["orders.dlq"] = true,
-                      ["price.*"] = true, prices = true }, addresses)
+                      ["price.*"] = true, prices = true, billing = true }, addresses)
+    assert.are.equal("amqp", doc.servers[doc.channels["amqp.billing"].servers[1]["$ref"]:match("[^/]+$")].protocol)
     assert.are.equal("receive", doc.operations["receive.kafka.orders"].action)
     assert.are.equal("send", doc.operations["send.kafka.orders.enriched"].action)
     local order = doc.components.messages["orders.Order"].payload
