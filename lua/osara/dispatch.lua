@@ -165,7 +165,9 @@ end
 --     origin = function(msg) return "orders/2/17" end,  -- osara-origin
 --     where = function(msg) return "orders[2]@17" end,   -- log lines
 --     dead_letter = function(msg, headers) end,          -- sends; raises if not delivered
---     before_retry = function(msg) end }                 -- optional
+--     before_retry = function(msg) end,                  -- optional
+--     to_retry_topic = function(msg, err, wait) end }    -- optional: moves a
+--       failed msg on instead of retrying in place; raises if not delivered
 --   if p:decode(h, msg) then
 --     local ok, a, b = p:call(msg, fn, emit)  -- ok == false: filtered or failure taken
 --   end
@@ -196,7 +198,7 @@ function M.policy(spec)
     kind = spec.kind, name = spec.name, retry = retry_of(opts.retry), dlq = dlq,
     on_failure = opts.on_failure, filter = opts.filter,
     origin = spec.origin, where = spec.where, dead_letter = spec.dead_letter,
-    before_retry = spec.before_retry, client = spec.client,
+    before_retry = spec.before_retry, client = spec.client, to_retry_topic = spec.to_retry_topic,
     labels = { kind = spec.kind, name = spec.name },
     label = spec.kind .. " " .. spec.name,
   }, Policy)
@@ -311,6 +313,14 @@ function Policy:after(msg, fn, emit, ok, ...)
   local n, r = msg.attempt, self.retry
   if n > r.max or not self:retryable(err, msg) then
     return self:fail(msg, "handler", err)
+  end
+  if self.to_retry_topic then -- Kafka's retry = { mode = "topic" }: the partition goes on
+    local wait = self:delay(n)
+    self.to_retry_topic(msg, err, wait) -- raises if not delivered: the input stays
+    metrics.add("osara_retries_total", self.labels, "handler calls retried after an error")
+    require("osara.log_c").write("warn", ("%s %s: handler failed at %s (attempt %d of %d), moved to the retry topic %s, due in %.2f s: %s")
+      :format(self.kind, self.name, self.where(msg), n, r.max + 1, r.topic, wait, err))
+    return false
   end
   local wait = self:retrying(msg, r.max + 1, err)
   if wait > 0 then require("osara").sleep(wait) end

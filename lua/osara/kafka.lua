@@ -237,17 +237,49 @@ end
 -- The dead letter of a failed input: its payload, key and headers plus the
 -- policy's osara-* headers, delivered before the input is committed (a
 -- failed delivery raises: the input stays uncommitted and is handled again).
-local function send_dead_letter(client, dlq, msg, headers)
+-- (what: "dead letter" or "retry"; also how check mode records it)
+local function forward(client, what, to, msg, headers)
   if client.checking then
-    capture(dlq, msg.raw, { key = msg.key, headers = headers, dead_letter = true })
+    capture(to, msg.raw, { key = msg.key, headers = headers, [what:gsub(" ", "_")] = true })
     return
   end
-  local r, err = produce(client, dlq, msg.raw, msg.key, headers, nil, true)
+  local r, err = produce(client, to, msg.raw, msg.key, headers, nil, true)
   local ok = false
   if r then ok, err = r:wait() end
   if not ok then
-    error(("kafka %s: dead letter to %s not delivered: %s"):format(msg.topic, dlq, tostring(err)), 0)
+    error(("kafka %s: %s to %s not delivered: %s"):format(msg.topic, what, to, tostring(err)), 0)
   end
+end
+
+local function send_dead_letter(client, dlq, msg, headers)
+  forward(client, "dead letter", dlq, msg, headers)
+end
+
+-- retry = { mode = "topic" }: a failed message moves to the retry topic
+-- with what the next attempt needs in its headers (its due time, attempts
+-- so far, first failure, origin), delivered before the input is committed.
+local RETRY_DUE, ATTEMPTS, FIRST, ORIGIN = "osara-retry-due", "osara-attempts",
+  "osara-first-failure", "osara-origin"
+
+local function send_to_retry(client, retry_topic, msg, origin, err, wait)
+  local headers = {}
+  for k, v in pairs(msg.headers) do headers[k] = v end
+  headers[RETRY_DUE] = ("%.3f"):format(require("osara").now() + wait)
+  headers[ATTEMPTS] = tostring(msg.attempt)
+  headers[FIRST] = ("%.3f"):format(msg.first_failure)
+  headers[ORIGIN] = origin
+  headers["osara-error"] = err
+  forward(client, "retry", retry_topic, msg, headers)
+end
+
+-- A message of the retry topic: its attempt and first failure come from
+-- its headers, and it is handled once due (its partition waits meanwhile).
+local function await_due(msg)
+  local h = msg.headers
+  msg.attempt = (tonumber(h[ATTEMPTS]) or 0) + 1
+  msg.first_failure = tonumber(h[FIRST])
+  local wait = (tonumber(h[RETRY_DUE]) or 0) - require("osara").now()
+  if wait > 0 then require("osara").sleep(wait) end
 end
 
 local CONFLICT = require("osara.store").CONFLICT
@@ -313,8 +345,23 @@ local function make_store_step(client, opts)
   return step
 end
 
--- Builds the function C calls for each message of one registration.
-local function make_runner(client, topic, opts, fn, at)
+-- The retry topic of opts.retry = { mode = "topic", topic = } (raises on a
+-- mode it does not know), or nil.
+local function retry_topic_of(opts)
+  local r = type(opts.retry) == "table" and opts.retry or nil
+  if r == nil or r.mode == nil or r.mode == "hold" then return nil end
+  if r.mode ~= "topic" then
+    options.raise(("kafka:handle: retry.mode must be \"hold\" or \"topic\", got %q"):format(tostring(r.mode)))
+  end
+  if type(r.topic) ~= "string" or r.topic == "" then
+    options.raise("kafka:handle: retry = { mode = \"topic\" } needs topic = \"<retry topic>\"")
+  end
+  return r.topic
+end
+
+-- Builds the function C calls for each message of one registration
+-- (is_retry: the registration of the handler's retry topic).
+local function make_runner(client, topic, opts, fn, at, is_retry)
   local h = dispatch.handler { kind = "kafka", name = topic, codec = opts.codec,
                                schema = opts.schema, fn = fn, where = at }
   local sinks = opts.sink
@@ -338,8 +385,15 @@ local function make_runner(client, topic, opts, fn, at)
     return ("%s[%d]@%d"):format(msg.topic, msg.partition, msg.offset)
   end
   local max_bytes = opts.max_bytes
+  local function origin(msg) -- a retried message keeps where it came from
+    return is_retry and msg.headers[ORIGIN] or ("%s/%d/%d"):format(msg.topic, msg.partition, msg.offset)
+  end
+  local retry_topic = retry_topic_of(opts)
   local policy = dispatch.policy { kind = "kafka", name = topic, opts = opts, where = place, client = client,
-    origin = function(msg) return ("%s/%d/%d"):format(msg.topic, msg.partition, msg.offset) end,
+    origin = origin,
+    to_retry_topic = retry_topic and function(msg, err, wait)
+      send_to_retry(client, retry_topic, msg, origin(msg), err, wait)
+    end,
     dead_letter = opts.dlq and function(msg, headers) send_dead_letter(client, opts.dlq, msg, headers) end,
     -- a new attempt starts from a clean transaction (exactly-once state)
     before_retry = eo and function(msg)
@@ -391,6 +445,7 @@ local function make_runner(client, topic, opts, fn, at)
       return
     end
     msg.reply = msg.headers[REPLY_TO] -- where the return value goes, as on NATS
+    if is_retry then await_due(msg) end
     if not eo then
       finish(msg, policy:call(msg, fn, emit))
       return
@@ -425,7 +480,12 @@ function Client:handle(spec, opts, fn)
   end
   local at = options.user_where()
   if opts.dlq then self.c:ensure_topic(opts.dlq) end
-  for _, topic in ipairs(topics_of(spec)) do
+  local topics = {}
+  for i, t in ipairs(topics_of(spec)) do topics[i] = t end
+  -- the retry topic is consumed by the same handler, each message once due
+  local retry_topic = retry_topic_of(opts)
+  if retry_topic then topics[#topics + 1] = retry_topic end
+  for _, topic in ipairs(topics) do
     self.c:ensure_topic(topic)
     require("osara.docs").note { transport = "kafka", server = self.c:bootstrap(), address = topic,
                                  action = "receive", schema = opts.schema, codec = opts.codec, where = at }
@@ -443,7 +503,7 @@ function Client:handle(spec, opts, fn)
     local detail = ("group %s, codec %s%s"):format(self.group,
       type(opts.codec) == "table" and "custom" or tostring(opts.codec or "json"),
       (opts.schema and ", schema" or "") .. (opts.store and (", exactly-once state in " .. opts.store.name) or ""))
-    vm_c.register("kafka", key, sig, make_runner(self, topic, opts, fn, at),
+    vm_c.register("kafka", key, sig, make_runner(self, topic, opts, fn, at, topic == retry_topic),
       { client = self.c, topic = topic, codec = opts.codec, fn = fn }, at, detail)
   end
 end

@@ -44,6 +44,8 @@ define("retry", {
   { "max_backoff", "number", 30, "the longest wait between two attempts" },
   { "jitter", "number", 0.2, "each wait is changed by up to this fraction, at random" },
   { "on", "function", nil, "`on(err, msg) -> retryable`: a false answer takes the failure path at once", shown = "every error" },
+  { "mode", "string", "hold", "Kafka: `\"hold\"` retries in place (the partition waits); `\"topic\"` moves the message to `topic` with its due time, so the partition goes on" },
+  { "topic", "string", nil, "Kafka, `mode = \"topic\"`: the retry topic (consumed by the same handler, each message waited for until due)" },
 })
 
 -- ---- core ---------------------------------------------------------------------------

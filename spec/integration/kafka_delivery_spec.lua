@@ -283,4 +283,42 @@ end)
     assert.is_true(tonumber(retries) > 0, "no transaction ran concurrently: " .. line)
     H.stop(p)
   end)
+  it("gh_13_retry_topic moves a failing message to the retry topic so its partition goes on", function()
+    local dir = H.tmpdir()
+    H.write(dir .. "/app.lua", [[
+local osara = require "osara"
+local kafka = osara.kafka { ["osara.partitions"] = 1 }
+local input = kafka:topic("rt.in")
+kafka:handle("rt.in", { retry = { mode = "topic", topic = "rt.retry", max = 2, backoff = 0.3, jitter = 0 },
+                        dlq = "rt.dead" }, function(msg)
+  osara.log.info("call id=%d attempt=%d topic=%s at=%.3f", msg.value.id, msg.attempt, msg.topic, osara.monotonic())
+  if msg.value.id == 1 then error("id 1 always fails") end
+end)
+kafka:handle("rt.dead", { codec = "raw" }, function(msg)
+  local h = msg.headers
+  osara.log.info("dead raw=%s attempts=%s origin=%s kind=%s due=%s position=%d", msg.raw, h["osara-attempts"],
+    h["osara-origin"], h["osara-error-kind"], tostring(h["osara-retry-due"] ~= nil), kafka:position("rt.in", 0))
+end)
+osara.after(0, function()
+  for i = 1, 5 do input:send({ id = i }) end
+end)
+]])
+    local p = H.osara { "run", dir .. "/app.lua" }
+    local dead = H.expect(p, "dead raw=", 30)
+    assert.matches('dead raw={"id":1} attempts=3 origin=rt.in/0/0 kind=handler due=true position=5', dead)
+    local out = p:output()
+    local calls = {}
+    for id, attempt, topic, at in out:gmatch("call id=(%d+) attempt=(%d+) topic=(%S+) at=([%d.]+)") do
+      calls[#calls + 1] = { id = tonumber(id), attempt = tonumber(attempt), topic = topic, at = tonumber(at) }
+    end
+    local order = {}
+    for i, c in ipairs(calls) do order[i] = ("%d/%d/%s"):format(c.id, c.attempt, c.topic) end
+    -- the partition went on at once; the retries came from the retry topic, each once due
+    assert.are.equal("1/1/rt.in 2/1/rt.in 3/1/rt.in 4/1/rt.in 5/1/rt.in 1/2/rt.retry 1/3/rt.retry",
+      table.concat(order, " "))
+    assert.is_true(calls[6].at - calls[1].at >= 0.29, "attempt 2 was due after 0.3 s")
+    assert.is_true(calls[7].at - calls[6].at >= 0.59, "attempt 3 was due after 0.6 s")
+    assert.matches("moved to the retry topic rt.retry", out)
+    H.stop(p)
+  end)
 end)
