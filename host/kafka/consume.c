@@ -404,12 +404,20 @@ void osara__kafka_retire_part(kclient_t *c, kpart_t *p)
     c->retired = p;
 }
 
+/* The errors of a broker that cannot be reached: librdkafka alternates
+ * them (and repeats them per handle), one change for the log. */
+static int unreachable(rd_kafka_resp_err_t err)
+{
+    return err == RD_KAFKA_RESP_ERR__TRANSPORT || err == RD_KAFKA_RESP_ERR__ALL_BROKERS_DOWN ||
+           err == RD_KAFKA_RESP_ERR__RESOLVE;
+}
+
 void osara__kafka_log_error(kclient_t *c, rd_kafka_resp_err_t err, const char *what)
 {
     if (err == RD_KAFKA_RESP_ERR__ALL_BROKERS_DOWN) {
         c->all_down = 1;
     }
-    if (err == c->last_error) {
+    if (err == c->last_error || (unreachable(err) && unreachable(c->last_error))) {
         return; /* once per change, not a flood */
     }
     c->last_error = err;

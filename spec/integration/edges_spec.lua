@@ -53,6 +53,26 @@ osara.log.info("stored in %s", osara.paths().data_dir)
   end)
 end)
 
+describe("a Kafka broker down at start", function()
+  after_each(H.cleanup)
+
+  it("gh_14: is logged once, not once per retry and handle", function()
+    local dir = H.tmpdir()
+    H.write(dir .. "/app.lua", [[
+local osara = require "osara"
+local kafka = osara.kafka { ["bootstrap.servers"] = "127.0.0.1:1" }
+kafka:handle("orders", function(msg) end)
+kafka:topic("out")
+]])
+    local p = H.osara { "run", dir .. "/app.lua" }
+    H.expect(p, "WARN  kafka 127.0.0.1:1: ")
+    osara.sleep(1.5) -- librdkafka retries the connection every few hundred ms meanwhile
+    H.stop(p)
+    local _, n = p:output():gsub("WARN  kafka 127%.0%.0%.1:1: ", "")
+    assert.are.equal(1, n, p:output())
+  end)
+end)
+
 describe("store limits", function()
   after_each(H.cleanup)
 
