@@ -408,6 +408,33 @@ static void print_escaped(const unsigned char *p, size_t n)
     }
 }
 
+/* Prints "no store named X (stores: a, b)" from the names in the
+ * environment's main database (LMDB keeps named databases there). */
+static void print_no_such_store(MDB_env *env, const char *dir, const char *name)
+{
+    fprintf(stderr, "osara store: no store named '%s' in %s (stores:", name, dir);
+    MDB_txn *txn;
+    MDB_dbi main_dbi;
+    MDB_cursor *cur;
+    int n = 0;
+    if (mdb_txn_begin(env, NULL, MDB_RDONLY, &txn) == 0) {
+        if (mdb_dbi_open(txn, NULL, 0, &main_dbi) == 0 &&
+            mdb_cursor_open(txn, main_dbi, &cur) == 0) {
+            MDB_val k, v;
+            for (int rc = mdb_cursor_get(cur, &k, &v, MDB_FIRST); rc == 0;
+                 rc = mdb_cursor_get(cur, &k, &v, MDB_NEXT)) {
+                if (k.mv_size >= 2 && memcmp(k.mv_data, "__", 2) == 0) {
+                    continue; /* osara's own (__osara_offsets) */
+                }
+                fprintf(stderr, "%s %.*s", n++ ? "," : "", (int)k.mv_size, (char *)k.mv_data);
+            }
+            mdb_cursor_close(cur);
+        }
+        mdb_txn_abort(txn);
+    }
+    fprintf(stderr, "%s)\n", n ? "" : " none");
+}
+
 int osara_store_main(int argc, char **argv)
 {
     if (argc < 5 || strcmp(argv[2], "--help") == 0) {
@@ -426,9 +453,19 @@ int osara_store_main(int argc, char **argv)
     if (rc == 0) rc = mdb_env_set_maxdbs(env, 128);
     if (rc == 0) rc = mdb_env_open(env, dir, MDB_RDONLY | MDB_NOTLS, 0644);
     if (rc == 0) rc = mdb_txn_begin(env, NULL, MDB_RDONLY, &txn);
+    int opened = rc == 0;
     if (rc == 0) rc = mdb_dbi_open(txn, name, 0, &dbi);
+    if (rc == MDB_NOTFOUND && opened) {
+        mdb_txn_abort(txn);
+        print_no_such_store(env, dir, name);
+        mdb_env_close(env);
+        return 1;
+    }
     if (rc != 0) {
         fprintf(stderr, "osara store: cannot open '%s' in %s: %s\n", name, dir, mdb_strerror(rc));
+        if (opened) {
+            mdb_txn_abort(txn);
+        }
         mdb_env_close(env);
         return 1;
     }

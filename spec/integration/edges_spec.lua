@@ -94,6 +94,22 @@ describe("store limits", function()
     assert.are.equal("fits", db:get(string.rep("k", 511)))
   end)
 
+  it("gh_14: osara store names the stores there are when asked for one that is not", function()
+    local dir = H.tmpdir()
+    H.write(dir .. "/app.lua", [[
+local osara = require "osara"
+osara.store("alpha"):set("a", 1)
+osara.store("beta"):set("b", 2)
+osara.log.info("written")
+]])
+    local p = H.osara { "run", dir .. "/app.lua" }
+    H.expect(p, "written")
+    H.stop(p)
+    local status, out = H.run { "store", dir .. "/.osara-data", "dump", "gamma" }
+    assert.are.equal(1, status)
+    assert.matches("no store named 'gamma' in .* %(stores: alpha, beta%)", out)
+  end)
+
   it("gh_14: says how many stores a data folder holds", function()
     local dir = H.tmpdir() .. "/data"
     local ok, err = pcall(function()
