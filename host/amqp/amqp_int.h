@@ -109,6 +109,9 @@ typedef struct {
     uint64_t next_seq;
     char **declared;              /* exchanges declared on this connection */
     int ndeclared;
+    struct amsg_s *reading;       /* delivered, its content still coming */
+    size_t body_size;
+    int have_header;
 } aconn_t;
 
 /* A client. Freed with its last reference (any thread): the shared

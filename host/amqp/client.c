@@ -112,6 +112,7 @@ void osara__amqp_command(aclient_t *c, acmd_t *cmd)
 {
     cmd->next = NULL;
     uv_mutex_lock(&c->mu);
+    int was_empty = c->cmds_tail == NULL;
     if (c->cmds_tail) {
         c->cmds_tail->next = cmd;
     } else {
@@ -119,9 +120,13 @@ void osara__amqp_command(aclient_t *c, acmd_t *cmd)
     }
     c->cmds_tail = cmd;
     uv_mutex_unlock(&c->mu);
-    uint64_t one = 1;
-    ssize_t r = write(c->efd, &one, sizeof(one));
-    (void)r; /* EAGAIN: the counter is already set, the thread wakes */
+    /* One wake-up per batch: a queue that was not empty has a wake-up
+     * pending (the thread clears the eventfd before taking the queue). */
+    if (was_empty) {
+        uint64_t one = 1;
+        ssize_t r = write(c->efd, &one, sizeof(one));
+        (void)r; /* EAGAIN: the counter is already set, the thread wakes */
+    }
 }
 
 static void join_work(uv_work_t *work)

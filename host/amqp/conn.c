@@ -118,6 +118,10 @@ static int open_connection(aclient_t *c, char *err, size_t n)
  * queues on the broker either way. */
 static void drop_connection(aclient_t *c)
 {
+    if (c->t.reading) {
+        osara__amqp_msg_free(c->t.reading);
+        c->t.reading = NULL;
+    }
     if (c->t.conn) {
         amqp_destroy_connection(c->t.conn);
         c->t.conn = NULL;
@@ -384,7 +388,15 @@ static int run_command(aclient_t *c, acmd_t *cmd)
         if (conn) {
             char tag[32];
             snprintf(tag, sizeof(tag), "osara-%d", k->id);
-            rc = amqp_basic_cancel(conn, CH_CONSUME, amqp_cstring_bytes(tag)) ? 0 : -1;
+            /* nowait: no round trip on the consuming channel, whose
+             * deliveries keep coming meanwhile (librabbitmq queues frames
+             * that arrive during an RPC, and a delivery split by it has
+             * been seen to lose its content frames). */
+            amqp_basic_cancel_t cancel = {.consumer_tag = amqp_cstring_bytes(tag), .nowait = 1};
+            rc = amqp_send_method(conn, CH_CONSUME, AMQP_BASIC_CANCEL_METHOD, &cancel) ==
+                         AMQP_STATUS_OK
+                     ? 0
+                     : -1;
         }
         osara__amqp_cons_free(k);
         break;
@@ -443,9 +455,16 @@ static tcons_t *cons_by_tag(aclient_t *c, amqp_bytes_t tag, int *id)
     return *cons_find(c, *id);
 }
 
-/* basic.deliver: reads the content and posts the message to the loop. */
+/* basic.deliver: the message starts; its header and body frames follow
+ * (read_frames completes it). Frames are taken in arrival order, never
+ * searched by channel: librabbitmq's amqp_read_message picks a channel's
+ * next frame out of its queue by dropping the frames queued before it
+ * (publisher confirms among them), and blocks without a deadline. */
 static int deliver(aclient_t *c, amqp_basic_deliver_t *dm)
 {
+    if (c->t.reading) { /* a method before the last body: a broken stream */
+        return -1;
+    }
     amsg_t *m = osara_xcalloc(1, sizeof(*m));
     init_amqp_pool(&m->pool, 1024);
     m->tag = dm->delivery_tag;
@@ -457,14 +476,16 @@ static int deliver(aclient_t *c, amqp_basic_deliver_t *dm)
     if (k) {
         copy_bytes(&m->pool, &m->queue, amqp_cstring_bytes(k->actual));
     }
-    amqp_message_t msg;
-    amqp_rpc_reply_t r = amqp_read_message(c->t.conn, CH_CONSUME, &msg, 0);
-    if (r.reply_type != AMQP_RESPONSE_NORMAL) {
-        osara__amqp_msg_free(m);
-        return -1;
-    }
-    m->body = amqp_bytes_malloc_dup(msg.body);
-    amqp_basic_properties_t *pr = &msg.properties;
+    c->t.reading = m;
+    c->t.have_header = 0;
+    return 0;
+}
+
+/* The content header of the message being read: its properties and size. */
+static void content_header(aclient_t *c, amqp_frame_t *f)
+{
+    amsg_t *m = c->t.reading;
+    amqp_basic_properties_t *pr = f->payload.properties.decoded;
     if (pr->_flags & AMQP_BASIC_HEADERS_FLAG) {
         amqp_table_clone(&pr->headers, &m->headers, &m->pool);
         m->has_headers = 1;
@@ -481,8 +502,33 @@ static int deliver(aclient_t *c, amqp_basic_deliver_t *dm)
     if (pr->_flags & AMQP_BASIC_MESSAGE_ID_FLAG) {
         copy_bytes(&m->pool, &m->message_id, pr->message_id);
     }
-    amqp_destroy_message(&msg);
-    osara__amqp_on_delivery(c, m);
+    m->body = amqp_bytes_malloc((size_t)f->payload.properties.body_size);
+    m->body.len = 0;
+    c->t.body_size = (size_t)f->payload.properties.body_size;
+    c->t.have_header = 1;
+}
+
+/* A header or body frame on the consuming channel. -1: out of order. */
+static int content_frame(aclient_t *c, amqp_frame_t *f)
+{
+    amsg_t *m = c->t.reading;
+    if (m == NULL || (f->frame_type == AMQP_FRAME_HEADER) == c->t.have_header) {
+        return -1;
+    }
+    if (f->frame_type == AMQP_FRAME_HEADER) {
+        content_header(c, f);
+    } else {
+        amqp_bytes_t part = f->payload.body_fragment;
+        if (m->body.len + part.len > c->t.body_size) {
+            return -1;
+        }
+        memcpy((char *)m->body.bytes + m->body.len, part.bytes, part.len);
+        m->body.len += part.len;
+    }
+    if (m->body.len == c->t.body_size) {
+        c->t.reading = NULL;
+        osara__amqp_on_delivery(c, m);
+    }
     return 0;
 }
 
@@ -539,7 +585,14 @@ static int read_frames(aclient_t *c)
             OSARA_WARN("amqp %s: %s", c->url, amqp_error_string2(rc));
             return -1;
         }
-        if (f.frame_type == AMQP_FRAME_METHOD && method_frame(c, &f) != 0) {
+        int bad = f.frame_type == AMQP_FRAME_METHOD ? method_frame(c, &f)
+                  : (f.frame_type == AMQP_FRAME_HEADER || f.frame_type == AMQP_FRAME_BODY) &&
+                          f.channel == CH_CONSUME
+                      ? content_frame(c, &f)
+                      : 0;
+        if (bad != 0) {
+            OSARA_WARN("amqp %s: unexpected frame (type %d on channel %d)", c->url,
+                       f.frame_type, f.channel);
             return -1;
         }
     }
