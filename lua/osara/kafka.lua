@@ -359,26 +359,80 @@ local function retry_topic_of(opts)
   return r.topic
 end
 
+-- A handler's sinks (opts.sink): Kafka topics, functions (called with each
+-- value, slipstream's `sink=[print]`) and stores (set under the output's
+-- key, which feeds store:watch as slipstream's `cache(key, val)` does), one
+-- or a list.
+local function is_store(x) return type(x) == "table" and type(x.begin) == "function" end
+local function is_sink(x)
+  return type(x) == "function" or is_store(x) or (type(x) == "table" and type(x.send) == "function")
+end
+
+local function sink_list(s)
+  if s == nil then return nil end
+  if is_sink(s) then return { s } end
+  for i, x in ipairs(s) do
+    if not is_sink(x) then
+      options.raise(("kafka:handle: sink %d is %s, not a topic, a function or a store"):format(i, type(x)))
+    end
+  end
+  return s
+end
+
+-- A function or store sink -> true | nil, err (an error it raised).
+local function to_other_sink(sink, value, send_opts)
+  local key = send_opts and send_opts.key
+  if type(sink) == "function" then
+    local ok, err = pcall(sink, value)
+    if not ok then return nil, "sink: " .. tostring(err) end
+    return true
+  end
+  if key == nil then return nil, "a store sink needs a key (the input has none: emit(v, { key = ... }))" end
+  local ok, err = pcall(sink.set, sink, key, value)
+  if not ok then return nil, "store sink: " .. tostring(err) end
+  return true
+end
+
+-- The input each running handler coroutine is handling (for emit's key).
+local emitting = setmetatable({}, { __mode = "k" })
+
 -- Builds the function C calls for each message of one registration
 -- (is_retry: the registration of the handler's retry topic).
 local function make_runner(client, topic, opts, fn, at, is_retry)
   local h = dispatch.handler { kind = "kafka", name = topic, codec = opts.codec,
                                schema = opts.schema, fn = fn, where = at }
-  local sinks = opts.sink
-  if sinks and getmetatable(sinks) == Topic then sinks = { sinks } end
+  local sinks = sink_list(opts.sink)
   local eo = opts.store and make_store_step(client, opts)
   -- true | nil, err (the first sink that refused it), as every send.
   local function send_to_sinks(value, send_opts)
     for i = 1, #sinks do
-      local ok, err
-      if eo then ok, err = sinks[i]:send(value, send_opts) else ok, err = sinks[i]:_send_fast(value, send_opts) end
+      local sink, ok, err = sinks[i]
+      if type(sink) == "function" or is_store(sink) then
+        ok, err = to_other_sink(sink, value, send_opts)
+      elseif eo then
+        ok, err = sink:send(value, send_opts)
+      else
+        ok, err = sink:_send_fast(value, send_opts)
+      end
       if not ok then return nil, err end
     end
     return true
   end
+  -- emit(v [, opts]): keyed like the input unless opts gives a key, as a
+  -- returned value is, so one input's outputs stay in one partition.
   local function emit(value, send_opts)
     if not sinks then error("emit: this handler has no sink (opts.sink)", 2) end
     if send_opts then send_opts = options.check("topic:send", send_opts) end
+    local msg = emitting[coroutine.running()]
+    if msg and msg.key ~= nil and (send_opts == nil or send_opts.key == nil) then
+      if send_opts == nil then
+        send_opts = { key = msg.key }
+      else
+        local o = { key = msg.key }
+        for k, v in pairs(send_opts) do o[k] = v end
+        send_opts = o
+      end
+    end
     return send_to_sinks(value, send_opts)
   end
   local function place(msg)
@@ -446,6 +500,7 @@ local function make_runner(client, topic, opts, fn, at, is_retry)
     end
     msg.reply = msg.headers[REPLY_TO] -- where the return value goes, as on NATS
     if is_retry then await_due(msg) end
+    emitting[coroutine.running()] = msg
     if not eo then
       finish(msg, policy:call(msg, fn, emit))
       return

@@ -104,7 +104,7 @@ define("kafka:topic", {
 local kafka_handler = {
   { "codec", "codec", "json", "how `msg.raw` is decoded into `msg.value`" },
   { "schema", "schema", nil, "the decoded value must satisfy it; otherwise bad input ([schemas.md](schemas.md))" },
-  { "sink", "topic", nil, "a topic (or a list): the handler's return values and `emit(v)` are sent there, keyed like the input" },
+  { "sink", "topic|function|store", nil, "where the handler's return values and `emit(v)` go, keyed like the input: a topic, a function (called with each value), a store (`set` under the key, which feeds `watch`), or a list of them" },
   { "store", "store", nil, "a durable `osara.store`: `msg.tx` writes and the offset commit in one transaction (exactly-once state)" },
   { "max_bytes", "integer", 1048576, "larger payloads are bad input" },
   { "max_per_partition", "integer", nil, "",
