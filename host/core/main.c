@@ -40,7 +40,7 @@ static const option_t options[] = {
     {"--log-max-size", "SIZE", "rotate the log file past SIZE bytes (100M, 1G; default off, or OSARA_LOG_MAX_SIZE)", "r"},
     {"--grace", "SECS", "time in-flight work may take at stop and reload (default 10)", "rt"},
     {"--load-timeout", "SECS", "time a script may take to load (default 5)", "rctd"},
-    {"--loop-stall-ms", "MS", "warn about a loop turn longer than MS, e.g. 100; 0: off (default, or OSARA_LOOP_STALL_MS)", "r"},
+    {"--loop-stall-ms", "MS", "warn about a loop turn longer than MS; 0: off (default 100, 1000 in a sanitizer build, or OSARA_LOOP_STALL_MS)", "r"},
     {"--output", "NAME", "busted output handler (default utfTerminal on a tty, else plainTerminal)", "t"},
     {"--asyncapi", NULL, "the AsyncAPI 3.0 document of the Kafka topics and NATS subjects (the default)", "d"},
     {"--openapi", NULL, "the OpenAPI 3.1 document of the HTTP routes", "d"},

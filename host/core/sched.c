@@ -260,6 +260,27 @@ static void cancel_wait(osara_co_t *co)
     end_wait(co);
 }
 
+static int resume(osara_co_t *co, int nargs);
+
+/* A run that is not nested in running Lua waits for a later turn once this
+ * turn spent its budget (loop.h), except while a script loads: what its
+ * main chunk spawns runs at once. */
+static int must_wait_turn(osara_co_t *co)
+{
+    return !co->vm->loading && osara_inbox_turn_spent(co->vm->inbox);
+}
+
+/* Resumes now, or from the inbox when Lua runs (resume is not reentrant
+ * for one thread's bookkeeping) or the turn's budget is spent. */
+static void resume_in_turn(osara_co_t *co, int nret)
+{
+    if ((running != NULL || must_wait_turn(co)) &&
+        osara_sched_resume_later(co, nret) == 0) {
+        return;
+    }
+    resume(co, nret);
+}
+
 /* The one caller of lua_resume. */
 static int resume(osara_co_t *co, int nargs)
 {
@@ -268,7 +289,11 @@ static int resume(osara_co_t *co, int nargs)
     end_wait(co);
     uint64_t t0 = uv_hrtime();
     int rc = lua_resume(co->thread, nargs);
-    note_duration(co, uv_hrtime() - t0);
+    uint64_t ns = uv_hrtime() - t0;
+    note_duration(co, ns);
+    if (prev == NULL) {
+        osara_inbox_turn_charge(co->vm->inbox, ns); /* nested runs count once */
+    }
     running = prev;
     if (rc == LUA_YIELD) {
         if (!co->waiting) {
@@ -277,7 +302,7 @@ static int resume(osara_co_t *co, int nargs)
             lua_settop(co->thread, 0);
             co->waiting = 1;
             co->seq++;
-            osara_sched_resume_later(co, 0);
+            (void)osara_sched_resume_later(co, 0); /* fails only at close */
         }
         return 0;
     }
@@ -304,6 +329,15 @@ int osara_sched_run(osara_co_t *co, int nargs, osara_co_done_fn done,
     co->what_hash = label_hash(co->what);
     co->vm->inflight++;
     count(&m_started);
+    if (running == NULL && must_wait_turn(co)) {
+        /* Started from the inbox once a later turn has budget left: a
+         * deferred start is a wait like any other (cancellable). */
+        co->waiting = 1;
+        co->seq++;
+        if (osara_sched_resume_later(co, nargs) == 0) {
+            return 0;
+        }
+    }
     return resume(co, nargs);
 }
 
@@ -345,7 +379,7 @@ static void on_deadline(uv_timer_t *t)
         co->cleanup(co->wait_data);
         co->cleanup = NULL;
     }
-    resume(co, n);
+    resume_in_turn(co, n);
 }
 
 static void arm_deadline(osara_co_t *co, double timeout)
@@ -400,6 +434,9 @@ int osara_sched_resume(osara_co_t *co, int nret)
         lua_pop(co->thread, nret);
         return -1;
     }
+    if (must_wait_turn(co) && osara_sched_resume_later(co, nret) == 0) {
+        return 0;
+    }
     return resume(co, nret);
 }
 
@@ -416,15 +453,16 @@ static void on_resume_later(void *arg, void *seq)
     resume(co, n);
 }
 
-void osara_sched_resume_later(osara_co_t *co, int nret)
+int osara_sched_resume_later(osara_co_t *co, int nret)
 {
+    void *seq = (void *)(uintptr_t)co->seq;
+    if (osara_inbox_post(co->vm->inbox, on_resume_later, co, seq) != 0) {
+        return -1; /* the inbox closed: the caller decides */
+    }
     co->pending_nret = nret;
     co->cleanup = NULL;
     stop_deadline(co); /* woken: the deadline must not resume it as well */
-    void *seq = (void *)(uintptr_t)co->seq;
-    if (osara_inbox_post(co->vm->inbox, on_resume_later, co, seq) != 0) {
-        lua_pop(co->thread, nret);
-    }
+    return 0;
 }
 
 /* ---- waiters and futures ------------------------------------------------ */
@@ -507,11 +545,7 @@ void osara_sched_future_complete(osara_sched_future_t *f, osara_push_fn push,
     f->waiter.co = NULL;
     int n = push(co->thread, ud);
     co->cleanup = NULL; /* completed, not cancelled */
-    if (running != NULL) {
-        osara_sched_resume_later(co, n);
-    } else {
-        resume(co, n);
-    }
+    resume_in_turn(co, n);
     osara_sched_future_unref(f);
 }
 

@@ -147,12 +147,15 @@ void osara_sched_future_complete(osara_sched_future_t *f, osara_push_fn push,
 /* Resumes a waiting coroutine with `nret` values already pushed onto its
  * thread (osara_co_thread). Loop thread only, and not from inside running
  * Lua code (use resume_later there). The wait's cleanup does not run: the
- * completion detaches itself. */
+ * completion detaches itself. When this loop turn has spent its Lua budget
+ * (loop.h) the coroutine resumes from the inbox instead, on a later turn;
+ * new entries (osara_sched_run) and deadlines wait the same way. */
 int osara_sched_resume(osara_co_t *co, int nret);
 
 /* Like osara_sched_resume but from the next drain of the worker's inbox;
- * for wake-ups issued while other Lua code is running. */
-void osara_sched_resume_later(osara_co_t *co, int nret);
+ * for wake-ups issued while other Lua code is running. Returns 0, or -1
+ * when the inbox is closed (nothing queued; the values stay pushed). */
+int osara_sched_resume_later(osara_co_t *co, int nret);
 
 lua_State *osara_co_thread(osara_co_t *co);
 /* Data the entry's owner attaches to the coroutine for its lifetime (a

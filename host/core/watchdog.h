@@ -18,12 +18,21 @@
 #include <stdint.h>
 #include <uv.h>
 
-/* Off by default for now. The threshold to use is 100 ms (1000 in a
- * sanitizer build, which runs C code several times slower), but the store
- * commits (and fsyncs) on the loop thread and a transport lane starts every
- * queued delivery in one turn: a burst of store writes after a reload
- * stalls the loop for seconds (spec/integration/reload50_spec.lua). */
-#define OSARA_LOOP_STALL_DEFAULT_MS 0
+/* On by default: 100 ms, 1000 ms in a sanitizer build (which runs C code
+ * several times slower). Many short Lua runs cannot add up to a stall: a
+ * turn stops starting Lua once it spent its budget (loop.h). */
+#if defined(__SANITIZE_ADDRESS__) || defined(__SANITIZE_THREAD__)
+#define OSARA_SANITIZED 1
+#elif defined(__has_feature)
+#if __has_feature(address_sanitizer) || __has_feature(thread_sanitizer)
+#define OSARA_SANITIZED 1
+#endif
+#endif
+#ifdef OSARA_SANITIZED
+#define OSARA_LOOP_STALL_DEFAULT_MS 1000
+#else
+#define OSARA_LOOP_STALL_DEFAULT_MS 100
+#endif
 
 typedef struct {
     uv_prepare_t prepare;

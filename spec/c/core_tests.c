@@ -284,6 +284,70 @@ void test_inbox_cancel_drops_batched_and_queued_events(void)
     CHECK(uv_loop_close(&loop) == 0);
 }
 
+/* ---- the loop turn's budget ------------------------------------------------ */
+
+static int budget_order[16], budget_ran;
+static osara_inbox_t *budget_inbox;
+
+/* Each event stands for Lua that ran 0.4 ms of the turn's 1 ms budget. */
+static void charge_event(void *arg, void *unused)
+{
+    (void)unused;
+    budget_order[budget_ran++] = (int)(intptr_t)arg;
+    osara_inbox_turn_charge(budget_inbox, 400000);
+}
+
+/* gh_12: a batch that outlasts the turn's budget leaves its rest to the
+ * next turns (timers and sockets run between), in order, ahead of what was
+ * posted meanwhile. */
+void test_inbox_drain_stops_at_the_turn_budget(void)
+{
+    uv_loop_t loop;
+    uv_loop_init(&loop);
+    osara_inbox_t inbox;
+    CHECK(osara_inbox_init(&inbox, &loop) == 0);
+    inbox.budget_ns = 1000000;
+    budget_inbox = &inbox;
+    budget_ran = 0;
+    for (intptr_t i = 0; i < 8; i++) {
+        osara_inbox_post(&inbox, charge_event, (void *)i, NULL);
+    }
+    uv_run(&loop, UV_RUN_NOWAIT);
+    CHECK(budget_ran == 3 && inbox.deferred_drains == 1); /* 1.2 ms > 1 ms */
+    osara_inbox_post(&inbox, charge_event, (void *)8, NULL);
+    while (budget_ran < 9) {
+        uv_run(&loop, UV_RUN_NOWAIT);
+    }
+    for (int i = 0; i < 9; i++) {
+        CHECK(budget_order[i] == i);
+    }
+    CHECK(inbox.drained_events == 9);
+    osara_inbox_close(&inbox);
+    uv_run(&loop, UV_RUN_DEFAULT);
+    CHECK(uv_loop_close(&loop) == 0);
+}
+
+/* gh_12: once a turn spent its Lua budget, a new entry, a resume and a
+ * future's completion wait for the next turn instead of running now. */
+void test_sched_defers_runs_past_the_turn_budget(void)
+{
+    osara_worker_t w;
+    osara_vm_t *vm = fx_vm(&w);
+    CHECK(vm != NULL);
+    osara_co_t *waiting = run_entry(vm, entry_fn(vm, "return wait()"));
+    osara_co_t *on_future = run_entry(vm, entry_fn(vm, "return future_wait()"));
+    osara_inbox_turn_charge(&w.inbox, w.inbox.budget_ns); /* spent */
+    run_entry(vm, entry_fn(vm, "return 'started'"));
+    lua_pushliteral(osara_co_thread(waiting), "resumed");
+    CHECK(osara_sched_resume(waiting, 1) == 0);
+    osara_sched_future_complete(&fut, push_string, "completed");
+    CHECK(fx.dones == 0 && osara_co_waiting(waiting) && osara_co_waiting(on_future));
+    run_until_done(&w, 3); /* the next turn has budget again */
+    CHECK(fx.dones == 3 && fx.last_ok && strcmp(fx.last, "completed") == 0);
+    osara_sched_future_unref(&fut);
+    CHECK(fx_done(&w, vm) == 0);
+}
+
 /* ---- shared resources ------------------------------------------------------- */
 
 static int res_closed;
