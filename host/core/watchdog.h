@@ -3,7 +3,10 @@
  * Everything a worker does runs on its loop thread: one callback that runs
  * long delays every message, timer and request behind it. The watchdog
  * measures each loop turn (from one prepare phase to the next, minus the
- * time libuv spent waiting in poll, as uv_metrics_idle_time reports it) and
+ * time libuv spent waiting in poll, as uv_metrics_idle_time reports it,
+ * and minus the time the thread waited for a CPU, from Linux's
+ * /proc/thread-self/schedstat: a machine with more runnable threads than
+ * cores delays every turn, which is not a stall of the loop) and
  * logs one WARN line for a turn longer than the threshold, naming the
  * coroutine that ran longest in it:
  *
@@ -41,6 +44,9 @@ typedef struct {
     uint64_t idle_start;   /* uv_metrics_idle_time then */
     int skip;              /* this turn is not counted */
     int started;
+    int schedstat_fd;      /* the loop thread's /proc schedstat, or -1 */
+    uint64_t rq_sample;    /* its run-queue wait at rq_sampled (ns) */
+    uint64_t rq_sampled;   /* uv_hrtime of that sample, at a turn's start */
 } osara_watchdog_t;
 
 /* Enables libuv's idle-time metric on loop; call before the loop first
@@ -48,7 +54,8 @@ typedef struct {
 int osara_watchdog_init(osara_watchdog_t *wd, uv_loop_t *loop,
                         unsigned threshold_ms);
 
-/* Starts watching (the prepare handle does not keep the loop alive). */
+/* Starts watching (the prepare handle does not keep the loop alive). Call
+ * on the loop thread (it opens that thread's schedstat). */
 void osara_watchdog_start(osara_watchdog_t *wd);
 
 /* The current turn is expected to be long (a reload): do not count it. */

@@ -35,13 +35,15 @@ local function count(log, text)
   return n
 end
 
--- A timer whose Lua runs `secs` without yielding, then logs the count.
+-- A timer whose Lua computes for `secs` of CPU time without yielding, then
+-- logs the count. CPU time, not wall time: the watchdog does not count the
+-- time the thread waits for a CPU on a loaded machine.
 local function busy(secs)
   return ([[
 local osara = require "osara"
 osara.after(0.05, function()
-  local t0 = osara.monotonic()
-  while osara.monotonic() - t0 < %g do end
+  local t0 = os.clock()
+  while os.clock() - t0 < %g do end
   osara.after(0.05, function()
     osara.log.info("stalls=%%d", osara.metrics.value("osara_loop_stalls_total"))
   end)
@@ -65,7 +67,7 @@ describe("loop-stall watchdog", function()
     assert.are.equal(1, count(log, "loop stall"), log)
     local ms, where = log:match("WARN  loop stall: (%d+) ms in (after at [^\n]*)")
     assert.is_truthy(ms, log)
-    assert.is_true(tonumber(ms) >= 300 and tonumber(ms) < 3000, log)
+    assert.is_true(tonumber(ms) >= 250 and tonumber(ms) < 3000, log)
     assert.matches("app.lua:2$", where)
   end)
 
