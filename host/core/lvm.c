@@ -13,6 +13,7 @@
 #include "core/log.h"
 #include "core/mem.h"
 #include "core/metrics.h"
+#include "core/runaway.h"
 #include "core/sched.h"
 #include "core/worker.h"
 
@@ -145,6 +146,8 @@ osara_vm_t *osara_vm_new(osara_worker_t *w, unsigned gen)
     vm->inbox = &w->inbox;
     vm->gen = gen;
     vm->accepting = 1;
+    vm->runaway_timeout = OSARA_RUNAWAY_DEFAULT_S;
+    vm->slow_warning = OSARA_SLOW_HANDLER_DEFAULT_S;
     vm->L = luaL_newstate();
     if (vm->L == NULL) {
         free(vm);

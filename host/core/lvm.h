@@ -50,6 +50,11 @@ typedef struct osara_vm_s {
     unsigned long long *file_hashes;
     int nfiles;
     uv_timer_t *grace_timer;
+    /* Limits of its handlers (osara.runaway_timeout, osara.handler_timeout,
+     * osara.slow_handler_warning; seconds, 0: off) and the timer that
+     * checks the last two (sched_limits.c). */
+    double runaway_timeout, handler_timeout, slow_warning;
+    uv_timer_t *limits_timer;
     struct osara_vm_s *next_retiring;
 } osara_vm_t;
 

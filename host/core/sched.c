@@ -12,30 +12,9 @@
 #include "core/lvm.h"
 #include "core/mem.h"
 #include "core/metrics.h"
+#include "core/runaway.h"
+#include "core/sched_int.h"
 
-struct osara_co_s {
-    lua_State *thread;
-    int ref;                 /* keeps the thread alive in vm->L's registry */
-    osara_vm_t *vm;
-    osara_co_done_fn done;
-    void *done_ud;
-    char what[128];
-    uint32_t what_hash;      /* of what, for the watchdog's per-label sums */
-    osara_wait_cleanup_fn cleanup;
-    void *wait_data;
-    int anchor_ref;          /* the object waited on, kept alive (registry) */
-    uv_timer_t *timer;       /* the wait's deadline; allocated on first use */
-    osara_push_fn on_timeout;
-    unsigned seq;
-    int waiting;
-    int pending_nret;        /* for resume_later */
-    int load_task;           /* spawned while the script loaded */
-    int failed;              /* its entry failed though it returned (fail()) */
-    int ctx_ref;             /* the entry's log context table (registry) */
-    void *user;              /* the entry's owner data (e.g. a Kafka input) */
-    struct osara_co_s *next_idle;
-    struct osara_co_s *next_all;
-};
 
 /* Process-wide series, looked up once for every worker thread. */
 static osara_metric_t *m_errors, *m_started;
@@ -56,9 +35,9 @@ static void count(osara_metric_t **m)
 }
 
 /* The pooled coroutine resumed on this thread (one worker per thread). */
-static _Thread_local osara_co_t *running;
+_Thread_local osara_co_t *osara__running;
 
-osara_co_t *osara_sched_running(void) { return running; }
+osara_co_t *osara_sched_running(void) { return osara__running; }
 
 /* Time spent in Lua this turn, per entry label, for the watchdog: a turn
  * is often many short runs of one handler. A few labels are kept; a new
@@ -121,6 +100,7 @@ static void note_duration(osara_co_t *co, uint64_t ns)
 }
 lua_State *osara_co_thread(osara_co_t *co) { return co->thread; }
 void osara_co_set_user(osara_co_t *co, void *user) { co->user = user; }
+void osara_co_set_task(osara_co_t *co) { co->task = 1; }
 void *osara_co_user(osara_co_t *co) { return co->user; }
 osara_vm_t *osara_co_vm(osara_co_t *co) { return co->vm; }
 unsigned osara_co_seq(osara_co_t *co) { return co->seq; }
@@ -178,6 +158,7 @@ static void release(osara_co_t *co, int dead)
     luaL_unref(vm->L, LUA_REGISTRYINDEX, co->ctx_ref); /* the next entry has its own */
     co->ctx_ref = LUA_NOREF;
     co->user = NULL;
+    osara__limits_reset(co);
     co->next_idle = vm->idle;
     vm->idle = co;
     vm->nidle++;
@@ -252,7 +233,7 @@ static void end_wait(osara_co_t *co)
 }
 
 /* Cancels a wait: its cleanup detaches the completion, then end_wait. */
-static void cancel_wait(osara_co_t *co)
+void osara__sched_cancel_wait(osara_co_t *co)
 {
     if (co->waiting && co->cleanup) {
         co->cleanup(co->wait_data);
@@ -274,7 +255,7 @@ static int must_wait_turn(osara_co_t *co)
  * for one thread's bookkeeping) or the turn's budget is spent. */
 static void resume_in_turn(osara_co_t *co, int nret)
 {
-    if ((running != NULL || must_wait_turn(co)) &&
+    if ((osara__running != NULL || must_wait_turn(co)) &&
         osara_sched_resume_later(co, nret) == 0) {
         return;
     }
@@ -284,17 +265,25 @@ static void resume_in_turn(osara_co_t *co, int nret)
 /* The one caller of lua_resume. */
 static int resume(osara_co_t *co, int nargs)
 {
-    osara_co_t *prev = running;
-    running = co;
+    osara_co_t *prev = osara__running;
+    osara__running = co;
     end_wait(co);
+    osara__limits_before_resume(co);
     uint64_t t0 = uv_hrtime();
+    if (prev == NULL) {
+        osara__limits_run_begin(co, t0); /* the runaway guard watches it */
+    }
     int rc = lua_resume(co->thread, nargs);
+    if (prev == NULL) {
+        osara_runaway_leave();
+    }
+    osara__limits_after_resume(co);
     uint64_t ns = uv_hrtime() - t0;
     note_duration(co, ns);
     if (prev == NULL) {
         osara_inbox_turn_charge(co->vm->inbox, ns); /* nested runs count once */
     }
-    running = prev;
+    osara__running = prev;
     if (rc == LUA_YIELD) {
         if (!co->waiting) {
             /* A bare coroutine.yield() from the entry function: treat as a
@@ -315,6 +304,11 @@ static int resume(osara_co_t *co, int nargs)
     return 0;
 }
 
+int osara__sched_resume_now(osara_co_t *co, int nargs)
+{
+    return resume(co, nargs);
+}
+
 int osara_sched_run(osara_co_t *co, int nargs, osara_co_done_fn done,
                     void *ud, const char *what)
 {
@@ -329,7 +323,8 @@ int osara_sched_run(osara_co_t *co, int nargs, osara_co_done_fn done,
     co->what_hash = label_hash(co->what);
     co->vm->inflight++;
     count(&m_started);
-    if (running == NULL && must_wait_turn(co)) {
+    osara__limits_entry_started(co);
+    if (osara__running == NULL && must_wait_turn(co)) {
         /* Started from the inbox once a later turn has budget left: a
          * deferred start is a wait like any other (cancellable). */
         co->waiting = 1;
@@ -356,7 +351,7 @@ int osara_sched_spawn(osara_vm_t *vm, int nargs, int force,
 
 osara_co_t *osara_sched_current(lua_State *L)
 {
-    return running && running->thread == L ? running : NULL;
+    return osara__running && osara__running->thread == L ? osara__running : NULL;
 }
 
 static int push_timeout(lua_State *T, void *unused)
@@ -553,7 +548,7 @@ void osara_sched_cancel_all(osara_vm_t *vm)
 {
     for (osara_co_t *co = vm->all; co; co = co->next_all) {
         int was_waiting = co->waiting;
-        cancel_wait(co);
+        osara__sched_cancel_wait(co);
         if (was_waiting && co->done) {
             /* Report the abandoned entry so the owner can redeliver. */
             lua_pushliteral(co->thread, "cancelled: shutting down");
@@ -569,7 +564,7 @@ void osara_sched_cancel_load_tasks(osara_vm_t *vm)
         if (!co->load_task || !co->waiting) {
             continue;
         }
-        cancel_wait(co);
+        osara__sched_cancel_wait(co);
         co->load_task = 0;
         co->done = NULL;
         release(co, 1); /* suspended mid-function: the thread cannot be reused */
@@ -589,6 +584,7 @@ static int is_resume_of(const osara_event_t *ev, void *vm)
 
 void osara_sched_free(osara_vm_t *vm)
 {
+    osara__limits_free(vm);
     /* Queued wake-ups point at the coroutines freed here. */
     osara_inbox_cancel(vm->inbox, is_resume_of, vm);
     osara_co_t *co = vm->all;
@@ -643,6 +639,7 @@ static int spawn(lua_State *L, int load_task)
     }
     lua_xmove(L, T, nargs + 1); /* T: [fn, args...] */
     co->load_task = load_task;
+    co->task = 1; /* a service: no handler limits */
     char what[128];
     osara_sched_run(co, nargs, NULL, NULL, where_label(L, "task", what, sizeof(what)));
     lua_pushboolean(L, 1);
@@ -777,6 +774,8 @@ int osara_sched_open(lua_State *L)
         {"wake", l_sched_wake}, {"stats", l_sched_stats},
         {"fail", l_sched_fail}, {"error", l_sched_error},
         {"set_context", l_sched_set_context}, {"context", l_sched_context},
+        {"limit", osara__limits_l_limit},
+        {"interrupted", osara__limits_l_interrupted},
         {NULL, NULL},
     };
     lua_newtable(L);

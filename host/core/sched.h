@@ -162,6 +162,10 @@ lua_State *osara_co_thread(osara_co_t *co);
  * Kafka input, so outputs sent from the handler are counted against it).
  * Cleared when the coroutine returns to the pool. */
 void osara_co_set_user(osara_co_t *co, void *user);
+/* Marks the entry a service (a task, the test runner) rather than a
+ * handler: osara.handler_timeout and the slow-handler warning skip it.
+ * Call before osara_sched_run. */
+void osara_co_set_task(osara_co_t *co);
 void *osara_co_user(osara_co_t *co);
 struct osara_vm_s *osara_co_vm(osara_co_t *co);
 /* Increments on every wait; a completion compares it to detect staleness. */
@@ -178,6 +182,11 @@ void osara_sched_cancel_load_tasks(struct osara_vm_s *vm);
 
 /* Frees the pool's bookkeeping of vm (lua_close frees the threads). */
 void osara_sched_free(struct osara_vm_s *vm);
+
+/* The runaway guard's interrupt (runaway.h): makes the Lua running on this
+ * thread raise a "runaway" error at its next interpreted instruction.
+ * Async-signal-safe; returns the entry's label or NULL. */
+const char *osara_sched_interrupt_running(void);
 
 /* Lua binding `osara.sched_c`: spawn, yield, current, park, wake. */
 int osara_sched_open(lua_State *L);

@@ -16,7 +16,9 @@
 #include "core/mem.h"
 #include "core/metrics.h"
 #include "core/registry.h"
+#include "core/runaway.h"
 #include "core/sched.h"
+#include "core/signals.h"
 
 /* Debounce for file events: editors write in several steps. */
 #define WATCH_DEBOUNCE_MS 15
@@ -172,21 +174,48 @@ static int ensure_dir(const char *path)
 
 /* ---- signals ------------------------------------------------------------- */
 
-static void on_signal(uv_signal_t *h, int signum)
+/* The first SIGINT/SIGTERM (the second exits in the handler: signals.c). */
+static void on_stop_signal(uv_async_t *h)
 {
     osara_worker_t *w = h->data;
-    if (signum == SIGHUP) {
-        osara_worker_reload(w, "SIGHUP");
-        return;
-    }
-    if (++w->signals_seen > 1) {
-        OSARA_WARN("second signal: exiting now");
-        osara_log_shutdown();
-        _exit(130);
-    }
+    int signum = osara_signals_received();
     OSARA_INFO("%s received: stopping (grace %gs)",
                signum == SIGINT ? "SIGINT" : "SIGTERM", w->opts.grace);
     osara_worker_stop(w, 0);
+}
+
+static void on_sighup(uv_signal_t *h, int signum)
+{
+    (void)signum;
+    osara_worker_reload(h->data, "SIGHUP");
+}
+
+/* Signals and the worker's own timers. 0 or a negative uv error. */
+static int init_handles(osara_worker_t *w)
+{
+    int rc = uv_async_init(&w->loop, &w->stop_signal, on_stop_signal);
+    if (rc == 0) {
+        w->stop_signal.data = w;
+        rc = osara_signals_watch(&w->stop_signal);
+    }
+    if (rc == 0) {
+        rc = uv_signal_init(&w->loop, &w->sighup);
+    }
+    if (rc == 0) {
+        w->sighup.data = w;
+        rc = uv_signal_start(&w->sighup, on_sighup, SIGHUP);
+    }
+    if (rc == 0) {
+        rc = uv_timer_init(&w->loop, &w->stop_timer);
+    }
+    if (rc == 0) {
+        rc = uv_timer_init(&w->loop, &w->watch_timer);
+    }
+    if (rc == 0) {
+        rc = uv_timer_init(&w->loop, &w->report_timer);
+    }
+    w->stop_timer.data = w->watch_timer.data = w->report_timer.data = w;
+    return rc;
 }
 
 int osara_worker_init(osara_worker_t *w, const osara_worker_opts_t *opts)
@@ -220,17 +249,10 @@ int osara_worker_init(osara_worker_t *w, const osara_worker_opts_t *opts)
         w->data_dir = osara_xmalloc(n);
         snprintf(w->data_dir, n, "%s/.osara-data", w->script_dir);
     }
-    uv_signal_t *sigs[] = {&w->sigint, &w->sigterm, &w->sighup};
-    int nums[] = {SIGINT, SIGTERM, SIGHUP};
-    for (int i = 0; i < 3; i++) {
-        uv_signal_init(&w->loop, sigs[i]);
-        sigs[i]->data = w;
-        uv_signal_start(sigs[i], on_signal, nums[i]);
+    rc = init_handles(w);
+    if (rc != 0) {
+        return osara_err_set(rc, "cannot watch signals: %s", uv_strerror(rc));
     }
-    uv_timer_init(&w->loop, &w->stop_timer);
-    uv_timer_init(&w->loop, &w->watch_timer);
-    uv_timer_init(&w->loop, &w->report_timer);
-    w->stop_timer.data = w->watch_timer.data = w->report_timer.data = w;
     return 0;
 }
 
@@ -482,8 +504,8 @@ static void finish_stop(osara_worker_t *w)
     shared_close_all(w);
     unwatch(w);
     osara_inbox_close(&w->inbox);
-    uv_close((uv_handle_t *)&w->sigint, NULL);
-    uv_close((uv_handle_t *)&w->sigterm, NULL);
+    osara_signals_unwatch(&w->stop_signal);
+    uv_close((uv_handle_t *)&w->stop_signal, NULL);
     uv_close((uv_handle_t *)&w->sighup, NULL);
     report_failure_now(w);
     uv_close((uv_handle_t *)&w->stop_timer, NULL);
@@ -603,7 +625,16 @@ static void start_tests(osara_worker_t *w)
     } else {
         lua_pushnil(L);
     } /* [run, paths, output] */
-    osara_sched_spawn(w->vm, 2, 0, test_done, w, "osara test");
+    osara_co_t *co;
+    lua_State *T = osara_sched_acquire(w->vm, 0, &co);
+    if (T == NULL) {
+        lua_pop(L, 3);
+        osara_worker_stop(w, 1);
+        return;
+    }
+    lua_xmove(L, T, 3); /* T: [run, paths, output] */
+    osara_co_set_task(co); /* runs for the whole suite */
+    osara_sched_run(co, 2, test_done, w, "osara test");
 }
 
 int osara_worker_run(osara_worker_t *w)
@@ -632,7 +663,18 @@ int osara_worker_run(osara_worker_t *w)
     }
     watch_files(w);
     osara_watchdog_start(&w->watchdog);
+    /* Run mode only, as the stall watchdog: `osara test` runs its suite
+     * in one long task that may block in C (io.popen) for good reasons. */
+    osara_runaway_t *guard = NULL;
+    if (w->opts.mode == OSARA_MODE_RUN &&
+        (guard = osara_runaway_start(osara_sched_interrupt_running)) == NULL) {
+        OSARA_WARN("%s; handlers that never yield will not be interrupted",
+                   osara_err_msg());
+    }
     uv_run(&w->loop, UV_RUN_DEFAULT);
+    if (guard) {
+        osara_runaway_stop(guard);
+    }
     uv_walk(&w->loop, close_walk, NULL);
     uv_run(&w->loop, UV_RUN_DEFAULT);
     free(w->watchers);

@@ -67,8 +67,8 @@ typedef struct osara_worker_s {
     int stopping;
     int stop_hooks_run;          /* osara.on_stop hooks started */
     int exit_code;
-    int signals_seen;
-    uv_signal_t sigint, sigterm, sighup;
+    uv_async_t stop_signal; /* woken by the first SIGINT/SIGTERM (signals.h) */
+    uv_signal_t sighup;
     uv_timer_t stop_timer;
     osara_watchdog_t watchdog;
     uv_timer_t watch_timer;

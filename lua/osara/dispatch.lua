@@ -17,6 +17,8 @@ local metrics = require "osara.metrics_c"
 local sched = require "osara.sched_c"
 local util = require "osara.util"
 local middleware = require "osara.middleware"
+-- "runaway" | "timeout" when a limit raised the last error (sched_limits.c)
+local interrupted = sched.interrupted
 
 local M = {}
 -- osara.testing sets on_return(...) to see what a handler returned; the
@@ -96,7 +98,7 @@ function Handler:call(msg)
   end
   local res = { call_fn(self.fn, msg) }
   if not res[1] then
-    return false, "handler", tostring(res[2])
+    return false, interrupted() or "handler", tostring(res[2])
   end
   return true, res[2], res[3], res[4]
 end
@@ -311,8 +313,10 @@ function Policy:after(msg, fn, emit, ok, ...)
   local err = tostring((...))
   msg.first_failure = msg.first_failure or now()
   local n, r = msg.attempt, self.retry
-  if n > r.max or not self:retryable(err, msg) then
-    return self:fail(msg, "handler", err)
+  -- a runaway would hold the loop again for each attempt: never retried
+  local kind = interrupted()
+  if kind == "runaway" or n > r.max or not self:retryable(err, msg) then
+    return self:fail(msg, kind or "handler", err)
   end
   if self.to_retry_topic then -- Kafka's retry = { mode = "topic" }: the partition goes on
     local wait = self:delay(n)

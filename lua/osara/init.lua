@@ -40,8 +40,28 @@ local schema_names = { number = true, integer = true, string = true, boolean = t
                        array = true, map = true, optional = true, nullable = true,
                        enum = true, any = true, field = true }
 
+-- Limits of this script's handlers, in seconds (0 or false: off); read
+-- and set as osara.runaway_timeout = 2 (host/core/sched_limits.c).
+local limits = { runaway_timeout = true, handler_timeout = true, slow_handler_warning = true }
+
+local function set_limit(k, v)
+  if v == false then v = 0 end
+  if type(v) ~= "number" or v ~= v or v < 0 then
+    options.raise(("osara.%s must be seconds (a number >= 0) or false, got %s"):format(k, tostring(v)))
+  end
+  sched_c.limit(k, v)
+end
+
 setmetatable(osara, {
+  __newindex = function(t, k, v)
+    if limits[k] then return set_limit(k, v) end
+    rawset(t, k, v)
+  end,
   __index = function(t, k)
+    if limits[k] then
+      local v = sched_c.limit(k)
+      return v > 0 and v or false
+    end
     if k == "route" or k == "resource" or k == "response" or k == "sse" then
       local v = require("osara.http")[k]
       rawset(t, k, v)

@@ -348,6 +348,30 @@ void test_sched_defers_runs_past_the_turn_budget(void)
     CHECK(fx_done(&w, vm) == 0);
 }
 
+/* ---- handler limits ---------------------------------------------------------- */
+
+/* gh_13: an entry still waiting past osara.handler_timeout is cancelled where
+ * it waits (its wait's cleanup runs) and raises there; a task is exempt. */
+void test_sched_handler_timeout_raises_where_it_waits(void)
+{
+    osara_worker_t w;
+    osara_vm_t *vm = fx_vm(&w);
+    CHECK(vm != NULL);
+    vm->handler_timeout = 0.02;
+    vm->slow_warning = 0;
+    osara_co_t *task;
+    lua_State *T = osara_sched_acquire(vm, 1, &task);
+    lua_rawgeti(T, LUA_REGISTRYINDEX, entry_fn(vm, "return wait()")); /* T: [fn] */
+    osara_co_set_task(task);
+    osara_sched_run(task, 0, on_done, NULL, "test task");
+    run_entry(vm, entry_fn(vm, "local ok, err = pcall(function() local v = wait() return v end) "
+                                  "return err:match('osara.handler_timeout')"));
+    run_until_done(&w, 1);
+    CHECK(fx.last_ok && strcmp(fx.last, "osara.handler_timeout") == 0); /* by pcall */
+    CHECK(fx.cleanups == 1 && osara_co_waiting(task)); /* the task still waits */
+    CHECK(fx_done(&w, vm) == 0);
+}
+
 /* ---- shared resources ------------------------------------------------------- */
 
 static int res_closed;
