@@ -5,6 +5,7 @@
 #include <stdlib.h>
 
 #include "cache/cache_int.h"
+#include "core/lvm.h"
 #include "core/mem.h"
 
 int osara__cache_strings(lua_State *L, int idx, const char *what,
@@ -35,14 +36,8 @@ int osara__cache_strings(lua_State *L, int idx, const char *what,
 void osara__cache_register(lua_State *L, const char *mt, const luaL_Reg *methods,
                            lua_CFunction gc, const char *name, lua_CFunction ctor)
 {
-    luaL_newmetatable(L, mt); /* [mod, mt] */
-    lua_newtable(L);
-    luaL_register(L, NULL, methods);
-    lua_setfield(L, -2, "__index");
-    lua_pushcfunction(L, gc);
-    lua_setfield(L, -2, "__gc");
-    lua_pop(L, 1);
-    lua_pushcfunction(L, ctor);
+    osara_lua_newclass(L, mt, methods, gc, NULL);
+    lua_pushcfunction(L, ctor); /* [mod, ctor] */
     lua_setfield(L, -2, name);
 }
 

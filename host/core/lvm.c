@@ -402,6 +402,24 @@ int osara_vm_files_changed(osara_vm_t *vm)
     return 0;
 }
 
+void osara_lua_newclass(lua_State *L, const char *name, const luaL_Reg *methods,
+                        lua_CFunction gc, lua_CFunction index)
+{
+    luaL_newmetatable(L, name);
+    lua_newtable(L);
+    luaL_register(L, NULL, methods); /* [mt, methods] */
+    lua_pushvalue(L, -1);
+    lua_setfield(L, -3, "methods");
+    if (index != NULL) {
+        lua_pop(L, 1);
+        lua_pushcfunction(L, index);
+    }
+    lua_setfield(L, -2, "__index");
+    lua_pushcfunction(L, gc);
+    lua_setfield(L, -2, "__gc");
+    lua_pop(L, 1);
+}
+
 /* ---- Lua binding: osara.vm_c ------------------------------------------- */
 
 static int l_vm_mode(lua_State *L)

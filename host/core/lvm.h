@@ -8,6 +8,7 @@
 #ifndef OSARA_LVM_H
 #define OSARA_LVM_H
 
+#include <lauxlib.h>
 #include <lua.h>
 #include <stddef.h>
 #include <uv.h>
@@ -101,6 +102,13 @@ int osara_vm_files_changed(osara_vm_t *vm);
 
 /* A hash of the current contents of every file the VM loaded. */
 unsigned long long osara_vm_files_signature(osara_vm_t *vm);
+
+/* Registers metatable `name` for a C type's userdata: __gc = gc, and the
+ * methods table in its "methods" field, which is also its __index unless
+ * `index` is given (a function that answers fields and falls back to
+ * "methods"). Leaves the stack as it was. */
+void osara_lua_newclass(lua_State *L, const char *name, const luaL_Reg *methods,
+                        lua_CFunction gc, lua_CFunction index);
 
 /* Lua binding `osara.vm_c`: mode, script, paths, register, exepath. */
 int osara_vm_open(lua_State *L);

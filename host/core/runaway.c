@@ -11,6 +11,7 @@
 #include "core/err.h"
 #include "core/log.h"
 #include "core/mem.h"
+#include "core/signals.h"
 
 /* How often the guard looks (its reaction time past a timeout). */
 #define CHECK_EVERY_NS (50u * 1000000u)
@@ -68,12 +69,7 @@ static void on_interrupt_signal(int signum)
 
 static void install(void)
 {
-    struct sigaction sa;
-    memset(&sa, 0, sizeof(sa));
-    sa.sa_handler = on_interrupt_signal;
-    sa.sa_flags = SA_RESTART;
-    sigemptyset(&sa.sa_mask);
-    install_rc = sigaction(interrupt_signal(), &sa, NULL) == 0 ? 0 : -errno;
+    install_rc = osara_signals_install(interrupt_signal(), on_interrupt_signal);
 }
 
 /* The guard thread's view of the run it watches. */

@@ -31,17 +31,20 @@ static void on_stop_signal(int signum)
     errno = saved;
 }
 
-static int install(void)
+int osara_signals_install(int signum, void (*handler)(int))
 {
     struct sigaction sa;
     memset(&sa, 0, sizeof(sa));
-    sa.sa_handler = on_stop_signal;
+    sa.sa_handler = handler;
     sa.sa_flags = SA_RESTART;
     sigemptyset(&sa.sa_mask);
-    if (sigaction(SIGINT, &sa, NULL) != 0 || sigaction(SIGTERM, &sa, NULL) != 0) {
-        return -errno;
-    }
-    return 0;
+    return sigaction(signum, &sa, NULL) == 0 ? 0 : -errno;
+}
+
+static int install(void)
+{
+    int rc = osara_signals_install(SIGINT, on_stop_signal);
+    return rc == 0 ? osara_signals_install(SIGTERM, on_stop_signal) : rc;
 }
 
 int osara_signals_watch(uv_async_t *stop)

@@ -21,6 +21,10 @@ int osara_signals_watch(uv_async_t *stop);
 /* Stops waking `stop` (before it is closed). */
 void osara_signals_unwatch(uv_async_t *stop);
 
+/* Installs handler for signum (SA_RESTART, nothing blocked). Returns 0 or
+ * a negative errno. */
+int osara_signals_install(int signum, void (*handler)(int));
+
 /* The signal that asked for the stop (SIGINT or SIGTERM), 0 before. */
 int osara_signals_received(void);
 

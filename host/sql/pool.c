@@ -19,6 +19,7 @@
 
 #include "core/err.h"
 #include "core/log.h"
+#include "core/lvm.h"
 #include "core/mem.h"
 #include "core/metrics.h"
 #include "sql/sql.h"
@@ -693,18 +694,6 @@ static int l_sql_listdir(lua_State *L)
     return 1;
 }
 
-static void new_metatable(lua_State *L, const char *name, const luaL_Reg *methods,
-                          lua_CFunction gc)
-{
-    luaL_newmetatable(L, name);
-    lua_newtable(L);
-    luaL_register(L, NULL, methods);
-    lua_setfield(L, -2, "__index");
-    lua_pushcfunction(L, gc);
-    lua_setfield(L, -2, "__gc");
-    lua_pop(L, 1);
-}
-
 static int l_lease_gc(lua_State *L)
 {
     lease_release(luaL_checkudata(L, 1, LEASE_MT));
@@ -719,8 +708,8 @@ int osara_sql_open(lua_State *L)
         {"run", l_lease_run}, {"release", l_lease_release}, {NULL, NULL}};
     static const luaL_Reg fns[] = {
         {"pool", l_sql_pool}, {"listdir", l_sql_listdir}, {NULL, NULL}};
-    new_metatable(L, POOL_MT, pool_methods, l_pool_gc);
-    new_metatable(L, LEASE_MT, lease_methods, l_lease_gc);
+    osara_lua_newclass(L, POOL_MT, pool_methods, l_pool_gc, NULL);
+    osara_lua_newclass(L, LEASE_MT, lease_methods, l_lease_gc, NULL);
     lua_newtable(L);
     luaL_register(L, NULL, fns);
     return 1;

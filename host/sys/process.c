@@ -579,15 +579,7 @@ int osara_process_open(lua_State *L)
     static const luaL_Reg fns[] = {
         {"spawn", l_process_spawn}, {NULL, NULL},
     };
-    luaL_newmetatable(L, PROC_MT);
-    lua_pushcfunction(L, l_proc_gc);
-    lua_setfield(L, -2, "__gc");
-    lua_pushcfunction(L, l_proc_index);
-    lua_setfield(L, -2, "__index");
-    lua_newtable(L);
-    luaL_register(L, NULL, methods);
-    lua_setfield(L, -2, "methods");
-    lua_pop(L, 1);
+    osara_lua_newclass(L, PROC_MT, methods, l_proc_gc, l_proc_index);
     lua_newtable(L);
     luaL_register(L, NULL, fns);
     return 1;

@@ -292,13 +292,7 @@ int osara_timer_open(lua_State *L)
         {NULL, NULL},
     };
     osara_registry_kind(&timer_kind);
-    luaL_newmetatable(L, TIMER_MT);
-    lua_pushcfunction(L, l_timer_gc);
-    lua_setfield(L, -2, "__gc");
-    lua_newtable(L);
-    luaL_register(L, NULL, methods);
-    lua_setfield(L, -2, "__index");
-    lua_pop(L, 1);
+    osara_lua_newclass(L, TIMER_MT, methods, l_timer_gc, NULL);
     lua_newtable(L);
     luaL_register(L, NULL, fns);
     return 1;
