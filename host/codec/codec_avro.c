@@ -8,6 +8,8 @@
 #include <stdlib.h>
 #include <string.h>
 
+#include "core/lvm.h"
+
 #define AVRO_MT "osara.avro.schema"
 
 typedef struct {
@@ -564,10 +566,7 @@ int osara_avro_open(lua_State *L)
         {"schema", l_avro_schema}, {"decode", l_avro_decode}, {"encode", l_avro_encode},
         {NULL, NULL},
     };
-    luaL_newmetatable(L, AVRO_MT);
-    lua_pushcfunction(L, l_avro_gc);
-    lua_setfield(L, -2, "__gc");
-    lua_pop(L, 1);
+    osara_lua_newclass(L, AVRO_MT, NULL, l_avro_gc, NULL);
     lua_newtable(L);
     luaL_register(L, NULL, fns);
     return 1;

@@ -407,7 +407,9 @@ void osara_lua_newclass(lua_State *L, const char *name, const luaL_Reg *methods,
 {
     luaL_newmetatable(L, name);
     lua_newtable(L);
-    luaL_register(L, NULL, methods); /* [mt, methods] */
+    if (methods != NULL) {
+        luaL_register(L, NULL, methods); /* [mt, methods] */
+    }
     lua_pushvalue(L, -1);
     lua_setfield(L, -3, "methods");
     if (index != NULL) {
@@ -418,6 +420,23 @@ void osara_lua_newclass(lua_State *L, const char *name, const luaL_Reg *methods,
     lua_pushcfunction(L, gc);
     lua_setfield(L, -2, "__gc");
     lua_pop(L, 1);
+}
+
+void *osara_lua_newobject(lua_State *L, size_t size, const char *mt)
+{
+    void *ud = lua_newuserdata(L, size);
+    luaL_getmetatable(L, mt);
+    lua_setmetatable(L, -2); /* [..., ud] */
+    return ud;
+}
+
+void osara_lua_push_stats(lua_State *L, const osara_lua_stat_t *stats, int n)
+{
+    lua_createtable(L, 0, n);
+    for (int i = 0; i < n; i++) {
+        lua_pushnumber(L, stats[i].value);
+        lua_setfield(L, -2, stats[i].name);
+    }
 }
 
 /* ---- Lua binding: osara.vm_c ------------------------------------------- */
@@ -535,13 +554,11 @@ static int l_vm_stop(lua_State *L)
 static int l_vm_stats(lua_State *L)
 {
     osara_vm_t *vm = osara_vm_from_L(L);
-    lua_createtable(L, 0, 3);
-    lua_pushinteger(L, vm->gen);
-    lua_setfield(L, -2, "generation");
-    lua_pushnumber(L, (double)vm->w->reloads);
-    lua_setfield(L, -2, "reloads");
-    lua_pushnumber(L, (double)vm->w->reload_failures);
-    lua_setfield(L, -2, "reload_failures");
+    osara_lua_push_stats(L, (osara_lua_stat_t[]){
+        {"generation", vm->gen},
+        {"reloads", (double)vm->w->reloads},
+        {"reload_failures", (double)vm->w->reload_failures},
+    }, 3);
     lua_pushboolean(L, vm->w->stopping || !vm->accepting);
     lua_setfield(L, -2, "stopping");
     return 1;

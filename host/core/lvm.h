@@ -104,11 +104,25 @@ int osara_vm_files_changed(osara_vm_t *vm);
 unsigned long long osara_vm_files_signature(osara_vm_t *vm);
 
 /* Registers metatable `name` for a C type's userdata: __gc = gc, and the
- * methods table in its "methods" field, which is also its __index unless
- * `index` is given (a function that answers fields and falls back to
- * "methods"). Leaves the stack as it was. */
+ * methods table (empty when methods is NULL) in its "methods" field, which
+ * is also its __index unless `index` is given (a function that answers
+ * fields and falls back to "methods"). Leaves the stack as it was. */
 void osara_lua_newclass(lua_State *L, const char *name, const luaL_Reg *methods,
                         lua_CFunction gc, lua_CFunction index);
+
+/* Pushes a new userdata of `size` bytes with metatable `mt` (registered by
+ * osara_lua_newclass) and returns it; the caller fills it. */
+void *osara_lua_newobject(lua_State *L, size_t size, const char *mt);
+
+/* A named number of a stats() table. */
+typedef struct {
+    const char *name;
+    double value;
+} osara_lua_stat_t;
+
+/* Pushes {name = value, ...} for the n stats: what every stats() binding
+ * returns. Fields the caller adds afterwards go on the table on top. */
+void osara_lua_push_stats(lua_State *L, const osara_lua_stat_t *stats, int n);
 
 /* Lua binding `osara.vm_c`: mode, script, paths, register, exepath. */
 int osara_vm_open(lua_State *L);

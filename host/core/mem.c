@@ -47,3 +47,10 @@ char *osara_xstrdup(const char *s)
     memcpy(p, s, n);
     return p;
 }
+
+void osara_uv_alloc(uv_handle_t *h, size_t suggested, uv_buf_t *buf)
+{
+    (void)h;
+    buf->base = osara_xmalloc(suggested);
+    buf->len = suggested;
+}

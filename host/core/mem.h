@@ -12,10 +12,15 @@
 #define OSARA_MEM_H
 
 #include <stddef.h>
+#include <uv.h>
 
 void *osara_xmalloc(size_t size);
 void *osara_xcalloc(size_t n, size_t size);
 void *osara_xrealloc(void *ptr, size_t size);
 char *osara_xstrdup(const char *s);
+
+/* libuv's alloc callback for uv_read_start: a fresh buffer of the suggested
+ * size under this policy; the read callback frees buf->base. */
+void osara_uv_alloc(uv_handle_t *h, size_t suggested, uv_buf_t *buf);
 
 #endif

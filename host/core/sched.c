@@ -757,11 +757,9 @@ static int l_sched_context(lua_State *L)
 static int l_sched_stats(lua_State *L)
 {
     osara_vm_t *vm = osara_vm_from_L(L);
-    lua_createtable(L, 0, 2);
-    lua_pushinteger(L, vm->inflight);
-    lua_setfield(L, -2, "inflight");
-    lua_pushinteger(L, vm->nidle);
-    lua_setfield(L, -2, "idle");
+    osara_lua_push_stats(L, (osara_lua_stat_t[]){
+        {"inflight", vm->inflight}, {"idle", vm->nidle},
+    }, 2);
     return 1;
 }
 

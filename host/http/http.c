@@ -322,7 +322,6 @@ static int congested(hconn_t *c)
     return c->nqueued >= MAX_QUEUED || unsent(c) >= MAX_UNSENT;
 }
 
-static void on_alloc(uv_handle_t *h, size_t suggested, uv_buf_t *b);
 static void on_read(uv_stream_t *s, ssize_t nread, const uv_buf_t *b);
 static void conn_parse(hconn_t *c, const char *p, size_t n);
 
@@ -355,7 +354,7 @@ static void conn_resume(hconn_t *c)
             return;
         }
     }
-    if (!c->reading && uv_read_start((uv_stream_t *)&c->tcp, on_alloc, on_read) == 0) {
+    if (!c->reading && uv_read_start((uv_stream_t *)&c->tcp, osara_uv_alloc, on_read) == 0) {
         c->reading = 1;
     }
 }
@@ -711,13 +710,6 @@ static int on_message_complete(http_parser *p)
     return 0;
 }
 
-static void on_alloc(uv_handle_t *h, size_t suggested, uv_buf_t *b)
-{
-    (void)h;
-    b->base = osara_xmalloc(suggested);
-    b->len = suggested;
-}
-
 /* A request for a WebSocket goes to host/ws with the bytes that followed
  * it; this connection then closes without writing (ws owns a duplicate of
  * its socket) or answers why not. */
@@ -858,7 +850,7 @@ static void on_connection(uv_stream_t *server, int status)
     /* A new connection owes a request: it gets the request timeout, so
      * connections that never send a byte cannot hold slots for long. */
     arm_timer(c, srv->request_timeout);
-    if (uv_read_start((uv_stream_t *)&c->tcp, on_alloc, on_read) != 0) {
+    if (uv_read_start((uv_stream_t *)&c->tcp, osara_uv_alloc, on_read) != 0) {
         conn_close(c);
         return;
     }
@@ -1177,10 +1169,7 @@ int osara_http_open(lua_State *L)
         .on_headers_complete = on_headers_complete, .on_body = on_body,
         .on_message_complete = on_message_complete,
     };
-    luaL_newmetatable(L, REQ_MT);
-    lua_pushcfunction(L, l_req_gc);
-    lua_setfield(L, -2, "__gc");
-    lua_pop(L, 1);
+    osara_lua_newclass(L, REQ_MT, NULL, l_req_gc, NULL);
     lua_newtable(L);
     luaL_register(L, NULL, fns);
     return 1;

@@ -347,15 +347,10 @@ static int l_client_stats(lua_State *L)
     for (kpart_t *p = c->retired; p; p = p->next) {
         retired++;
     }
-    lua_createtable(L, 0, 4);
-    lua_pushinteger(L, c->inflight);
-    lua_setfield(L, -2, "inflight");
-    lua_pushinteger(L, c->nparts);
-    lua_setfield(L, -2, "partitions");
-    lua_pushinteger(L, paused);
-    lua_setfield(L, -2, "paused");
-    lua_pushinteger(L, retired);
-    lua_setfield(L, -2, "retired"); /* revoked, still finishing their inputs */
+    osara_lua_push_stats(L, (osara_lua_stat_t[]){
+        {"inflight", c->inflight}, {"partitions", c->nparts}, {"paused", paused},
+        {"retired", retired}, /* revoked, still finishing their inputs */
+    }, 4);
     return 1;
 }
 

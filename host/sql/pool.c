@@ -570,19 +570,12 @@ static int l_pool_stats(lua_State *L)
     for (sql_wait_t *wt = pool->waits; wt; wt = wt->next) {
         nwait++;
     }
-    lua_createtable(L, 0, 6);
-    lua_pushinteger(L, pool->size);
-    lua_setfield(L, -2, "size");
-    lua_pushinteger(L, pool->nopen);
-    lua_setfield(L, -2, "open");
-    lua_pushinteger(L, nidle);
-    lua_setfield(L, -2, "idle");
-    lua_pushinteger(L, nwait);
-    lua_setfield(L, -2, "waiting");
+    osara_lua_push_stats(L, (osara_lua_stat_t[]){
+        {"size", pool->size}, {"open", pool->nopen}, {"idle", nidle},
+        {"waiting", nwait}, {"checkpoints", (double)pool->checkpoints},
+    }, 5);
     lua_pushboolean(L, pool->down);
     lua_setfield(L, -2, "down");
-    lua_pushnumber(L, (lua_Number)pool->checkpoints);
-    lua_setfield(L, -2, "checkpoints");
     return 1;
 }
 

@@ -165,13 +165,6 @@ static void append_all(proc_t *p, const char *s, size_t n)
     }
 }
 
-static void on_alloc(uv_handle_t *h, size_t suggested, uv_buf_t *buf)
-{
-    (void)h;
-    buf->base = osara_xmalloc(suggested);
-    buf->len = suggested;
-}
-
 static void on_read(uv_stream_t *s, ssize_t nread, const uv_buf_t *buf)
 {
     proc_t *p = s->data;
@@ -323,14 +316,12 @@ static int l_process_spawn(lua_State *L)
         return 2;
     }
     p->pid = p->proc.pid;
-    uv_read_start((uv_stream_t *)&p->out, on_alloc, on_read);
-    uv_read_start((uv_stream_t *)&p->err, on_alloc, on_read);
+    uv_read_start((uv_stream_t *)&p->out, osara_uv_alloc, on_read);
+    uv_read_start((uv_stream_t *)&p->err, osara_uv_alloc, on_read);
     p->own = osara_vm_own(vm, proc_vm_close, p);
     p->ud_alive = 1;
-    proc_ud_t *ud = lua_newuserdata(L, sizeof(*ud));
+    proc_ud_t *ud = osara_lua_newobject(L, sizeof(*ud), PROC_MT);
     ud->p = p;
-    luaL_getmetatable(L, PROC_MT);
-    lua_setmetatable(L, -2);
     return 1;
 }
 

@@ -210,10 +210,8 @@ static int l_timer_new(lua_State *L)
         t->own = osara_vm_own(vm, runtime_close, t);
         timer_arm(t);
     }
-    timer_ud_t *ud = lua_newuserdata(L, sizeof(*ud));
+    timer_ud_t *ud = osara_lua_newobject(L, sizeof(*ud), TIMER_MT);
     ud->t = t;
-    luaL_getmetatable(L, TIMER_MT);
-    lua_setmetatable(L, -2);
     return 1;
 }
 
