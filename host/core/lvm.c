@@ -15,7 +15,6 @@
 #include "core/metrics.h"
 #include "core/runaway.h"
 #include "core/sched.h"
-#include "core/worker.h"
 
 /* Registry key of the VM pointer (address of this variable). */
 static const char vm_key = 0;
@@ -138,12 +137,13 @@ static void set_paths(lua_State *L, const char *dir)
     lua_pop(L, 1);
 }
 
-osara_vm_t *osara_vm_new(osara_worker_t *w, unsigned gen)
+osara_vm_t *osara_vm_new(const osara_vm_host_t *host, unsigned gen)
 {
     osara_vm_t *vm = osara_xcalloc(1, sizeof(*vm));
-    vm->w = w;
-    vm->loop = &w->loop;
-    vm->inbox = &w->inbox;
+    vm->host = host;
+    vm->w = host->w;
+    vm->loop = host->loop;
+    vm->inbox = host->inbox;
     vm->gen = gen;
     vm->accepting = 1;
     vm->runaway_timeout = OSARA_RUNAWAY_DEFAULT_S;
@@ -160,7 +160,7 @@ osara_vm_t *osara_vm_new(osara_worker_t *w, unsigned gen)
     lua_rawset(L, LUA_REGISTRYINDEX);
     luaL_openlibs(L);
     install_preload(L);
-    set_paths(L, w->script_dir);
+    set_paths(L, host->script_dir);
     /* The boot module wires require, strict globals and the osara module. */
     lua_getglobal(L, "require");
     lua_pushliteral(L, "osara.boot");
@@ -174,11 +174,16 @@ osara_vm_t *osara_vm_new(osara_worker_t *w, unsigned gen)
     return vm;
 }
 
+static double monotonic(void)
+{
+    return (double)uv_hrtime() / 1e9;
+}
+
 static void load_hook(lua_State *L, lua_Debug *ar)
 {
     (void)ar;
     osara_vm_t *vm = osara_vm_from_L(L);
-    if (osara_monotonic() > vm->load_deadline) {
+    if (monotonic() > vm->load_deadline) {
         char at[256];
         lua_sethook(L, NULL, 0, 0);
         /* In a hook, level 0 is the Lua function that was running. */
@@ -217,7 +222,7 @@ int osara_vm_load_script(osara_vm_t *vm, const char *path, double timeout)
     lua_pushstring(L, path);
     vm->loading = 1;
     vm->load_timeout = timeout;
-    vm->load_deadline = osara_monotonic() + timeout;
+    vm->load_deadline = monotonic() + timeout;
     /* Hooks do not fire in compiled traces: interpret while loading. */
     luaJIT_setmode(L, 0, LUAJIT_MODE_ENGINE | LUAJIT_MODE_OFF);
     lua_sethook(L, load_hook, LUA_MASKCOUNT, 10000);
@@ -443,20 +448,19 @@ void osara_lua_push_stats(lua_State *L, const osara_lua_stat_t *stats, int n)
 
 static int l_vm_mode(lua_State *L)
 {
-    static const char *names[] = {"run", "check", "test"};
-    lua_pushstring(L, names[osara_vm_from_L(L)->w->opts.mode]);
+    lua_pushstring(L, osara_vm_from_L(L)->host->mode);
     return 1;
 }
 
 static int l_vm_paths(lua_State *L)
 {
-    osara_worker_t *w = osara_vm_from_L(L)->w;
+    const osara_vm_host_t *host = osara_vm_from_L(L)->host;
     lua_createtable(L, 0, 3);
-    lua_pushstring(L, w->script_path ? w->script_path : "");
+    lua_pushstring(L, host->script_path);
     lua_setfield(L, -2, "script");
-    lua_pushstring(L, w->script_dir);
+    lua_pushstring(L, host->script_dir);
     lua_setfield(L, -2, "script_dir");
-    lua_pushstring(L, w->data_dir);
+    lua_pushstring(L, host->data_dir);
     lua_setfield(L, -2, "data_dir");
     char exe[4096];
     size_t n = sizeof(exe);
@@ -546,7 +550,8 @@ static int l_vm_registered(lua_State *L)
 /* stop(code): begins the graceful stop of the worker (osara test uses it) */
 static int l_vm_stop(lua_State *L)
 {
-    osara_worker_stop(osara_vm_from_L(L)->w, (int)luaL_optinteger(L, 1, 0));
+    osara_vm_t *vm = osara_vm_from_L(L);
+    vm->host->stop(vm->w, (int)luaL_optinteger(L, 1, 0));
     return 0;
 }
 
@@ -554,12 +559,13 @@ static int l_vm_stop(lua_State *L)
 static int l_vm_stats(lua_State *L)
 {
     osara_vm_t *vm = osara_vm_from_L(L);
+    double reloads, failures;
+    int stopping;
+    vm->host->stats(vm->w, &reloads, &failures, &stopping);
     osara_lua_push_stats(L, (osara_lua_stat_t[]){
-        {"generation", vm->gen},
-        {"reloads", (double)vm->w->reloads},
-        {"reload_failures", (double)vm->w->reload_failures},
+        {"generation", vm->gen}, {"reloads", reloads}, {"reload_failures", failures},
     }, 3);
-    lua_pushboolean(L, vm->w->stopping || !vm->accepting);
+    lua_pushboolean(L, stopping || !vm->accepting);
     lua_setfield(L, -2, "stopping");
     return 1;
 }

@@ -18,6 +18,24 @@
 struct osara_worker_s;
 struct osara_co_s;
 
+/* What a VM gets from the worker that owns it. The VM never includes
+ * worker.h (calls in core go down: worker -> lvm -> sched -> loop); it
+ * reads these fields and reports back through the callbacks. */
+typedef struct osara_vm_host_s {
+    struct osara_worker_s *w;    /* opaque here; areas reach it by vm->w */
+    uv_loop_t *loop;
+    struct osara_inbox_s *inbox;
+    const char *mode;            /* "run", "check" or "test" */
+    const char *script_path;     /* "" in test mode */
+    const char *script_dir, *data_dir;
+    /* osara.vm_c.stop(code): begins the worker's graceful stop. */
+    void (*stop)(struct osara_worker_s *w, int exit_code);
+    /* osara.vm_c.stats(): the worker's reload counters, and whether it
+     * stops. */
+    void (*stats)(struct osara_worker_s *w, double *reloads, double *failures,
+                  int *stopping);
+} osara_vm_host_t;
+
 /* A C resource owned by a VM: closed (close(ptr)) when the VM closes unless
  * disowned first. */
 typedef struct osara_own_s {
@@ -28,7 +46,8 @@ typedef struct osara_own_s {
 
 typedef struct osara_vm_s {
     lua_State *L;
-    struct osara_worker_s *w;
+    struct osara_worker_s *w;     /* host->w */
+    const osara_vm_host_t *host;  /* the worker's; outlives the VM */
     uv_loop_t *loop;              /* the worker's, for the VM's handles */
     struct osara_inbox_s *inbox;  /* the worker's, for deferred resumes */
     /* Set by the worker: called when inflight drops to zero, and when the
@@ -59,10 +78,11 @@ typedef struct osara_vm_s {
     struct osara_vm_s *next_retiring;
 } osara_vm_t;
 
-/* Creates a VM for worker w: standard libraries, cjson, the embedded osara
- * modules in package.preload, package.path rooted at the script folder.
- * Returns NULL with osara_err_msg() set. */
-osara_vm_t *osara_vm_new(struct osara_worker_s *w, unsigned gen);
+/* Creates a VM for the worker described by host (which must outlive the
+ * VM): standard libraries, cjson, the embedded osara modules in
+ * package.preload, package.path rooted at the script folder. Returns NULL
+ * with osara_err_msg() set. */
+osara_vm_t *osara_vm_new(const osara_vm_host_t *host, unsigned gen);
 
 /* Loads and runs the script's main chunk under a time limit. On failure
  * returns OSARA_ESCRIPT with the one-line message (file:line) in

@@ -365,10 +365,30 @@ static void vm_closed(osara_vm_t *vm)
     }
 }
 
+static void host_stats(osara_worker_t *w, double *reloads, double *failures,
+                       int *stopping)
+{
+    *reloads = (double)w->reloads;
+    *failures = (double)w->reload_failures;
+    *stopping = w->stopping;
+}
+
+const osara_vm_host_t *osara_worker_vm_host(osara_worker_t *w)
+{
+    static const char *modes[] = {"run", "check", "test"};
+    w->vm_host = (osara_vm_host_t){
+        .w = w, .loop = &w->loop, .inbox = &w->inbox, .mode = modes[w->opts.mode],
+        .script_path = w->script_path ? w->script_path : "",
+        .script_dir = w->script_dir, .data_dir = w->data_dir,
+        .stop = osara_worker_stop, .stats = host_stats,
+    };
+    return &w->vm_host;
+}
+
 static osara_vm_t *load_new_vm(osara_worker_t *w)
 {
     w->gen++;
-    osara_vm_t *vm = osara_vm_new(w, w->gen);
+    osara_vm_t *vm = osara_vm_new(osara_worker_vm_host(w), w->gen);
     if (vm == NULL) {
         return NULL;
     }

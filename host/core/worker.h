@@ -11,6 +11,7 @@
 #include <uv.h>
 
 #include "core/loop.h"
+#include "core/lvm.h"
 #include "core/watchdog.h"
 
 struct osara_vm_s;
@@ -80,6 +81,7 @@ typedef struct osara_worker_s {
     uv_timer_t report_timer;     /* a failed reload's line, held a moment */
     char *pending_failure;       /* that line: a save in steps replaces it */
     unsigned long long reloads, reload_failures;
+    osara_vm_host_t vm_host; /* what its VMs see of it */
 } osara_worker_t;
 
 /* Prepares the worker: loop, inbox, signals. 0 or negative (err set). */
@@ -108,6 +110,10 @@ void *osara_worker_shared_get(osara_worker_t *w, const char *key);
  * runs on the loop thread once no VM holds it any longer. */
 void osara_worker_shared_put(osara_worker_t *w, const char *key, void *ptr,
                              void (*close)(void *ptr));
+
+/* What a VM of w gets from it (filled from w's current fields; C tests
+ * build a worker by hand and call this too). */
+const osara_vm_host_t *osara_worker_vm_host(osara_worker_t *w);
 
 /* The worker a Lua state belongs to. */
 osara_worker_t *osara_worker_from_L(lua_State *L);

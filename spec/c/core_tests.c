@@ -62,7 +62,7 @@ static osara_vm_t *fx_vm(osara_worker_t *w)
     fx_init(w);
     fut_freed = 0;
     osara_sched_future_init(&fut, fut_free);
-    return osara_vm_new(w, 1);
+    return osara_vm_new(osara_worker_vm_host(w), 1);
 }
 
 /* Closes the VM and the loop; 0 if no libuv handle leaked. */
@@ -404,7 +404,8 @@ void test_shared_resource_lives_until_its_last_vm_closes(void)
     fx_init(&w);
     for (int order = 0; order < 2; order++) {
         res_closed = 0;
-        osara_vm_t *old = osara_vm_new(&w, 1), *neu = osara_vm_new(&w, 2);
+        osara_vm_t *old = osara_vm_new(osara_worker_vm_host(&w), 1),
+                   *neu = osara_vm_new(osara_worker_vm_host(&w), 2);
         CHECK(old && neu);
         CHECK(hold_as(&w, old, &res) == &res);
         CHECK(hold_as(&w, neu, NULL) == &res);
@@ -521,7 +522,7 @@ static int open_ctest(lua_State *L)
 
 static osara_vm_t *load(osara_worker_t *w, unsigned gen, const char *path)
 {
-    osara_vm_t *vm = osara_vm_new(w, gen);
+    osara_vm_t *vm = osara_vm_new(osara_worker_vm_host(w), gen);
     if (vm == NULL) {
         return NULL;
     }

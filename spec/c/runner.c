@@ -322,7 +322,7 @@ static int lane_setup(void)
     uv_loop_init(&lt.w.loop);
     osara_inbox_init(&lt.w.inbox, &lt.w.loop);
     lt.w.script_dir = ".";
-    lt.vm = osara_vm_new(&lt.w, 1);
+    lt.vm = osara_vm_new(osara_worker_vm_host(&lt.w), 1);
     if (lt.vm == NULL) {
         fprintf(stderr, "vm: %s\n", osara_err_msg());
         return -1;
