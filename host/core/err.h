@@ -20,6 +20,14 @@ enum {
 int osara_err_set(int rc, const char *fmt, ...)
     __attribute__((format(printf, 2, 3)));
 
+/* For libuv calls that cannot fail as osara makes them (initialising a
+ * timer or a pipe, starting a timer that is not closing, reading a pipe
+ * uv_spawn just opened): a failure is a bug, and like the out-of-memory
+ * policy (mem.h) it is logged with the call and its place, then abort()s,
+ * instead of an untested branch that leaves state half-built. */
+#define OSARA_UV_MUST(call) osara__uv_must((call), #call, __FILE__, __LINE__)
+void osara__uv_must(int rc, const char *call, const char *file, int line);
+
 /* The last message recorded on this thread ("" if none). Borrowed pointer,
  * valid until the next osara_err_set on the same thread. */
 const char *osara_err_msg(void);

@@ -52,7 +52,7 @@ int osara_inbox_init(osara_inbox_t *inbox, uv_loop_t *loop)
     }
     inbox->async.data = inbox;
     inbox->budget_ns = (uint64_t)OSARA_TURN_BUDGET_MS * 1000000;
-    uv_prepare_init(loop, &inbox->turn_end); /* cannot fail on unix */
+    OSARA_UV_MUST(uv_prepare_init(loop, &inbox->turn_end));
     inbox->turn_end.data = inbox;
     uv_prepare_start(&inbox->turn_end, on_turn_end);
     uv_unref((uv_handle_t *)&inbox->turn_end);

@@ -348,9 +348,9 @@ int osara_vm_retire(osara_vm_t *vm, double grace)
         return 1;
     }
     vm->grace_timer = osara_xmalloc(sizeof(*vm->grace_timer));
-    uv_timer_init(vm->loop, vm->grace_timer);
+    OSARA_UV_MUST(uv_timer_init(vm->loop, vm->grace_timer));
     vm->grace_timer->data = vm;
-    uv_timer_start(vm->grace_timer, on_grace, (uint64_t)(grace * 1000), 0);
+    OSARA_UV_MUST(uv_timer_start(vm->grace_timer, on_grace, (uint64_t)(grace * 1000), 0));
     return 0;
 }
 

@@ -382,11 +382,11 @@ static void arm_deadline(osara_co_t *co, double timeout)
     uv_loop_t *loop = co->vm->loop;
     if (co->timer == NULL) {
         co->timer = osara_xmalloc(sizeof(*co->timer));
-        uv_timer_init(loop, co->timer);
+        OSARA_UV_MUST(uv_timer_init(loop, co->timer));
         co->timer->data = co;
     }
     uv_update_time(loop); /* measure from now, not from the turn's start */
-    uv_timer_start(co->timer, on_deadline, (uint64_t)(timeout * 1000 + 0.5), 0);
+    OSARA_UV_MUST(uv_timer_start(co->timer, on_deadline, (uint64_t)(timeout * 1000 + 0.5), 0));
 }
 
 int osara_sched_wait_for(lua_State *L, int anchor, double timeout,

@@ -18,6 +18,7 @@
 #include <stdlib.h>
 #include <string.h>
 
+#include "core/err.h"
 #include "core/log.h"
 #include "core/lvm.h"
 #include "core/mem.h"
@@ -192,12 +193,12 @@ static void arm_timer(osara_vm_t *vm)
     }
     if (vm->limits_timer == NULL) {
         vm->limits_timer = osara_xmalloc(sizeof(*vm->limits_timer));
-        uv_timer_init(vm->loop, vm->limits_timer); /* cannot fail on unix */
+        OSARA_UV_MUST(uv_timer_init(vm->loop, vm->limits_timer));
         vm->limits_timer->data = vm;
         uv_unref((uv_handle_t *)vm->limits_timer);
     }
     uint64_t ms = tick_ms(vm);
-    uv_timer_start(vm->limits_timer, on_limits_tick, ms, ms);
+    OSARA_UV_MUST(uv_timer_start(vm->limits_timer, on_limits_tick, ms, ms));
 }
 
 void osara__limits_entry_started(osara_co_t *co)

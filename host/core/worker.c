@@ -278,7 +278,7 @@ static void on_fs_event(uv_fs_event_t *h, const char *filename, int events,
     (void)status;
     osara_worker_t *w = h->data;
     w->reload_started = osara_monotonic(); /* timed from the last write */
-    uv_timer_start(&w->watch_timer, on_watch_debounced, WATCH_DEBOUNCE_MS, 0);
+    OSARA_UV_MUST(uv_timer_start(&w->watch_timer, on_watch_debounced, WATCH_DEBOUNCE_MS, 0));
 }
 
 static void watcher_closed(uv_handle_t *h)
@@ -316,7 +316,7 @@ static void watch_files(osara_worker_t *w)
         }
         if (!seen) {
             uv_fs_event_t *h = &w->watchers[w->nwatchers];
-            uv_fs_event_init(&w->loop, h);
+            OSARA_UV_MUST(uv_fs_event_init(&w->loop, h));
             h->data = w;
             if (uv_fs_event_start(h, on_fs_event, dir, 0) == 0) {
                 w->nwatchers++;
@@ -328,7 +328,7 @@ static void watch_files(osara_worker_t *w)
     }
     /* A change written between loading and watching raised no event. */
     if (osara_vm_files_changed(w->vm)) {
-        uv_timer_start(&w->watch_timer, on_watch_debounced, WATCH_DEBOUNCE_MS, 0);
+        OSARA_UV_MUST(uv_timer_start(&w->watch_timer, on_watch_debounced, WATCH_DEBOUNCE_MS, 0));
     }
 }
 
@@ -602,8 +602,8 @@ void osara_worker_stop(osara_worker_t *w, int exit_code)
              * themselves; handlers in flight get the grace period. */
             osara_sched_cancel_load_tasks(w->vm);
         }
-        uv_timer_start(&w->stop_timer, on_stop_grace,
-                       (uint64_t)(w->opts.grace * 1000), 0);
+        OSARA_UV_MUST(uv_timer_start(&w->stop_timer, on_stop_grace,
+                                     (uint64_t)(w->opts.grace * 1000), 0));
     }
     if (w->stopping == 1 && all_idle(w) && w->vm && !w->stop_hooks_run &&
         w->opts.mode == OSARA_MODE_RUN) {

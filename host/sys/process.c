@@ -224,7 +224,7 @@ static void proc_vm_close(void *ptr)
     proc_t *p = ptr;
     p->own = NULL;
     if (!p->exited) {
-        uv_process_kill(&p->proc, SIGKILL);
+        (void)uv_process_kill(&p->proc, SIGKILL); /* ESRCH: it just exited */
     }
     p->waiter.co = NULL;
     close_handles(p);
@@ -286,9 +286,9 @@ static int l_process_spawn(lua_State *L)
     proc_t *p = osara_xcalloc(1, sizeof(*p));
     p->vm = vm;
     uv_loop_t *loop = &vm->w->loop;
-    uv_pipe_init(loop, &p->out, 0);
-    uv_pipe_init(loop, &p->err, 0);
-    uv_pipe_init(loop, &p->in, 0);
+    OSARA_UV_MUST(uv_pipe_init(loop, &p->out, 0));
+    OSARA_UV_MUST(uv_pipe_init(loop, &p->err, 0));
+    OSARA_UV_MUST(uv_pipe_init(loop, &p->in, 0));
     p->out.data = p->err.data = p->in.data = p->proc.data = p;
     uv_stdio_container_t stdio[3] = {
         {.flags = UV_CREATE_PIPE | UV_READABLE_PIPE, .data.stream = (uv_stream_t *)&p->in},
@@ -316,8 +316,8 @@ static int l_process_spawn(lua_State *L)
         return 2;
     }
     p->pid = p->proc.pid;
-    uv_read_start((uv_stream_t *)&p->out, osara_uv_alloc, on_read);
-    uv_read_start((uv_stream_t *)&p->err, osara_uv_alloc, on_read);
+    OSARA_UV_MUST(uv_read_start((uv_stream_t *)&p->out, osara_uv_alloc, on_read));
+    OSARA_UV_MUST(uv_read_start((uv_stream_t *)&p->err, osara_uv_alloc, on_read));
     p->own = osara_vm_own(vm, proc_vm_close, p);
     p->ud_alive = 1;
     proc_ud_t *ud = osara_lua_newobject(L, sizeof(*ud), PROC_MT);

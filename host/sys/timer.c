@@ -103,13 +103,13 @@ static void on_tick(uv_timer_t *h)
 static void timer_arm(osara_timer_t *t)
 {
     t->handle = osara_xmalloc(sizeof(*t->handle));
-    uv_timer_init(&t->w->loop, t->handle);
+    OSARA_UV_MUST(uv_timer_init(&t->w->loop, t->handle));
     t->handle->data = t;
     uint64_t ms = (uint64_t)(t->interval * 1000 + 0.5);
     /* The loop's cached time may be stale after a long callback: a timer
      * armed now must measure from now. */
     uv_update_time(&t->w->loop);
-    uv_timer_start(t->handle, on_tick, ms, t->repeat ? (ms ? ms : 1) : 0);
+    OSARA_UV_MUST(uv_timer_start(t->handle, on_tick, ms, t->repeat ? (ms ? ms : 1) : 0));
 }
 
 /* ---- registry kind "timer" ------------------------------------------- */
