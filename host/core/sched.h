@@ -93,7 +93,7 @@ int osara_sched_wait_for(lua_State *L, int anchor, double timeout,
 /* ---- futures: one-shot completions a coroutine can wait on ---------------
  *
  * The completion primitive of Kafka receipts, JetStream publish acks, NATS
- * requests: the owner embeds an osara_sched_future_t in its own struct,
+ * requests and process exits: the owner embeds an osara_sched_future_t in its own struct,
  * inits it with refs = 1 and a free function, takes a reference per holder
  * (the Lua handle, the in-flight operation), and calls complete once from
  * the loop thread. Waiting holds a reference of its own, so the struct

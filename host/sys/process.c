@@ -17,7 +17,7 @@
 #define PROC_MT "osara.process"
 #define MAX_LINES 20000
 
-enum { WAIT_NONE = 0, WAIT_LINE, WAIT_EXPECT, WAIT_EXIT };
+enum { WAIT_NONE = 0, WAIT_LINE, WAIT_EXPECT };
 
 typedef struct {
     uv_process_t proc;
@@ -34,7 +34,8 @@ typedef struct {
     size_t head, count, cap;
     char *all;             /* everything read, for :output() */
     size_t all_len, all_cap;
-    osara_sched_waiter_t waiter; /* the one coroutine waiting on it */
+    osara_sched_waiter_t waiter; /* the one coroutine waiting for output */
+    osara_sched_future_t exit;   /* completed once, when the child exits */
     int wait_kind;
     char *pattern;
     osara_own_t *own;
@@ -133,10 +134,6 @@ static void serve_waiter(proc_t *p)
             lua_pushliteral(T, "eof");
             n = 2;
         }
-    } else if (p->wait_kind == WAIT_EXIT && p->exited) {
-        lua_pushinteger(T, (lua_Integer)p->exit_status);
-        lua_pushinteger(T, p->term_signal);
-        n = 2;
     }
     if (n == 0) {
         return;
@@ -194,12 +191,22 @@ static void on_read(uv_stream_t *s, ssize_t nread, const uv_buf_t *buf)
     serve_waiter(p);
 }
 
+/* The exit future's results: status, signal. */
+static int push_exit(lua_State *L, void *ud)
+{
+    proc_t *p = ud;
+    lua_pushinteger(L, (lua_Integer)p->exit_status);
+    lua_pushinteger(L, p->term_signal);
+    return 2;
+}
+
 static void on_child_exit(uv_process_t *proc, int64_t status, int sig)
 {
     proc_t *p = proc->data;
     p->exited = 1;
     p->exit_status = status;
     p->term_signal = sig;
+    osara_sched_future_complete(&p->exit, push_exit, p);
     serve_waiter(p);
 }
 
@@ -284,6 +291,7 @@ static int l_process_spawn(lua_State *L)
     const char *cwd = lua_tostring(L, -1);
 
     proc_t *p = osara_xcalloc(1, sizeof(*p));
+    osara_sched_future_init(&p->exit, NULL); /* freed with p (maybe_free) */
     p->vm = vm;
     uv_loop_t *loop = &vm->w->loop;
     OSARA_UV_MUST(uv_pipe_init(loop, &p->out, 0));
@@ -517,12 +525,7 @@ static int l_proc_kill(lua_State *L)
 static int l_proc_wait(lua_State *L)
 {
     proc_t *p = check_proc(L);
-    if (p->exited) {
-        lua_pushinteger(L, (lua_Integer)p->exit_status);
-        lua_pushinteger(L, p->term_signal);
-        return 2;
-    }
-    return begin_wait(L, p, WAIT_EXIT, luaL_optnumber(L, 2, -1));
+    return osara_sched_future_wait(L, &p->exit, 1, luaL_optnumber(L, 2, -1));
 }
 
 static int l_proc_index(lua_State *L)

@@ -65,6 +65,18 @@ describe("gh_12 waiting survives a full collection mid-wait", function()
     assert.are.equal(0, status)
   end)
 
+  -- gh_12: the exit is a future (one completion primitive), the lines a
+  -- stream: one task may wait for the exit while another reads lines.
+  it("process:wait while another task waits for a line", function()
+    local p = osara.process.spawn { argv = { "sh", "-c", "sleep 0.1; echo done" } }
+    local line
+    osara.spawn(function() line = p:line(3) end)
+    local status = under_gc(function() return p:wait(3) end)
+    assert.are.equal(0, status)
+    assert.are.equal("done", line)
+    assert.are.same({ 0, 0 }, { p:wait(0) }) -- done: answers at once
+  end)
+
   it("osara.sleep and park with a timeout", function()
     local v, err = under_gc(function()
       osara.sleep(0.02)
