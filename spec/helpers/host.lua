@@ -256,6 +256,13 @@ function H.exit_status(p, timeout)
   return finish(p, timeout or 15, { status = false })
 end
 
+-- How many times the Lua pattern occurs in text (a log).
+function H.count(text, pattern)
+  local n = 0
+  for _ in text:gmatch(pattern) do n = n + 1 end
+  return n
+end
+
 -- Polls fn() until it returns a truthy value or timeout passes.
 function H.eventually(fn, timeout, what)
   local deadline = osara.monotonic() + (timeout or 10)

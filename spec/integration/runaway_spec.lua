@@ -34,11 +34,7 @@ local function signal_until_exit(p, sig)
   return osara.monotonic() - t0
 end
 
-local function count(text, what)
-  local n = 0
-  for _ in text:gmatch(what) do n = n + 1 end
-  return n
-end
+local count = H.count
 
 describe("runaway handlers", function()
   after_each(H.cleanup)

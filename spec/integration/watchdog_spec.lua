@@ -29,11 +29,7 @@ local function stop(p)
   return log
 end
 
-local function count(log, text)
-  local n = 0
-  for _ in log:gmatch(text) do n = n + 1 end
-  return n
-end
+local count = H.count
 
 -- A timer whose Lua computes for `secs` of CPU time without yielding, then
 -- logs the count. CPU time, not wall time: the watchdog does not count the
