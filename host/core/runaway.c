@@ -6,12 +6,14 @@
 #include <stdatomic.h>
 #include <stdlib.h>
 #include <string.h>
+#include <unistd.h>
 #include <uv.h>
 
 #include "core/err.h"
 #include "core/log.h"
 #include "core/mem.h"
 #include "core/signals.h"
+#include "core/watchdog.h"
 
 /* How often the guard looks (its reaction time past a timeout). */
 #define CHECK_EVERY_NS (50u * 1000000u)
@@ -22,6 +24,7 @@ struct osara_runaway_s {
     uv_cond_t cond;
     int stop;
     pthread_t loop_thread;
+    int schedstat_fd;               /* the loop thread's, or -1 */
     osara_runaway_interrupt_fn interrupt;
     /* Published by the loop thread for the guard thread. */
     atomic_uint gen;                /* runs begun */
@@ -75,6 +78,8 @@ static void install(void)
 /* The guard thread's view of the run it watches. */
 typedef struct {
     unsigned gen;
+    uint64_t rq_seen;   /* the loop thread's run-queue wait when first seen */
+    int signalled;
     unsigned delivered; /* g->delivered when it signalled */
     uint64_t next;      /* when to signal again */
     int stuck;          /* reported */
@@ -95,22 +100,32 @@ static void report_stuck(osara_runaway_t *g, unsigned gen, uint64_t now)
 }
 
 /* Signals a run past its deadline, again every timeout while it runs;
- * reports it stuck when an interrupt was not delivered meanwhile. */
+ * reports it stuck when an interrupt was not delivered meanwhile. The
+ * time the loop thread waited for a CPU since the guard first saw the run
+ * does not count: on a loaded machine a run of 1 s of work can take 6 s. */
 static void check(osara_runaway_t *g, watch_t *w)
 {
     uint64_t deadline = atomic_load(&g->deadline), now = uv_hrtime();
-    if (deadline == 0 || now < deadline) {
+    unsigned gen = atomic_load(&g->gen);
+    if (deadline == 0) {
         return;
     }
-    unsigned gen = atomic_load(&g->gen);
     if (gen != w->gen) {
-        *w = (watch_t){.gen = gen};
-    } else if (now < w->next) {
+        *w = (watch_t){.gen = gen,
+                       .rq_seen = osara_schedstat_runqueue_wait(g->schedstat_fd)};
+    }
+    if (now < deadline || (w->signalled && now < w->next)) {
         return;
-    } else if (atomic_load(&g->delivered) == w->delivered && !w->stuck) {
+    }
+    uint64_t rq = osara_schedstat_runqueue_wait(g->schedstat_fd);
+    if (!w->signalled && now < deadline + (rq > w->rq_seen ? rq - w->rq_seen : 0)) {
+        return;
+    }
+    if (w->signalled && atomic_load(&g->delivered) == w->delivered && !w->stuck) {
         w->stuck = 1;
         report_stuck(g, gen, now);
     }
+    w->signalled = 1;
     w->delivered = atomic_load(&g->delivered);
     w->next = now + atomic_load(&g->timeout);
     atomic_store(&g->target, gen);
@@ -141,6 +156,7 @@ osara_runaway_t *osara_runaway_start(osara_runaway_interrupt_fn interrupt)
     }
     osara_runaway_t *g = osara_xcalloc(1, sizeof(*g));
     g->loop_thread = pthread_self();
+    g->schedstat_fd = osara_schedstat_open(); /* this (the loop) thread's */
     g->interrupt = interrupt;
     int rc = uv_mutex_init(&g->mu);
     if (rc == 0 && (rc = uv_cond_init(&g->cond)) != 0) {
@@ -151,6 +167,9 @@ osara_runaway_t *osara_runaway_start(osara_runaway_interrupt_fn interrupt)
         uv_mutex_destroy(&g->mu);
     }
     if (rc != 0) {
+        if (g->schedstat_fd >= 0) {
+            close(g->schedstat_fd);
+        }
         free(g);
         osara_err_set(rc, "cannot start the runaway guard: %s", uv_strerror(rc));
         return NULL;
@@ -171,6 +190,9 @@ void osara_runaway_stop(osara_runaway_t *g)
     uv_thread_join(&g->thread);
     uv_cond_destroy(&g->cond);
     uv_mutex_destroy(&g->mu);
+    if (g->schedstat_fd >= 0) {
+        close(g->schedstat_fd);
+    }
     free(g);
 }
 

@@ -4,7 +4,9 @@
  * other handler runs again. The guard is a thread per worker that watches
  * the run the scheduler publishes (osara_runaway_enter/leave around every
  * lua_resume that is not nested). A run longer than its timeout (the VM's
- * osara.runaway_timeout) gets a signal on the loop thread, whose handler
+ * osara.runaway_timeout; the time the loop thread waited for a CPU on a
+ * loaded machine does not count, as for the stall watchdog) gets a signal
+ * on the loop thread, whose handler
  * calls the interrupt function the worker gave: it sets a debug hook
  * (lua_sethook, which LuaJIT allows from a signal handler), and the hook
  * raises a "runaway" error in the running coroutine at its next

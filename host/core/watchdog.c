@@ -59,9 +59,12 @@ static void report(uint64_t work_ns)
     osara_metric_add(m_stalls, 1);
 }
 
-/* The loop thread's time spent runnable but waiting for a CPU (ns), the
- * second field of schedstat; 0 when unknown. */
-static uint64_t runqueue_wait(int fd)
+int osara_schedstat_open(void)
+{
+    return open("/proc/thread-self/schedstat", O_RDONLY | O_CLOEXEC);
+}
+
+uint64_t osara_schedstat_runqueue_wait(int fd)
 {
     char buf[96];
     ssize_t n = fd >= 0 ? pread(fd, buf, sizeof(buf) - 1, 0) : -1;
@@ -79,7 +82,7 @@ static uint64_t runqueue_wait(int fd)
  * only for a turn over the threshold, as a read costs a few microseconds. */
 static uint64_t less_preemption(osara_watchdog_t *wd, uint64_t work)
 {
-    uint64_t rq = runqueue_wait(wd->schedstat_fd);
+    uint64_t rq = osara_schedstat_runqueue_wait(wd->schedstat_fd);
     uint64_t waited = rq > wd->rq_sample ? rq - wd->rq_sample : 0;
     return work > waited ? work - waited : 0;
 }
@@ -103,7 +106,7 @@ static void on_prepare(uv_prepare_t *h)
         }
     }
     if (now - wd->rq_sampled >= 10 * 1000000ull) {
-        wd->rq_sample = runqueue_wait(wd->schedstat_fd);
+        wd->rq_sample = osara_schedstat_runqueue_wait(wd->schedstat_fd);
         wd->rq_sampled = now;
     }
     wd->turn_start = now;
@@ -116,7 +119,7 @@ void osara_watchdog_start(osara_watchdog_t *wd)
 {
     if (wd->threshold_ns > 0 && !wd->started) {
         wd->started = 1;
-        wd->schedstat_fd = open("/proc/thread-self/schedstat", O_RDONLY | O_CLOEXEC);
+        wd->schedstat_fd = osara_schedstat_open();
         uv_prepare_start(&wd->prepare, on_prepare);
     }
 }

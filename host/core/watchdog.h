@@ -49,6 +49,13 @@ typedef struct {
     uint64_t rq_sampled;   /* uv_hrtime of that sample, at a turn's start */
 } osara_watchdog_t;
 
+/* The calling thread's /proc/thread-self/schedstat, opened (an fd any
+ * thread may read), or -1. */
+int osara_schedstat_open(void);
+/* The time (ns) that thread has spent runnable but waiting for a CPU, the
+ * second field of its schedstat; 0 when unknown (fd < 0). */
+uint64_t osara_schedstat_runqueue_wait(int fd);
+
 /* Enables libuv's idle-time metric on loop; call before the loop first
  * runs. Returns 0 or a negative uv error. */
 int osara_watchdog_init(osara_watchdog_t *wd, uv_loop_t *loop,
