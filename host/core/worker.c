@@ -440,7 +440,7 @@ static void report_failure(osara_worker_t *w, const char *why)
         report_failure_now(w);
         return;
     }
-    uv_timer_start(&w->report_timer, on_report_timer, FAILURE_REPORT_MS, 0);
+    OSARA_UV_MUST(uv_timer_start(&w->report_timer, on_report_timer, FAILURE_REPORT_MS, 0));
 }
 
 /* A later reload replaces a failure not reported yet. */
