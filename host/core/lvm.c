@@ -444,6 +444,15 @@ void osara_lua_push_stats(lua_State *L, const osara_lua_stat_t *stats, int n)
     }
 }
 
+/* Sets the n string fields {name = value} on the table on top. */
+static void set_strings(lua_State *L, const char *const (*fields)[2], int n)
+{
+    for (int i = 0; i < n; i++) {
+        lua_pushstring(L, fields[i][1]);
+        lua_setfield(L, -2, fields[i][0]);
+    }
+}
+
 /* ---- Lua binding: osara.vm_c ------------------------------------------- */
 
 static int l_vm_mode(lua_State *L)
@@ -455,13 +464,11 @@ static int l_vm_mode(lua_State *L)
 static int l_vm_paths(lua_State *L)
 {
     const osara_vm_host_t *host = osara_vm_from_L(L)->host;
-    lua_createtable(L, 0, 3);
-    lua_pushstring(L, host->script_path);
-    lua_setfield(L, -2, "script");
-    lua_pushstring(L, host->script_dir);
-    lua_setfield(L, -2, "script_dir");
-    lua_pushstring(L, host->data_dir);
-    lua_setfield(L, -2, "data_dir");
+    lua_createtable(L, 0, 4);
+    set_strings(L, (const char *const[][2]){
+        {"script", host->script_path}, {"script_dir", host->script_dir},
+        {"data_dir", host->data_dir},
+    }, 3);
     char exe[4096];
     size_t n = sizeof(exe);
     if (uv_exepath(exe, &n) == 0) {
@@ -525,15 +532,11 @@ static int l_vm_registered(lua_State *L)
     lua_createtable(L, vm->reg.n, 0);
     int i = 1;
     for (osara_reg_entry_t *e = vm->reg.head; e; e = e->next) {
-        lua_createtable(L, 0, 4);
-        lua_pushstring(L, e->kind->name);
-        lua_setfield(L, -2, "kind");
-        lua_pushstring(L, e->key);
-        lua_setfield(L, -2, "key");
-        lua_pushstring(L, e->where);
-        lua_setfield(L, -2, "where");
-        lua_pushstring(L, e->detail);
-        lua_setfield(L, -2, "detail");
+        lua_createtable(L, 0, 6);
+        set_strings(L, (const char *const[][2]){
+            {"kind", e->kind->name}, {"key", e->key}, {"where", e->where},
+            {"detail", e->detail},
+        }, 4);
         if (e->fnref != LUA_NOREF) {
             lua_rawgeti(L, LUA_REGISTRYINDEX, e->fnref);
             lua_setfield(L, -2, "fn");
