@@ -595,6 +595,9 @@ void osara_worker_stop(osara_worker_t *w, int exit_code)
     if (!w->stopping) {
         w->stopping = 1;
         w->exit_code = exit_code;
+        /* Stopping every registration (consumers leave their groups) is
+         * the shutdown's work, not a stall (watchdog.h). */
+        osara_watchdog_skip_turn(&w->watchdog);
         if (w->vm) {
             osara_registry_stop_all(&w->vm->reg);
             w->vm->accepting = 0;
