@@ -3,6 +3,7 @@
 #include <lauxlib.h>
 
 #include "core/log.h"
+#include "core/loop.h"
 #include "kafka/kafka_int.h"
 
 /* ---- producing ---------------------------------------------------------- */
@@ -217,6 +218,15 @@ static const rd_kafka_message_t *next_report(kclient_t *c)
     }
 }
 
+/* A turn's share of delivery reports: REPORTS_PER_TURN, or the loop's
+ * turn budget in time (checked every 64: the clock is not free). */
+static int turn_over(int served, uint64_t t0)
+{
+    return served >= REPORTS_PER_TURN ||
+           (served > 0 && served % 64 == 0 &&
+            uv_hrtime() - t0 >= (uint64_t)OSARA_TURN_BUDGET_MS * 1000000);
+}
+
 /* Serves the producer's queue as events (the same reports and errors the
  * callbacks get when rd_kafka_flush serves it at close), a bounded number
  * per turn; a full turn wakes the next one. */
@@ -227,7 +237,8 @@ void osara__kafka_on_producer_ready(uv_poll_t *h, int status, int events)
     kclient_t *c = h->data;
     osara__kafka_wakeup_clear(c->pfd);
     int served = 0;
-    while (served < REPORTS_PER_TURN) {
+    uint64_t t0 = uv_hrtime();
+    while (!turn_over(served, t0)) {
         const rd_kafka_message_t *rkm = c->closing ? NULL : next_report(c);
         if (rkm == NULL) {
             break;
@@ -238,7 +249,7 @@ void osara__kafka_on_producer_ready(uv_poll_t *h, int status, int events)
     if (served > 0 && c->room_waiters) { /* served reports made room */
         osara__kafka_wake_room_waiters(c, 1);
     }
-    if (served == REPORTS_PER_TURN) {
+    if (turn_over(served, t0)) {
         osara__kafka_wakeup_set(c->pfd);
     }
 }
