@@ -77,7 +77,7 @@ int LLVMFuzzerInitialize(int *argc, char ***argv)
     if (osara_worker_init(&w, &opts) != 0) {
         die("worker", "cannot initialise");
     }
-    vm = osara_vm_new(&w, 1);
+    vm = osara_vm_new(osara_worker_vm_host(&w), 1);
     if (vm == NULL) {
         die("vm", "cannot create");
     }
